@@ -1,0 +1,1344 @@
+#!/usr/bin/env python3
+"""claude-max-proxy: use a Claude Max or Pro subscription from any OpenAI API client.
+
+A small local HTTP daemon. It accepts OpenAI-format requests on
+http://127.0.0.1:3456/v1/... (chat completions, streaming included, and the model list), runs the
+official Claude Code CLI (``claude -p``, logged in with your own subscription) as a subprocess for
+each request, and answers in OpenAI format.
+
+Run it::
+
+    python3 claude_max_proxy.py                 # serves http://127.0.0.1:3456/v1
+    python3 claude_max_proxy.py --help          # every flag, each with an environment variable
+
+Then point any OpenAI client at ``http://127.0.0.1:3456/v1`` (any API key string will do).
+
+The promise: this is one file that needs nothing but Python 3.9+ and its standard library, plus
+the ``claude`` CLI, installed and logged in. Copy it anywhere and run it.
+
+What it guards:
+
+* It binds to 127.0.0.1 by default. It is a personal tool: it is not meant to face the internet.
+* API callers get a model, never an agent: the CLI runs with no built-in tools, no MCP servers, no
+  slash commands, permission prompts answered "no", in a private empty working directory, and the
+  prompt travels on stdin, never on the command line. Nothing a caller sends can make Claude read
+  or change files or run commands.
+* POST bodies must be ``application/json``, so a web page cannot drive it with a plain form post.
+* Logs name methods, paths, statuses, models, durations and token counts, never prompts or answers.
+
+See README.md for configuration, the launchd agent, and the exact translation rules.
+"""
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from urllib.parse import unquote
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("claude_max_proxy")
+
+
+##############################################################################
+# Settings
+##############################################################################
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3456
+DEFAULT_TIMEOUT = 900.0  # seconds a whole request may take, CLI start to last byte
+DEFAULT_IDLE_TIMEOUT = 300.0  # seconds the CLI may stay silent (it may think for minutes)
+
+# After a result the CLI exits by itself; give it this long before signalling it.
+EXIT_GRACE = 5.0
+# Between SIGTERM and SIGKILL when a CLI process group has to be ended.
+KILL_GRACE = 2.0
+# `claude --version` at start and on /health: the native binary answers in ~0.1-0.4 s.
+VERSION_TIMEOUT = 15.0
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # larger request bodies get a 413 without being read
+MAX_CLI_LINE_BYTES = 64 * 1024 * 1024  # one stream-json line from the CLI; past it the CLI is ended
+STDERR_TAIL_BYTES = 4096  # the end of the CLI's stderr, kept for error messages
+READ_CHUNK = 65536
+
+# Where the CLI is installed that launchd's short PATH (/usr/bin:/bin:/usr/sbin:/sbin) misses.
+CLAUDE_SEARCH_PATHS = (
+    "~/.claude/local/claude",  # `claude migrate-installer` / local install
+    "~/.local/bin/claude",  # native installer
+    "/opt/homebrew/bin/claude",  # Homebrew / npm -g on Apple silicon
+    "/usr/local/bin/claude",  # Homebrew / npm -g on Intel Macs and most Linux
+)
+
+# OpenAI model name -> the CLI's --model value. The family aliases let the CLI pick the newest
+# model of that family. Full ids ("claude-sonnet-4-5", "claude-opus-4-1-20250805") match
+# FULL_MODEL_ID and are passed as given. Model ids: https://docs.claude.com/en/docs/about-claude/models
+MODEL_ALIASES = {
+    "claude-opus-4": "opus",
+    "claude-sonnet-4": "sonnet",
+    "claude-haiku-4": "haiku",
+    "opus": "opus",
+    "sonnet": "sonnet",
+    "haiku": "haiku",
+}
+FULL_MODEL_ID = re.compile(
+    r"claude-(?:\d+(?:-\d+)?-(?:opus|sonnet|haiku)(?:-\d+)*|(?:opus|sonnet|haiku)(?:-\d+)+)"
+    r"(?:-latest)?(?:\[1m\])?"
+)
+# Prefixes that clients and routers put in front of model names.
+PROVIDER_PREFIXES = ("openai/", "anthropic/", "claude-code-cli/", "claude-max/")
+MODELS_CREATED = 1747267200  # a fixed `created` for /v1/models entries (2025-05-15)
+
+# Image types the Anthropic API accepts in base64 image blocks.
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+# Request fields that are accepted and ignored: the CLI has no switch for them.
+IGNORED_FIELDS = (
+    "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "user", "logit_bias",
+)
+
+# Anthropic stop_reason -> OpenAI finish_reason.
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "refusal": "content_filter",
+}
+
+
+##############################################################################
+# Errors
+##############################################################################
+
+class APIError(Exception):
+    """A failure the client is told about, in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: Optional[str] = None, param: Optional[str] = None,
+                 retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away; the CLI working for it is ended."""
+
+
+def invalid(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+##############################################################################
+# OpenAI request -> CLI input (pure functions)
+##############################################################################
+
+class ChatRequest(NamedTuple):
+    model: str  # the name the client asked for, prefix stripped
+    cli_model: str  # what --model gets
+    system: Optional[str]  # appended to Claude Code's system prompt
+    content: Union[str, List[Dict[str, Any]]]  # the user turn: text or Anthropic content blocks
+    stream: bool
+    include_usage: bool
+    max_tokens: Optional[int]
+    stop: Tuple[str, ...]
+
+
+def resolve_model(name: Any) -> Tuple[str, str]:
+    """Return (model name without provider prefix, the CLI's --model value) or raise a 404."""
+    if not isinstance(name, str) or not name.strip():
+        raise invalid("model", "`model` is required and must be a non-empty string.")
+    model = name.strip()
+    for prefix in PROVIDER_PREFIXES:
+        if model.lower().startswith(prefix):
+            model = model[len(prefix):]
+            break
+    key = model.lower()
+    if key in MODEL_ALIASES:
+        return model, MODEL_ALIASES[key]
+    if FULL_MODEL_ID.fullmatch(key):
+        return model, key
+    raise APIError(
+        404,
+        "The model %r does not exist or is not served by this proxy. Use one of %s, or a full "
+        "Claude model id such as claude-sonnet-4-5 or claude-opus-4-1-20250805." % (
+            name[:200], ", ".join(sorted(MODEL_ALIASES))),
+        code="model_not_found", param="model")
+
+
+def image_block(url: str, where: str) -> Dict[str, Any]:
+    """An OpenAI image_url (data: or https:) as an Anthropic image block."""
+    if url.startswith("data:"):
+        header, sep, data = url[5:].partition(",")
+        media_type, _, encoding = header.partition(";")
+        media_type = media_type.strip().lower()
+        if not sep or encoding.strip().lower() != "base64":
+            raise invalid(where, "Image data URLs must look like data:image/png;base64,....")
+        if media_type not in IMAGE_MEDIA_TYPES:
+            raise invalid(where, "Unsupported image type %r; use one of %s."
+                          % (media_type[:50], ", ".join(IMAGE_MEDIA_TYPES)))
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid(where, "The image data URL is not valid base64.") from None
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type,
+                                            "data": data}}
+    if url.startswith("https://"):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise invalid(where, "Image URLs must be https: URLs or base64 data: URLs.")
+
+
+def content_blocks(content: Any, where: str, images: bool = True) -> List[Dict[str, Any]]:
+    """An OpenAI message `content` (string or list of parts) as Anthropic content blocks."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise invalid(where, "`%s` must be a string or a list of content parts." % where)
+    blocks = []
+    for i, part in enumerate(content):
+        at = "%s[%d]" % (where, i)
+        if not isinstance(part, dict):
+            raise invalid(at, "Each content part must be an object with a `type`.")
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise invalid(at + ".text", "Text parts need a string `text`.")
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url" and images:
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise invalid(at + ".image_url", "Image parts need `image_url.url`.")
+            blocks.append(image_block(url, at + ".image_url.url"))
+        else:
+            allowed = "`text` and `image_url`" if images else "`text`"
+            raise invalid(at + ".type", "Content part type %r is not supported here; use %s."
+                          % (str(kind)[:50], allowed))
+    return blocks
+
+
+def join_blocks(blocks: List[Dict[str, Any]]) -> Union[str, List[Dict[str, Any]]]:
+    """Merge neighbouring text blocks; a lone text block becomes a plain string."""
+    merged: List[Dict[str, Any]] = []
+    for block in blocks:
+        if block["type"] == "text" and merged and merged[-1]["type"] == "text":
+            merged[-1] = {"type": "text", "text": merged[-1]["text"] + block["text"]}
+        else:
+            merged.append(block)
+    if not merged:
+        return ""
+    if len(merged) == 1 and merged[0]["type"] == "text":
+        return merged[0]["text"]
+    return merged
+
+
+TRANSCRIPT_HEAD = (
+    "The conversation so far is given below inside <conversation> tags, one <message> element "
+    "per earlier turn. Continue it: answer the user's latest message, which follows the "
+    "transcript.\n\n<conversation>\n"
+)
+TRANSCRIPT_TAIL = "</conversation>\n\n"
+
+
+def messages_to_prompt(messages: Any) -> Tuple[Optional[str], Union[str, List[Dict[str, Any]]]]:
+    """OpenAI `messages` -> (system text to append or None, the user turn for the CLI).
+
+    `system` and `developer` messages become appended system instructions. A lone `user`
+    message is the prompt as it is. A longer conversation becomes a transcript of the earlier
+    turns, each in a <message role="..."> element inside <conversation> tags, followed by the
+    last (user) message, so the model sees the whole exchange in one turn.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "`messages` must be a non-empty list.")
+    system_parts: List[str] = []
+    turns: List[Tuple[str, List[Dict[str, Any]]]] = []
+    for i, message in enumerate(messages):
+        where = "messages[%d]" % i
+        if not isinstance(message, dict):
+            raise invalid(where, "Each message must be an object with `role` and `content`.")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            blocks = content_blocks(message.get("content"), where + ".content", images=False)
+            system_parts.append("".join(b["text"] for b in blocks))
+        elif role in ("user", "assistant"):
+            if message.get("tool_calls") or message.get("function_call"):
+                raise invalid(where, "Tool calls are not supported by this proxy yet.")
+            turns.append((role, content_blocks(message.get("content"), where + ".content")))
+        elif role in ("tool", "function"):
+            raise invalid(where + ".role", "Tool messages are not supported by this proxy yet.")
+        else:
+            raise invalid(where + ".role", "Unknown role %r; use system, developer, user or "
+                          "assistant." % str(role)[:50])
+    if not turns or turns[-1][0] != "user":
+        raise invalid("messages", "The last message (other than system messages) must have "
+                      "role `user`.")
+    system = "\n\n".join(p for p in system_parts if p) or None
+    *earlier, (_, last) = turns
+    if not earlier:
+        return system, join_blocks(last)
+    blocks = [{"type": "text", "text": TRANSCRIPT_HEAD}]
+    for role, turn in earlier:
+        blocks.append({"type": "text", "text": '<message role="%s">\n' % role})
+        blocks.extend(turn)
+        blocks.append({"type": "text", "text": "\n</message>\n"})
+    blocks.append({"type": "text", "text": TRANSCRIPT_TAIL})
+    blocks.extend(last)
+    return system, join_blocks(blocks)
+
+
+def _optional_int(body: Dict[str, Any], field: str, minimum: int) -> Optional[int]:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid(field, "`%s` must be an integer of at least %d." % (field, minimum))
+    return value
+
+
+def _check_number(body: Dict[str, Any], field: str) -> None:
+    value = body.get(field)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise invalid(field, "`%s` must be a number." % field)
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate an OpenAI chat completion request; every problem is a 4xx naming the field."""
+    if not isinstance(body, dict):
+        raise invalid("", "The request body must be a JSON object.")
+    model, cli_model = resolve_model(body.get("model"))
+    system, content = messages_to_prompt(body.get("messages"))
+
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid("stream", "`stream` must be true or false.")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("stream_options", "`stream_options` must be an object.")
+    include_usage = (options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise invalid("stream_options.include_usage", "`include_usage` must be true or false.")
+
+    max_tokens = _optional_int(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _optional_int(body, "max_tokens", 1)
+
+    stop = body.get("stop")
+    if stop is None:
+        stops: Tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise invalid("stop", "`stop` must be a string or a list of at most 4 strings.")
+    if any(not s for s in stops):
+        raise invalid("stop", "Stop sequences must not be empty.")
+
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise invalid("n", "Only `n: 1` is supported: the CLI gives one answer per request.")
+    for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        _check_number(body, field)
+    if body.get("logprobs") not in (None, False):
+        raise invalid("logprobs", "`logprobs` are not available through Claude Code.")
+
+    for field in ("tools", "functions"):
+        if body.get(field):
+            raise invalid(field, "`%s` (function calling) is not supported by this proxy yet." % field)
+    for field in ("tool_choice", "function_call"):
+        if body.get(field) not in (None, "none"):
+            raise invalid(field, "`%s` is not supported by this proxy yet." % field)
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict) or response_format.get("type") != "text":
+            raise invalid("response_format", "Only `response_format: {\"type\": \"text\"}` is "
+                          "supported by this proxy yet.")
+    return ChatRequest(model=model, cli_model=cli_model, system=system, content=content,
+                       stream=bool(stream), include_usage=include_usage, max_tokens=max_tokens,
+                       stop=stops)
+
+
+def build_cli_command(claude: str, request: ChatRequest, system_file: Optional[str]) -> List[str]:
+    """The argument list: a model with no tools, MCP servers, slash commands or saved session."""
+    argv = [
+        claude, "-p",
+        "--input-format", "stream-json",
+        "--output-format", "stream-json", "--verbose", "--include-partial-messages",
+        "--model", request.cli_model,
+        "--tools", "",
+        "--strict-mcp-config",
+        "--disable-slash-commands",
+        "--permission-mode", "dontAsk",
+        "--no-session-persistence",
+    ]
+    if system_file:
+        # A file, not an argument: Linux caps one argument at 128 KiB.
+        argv += ["--append-system-prompt-file", system_file]
+    return argv
+
+
+def stdin_line(content: Union[str, List[Dict[str, Any]]]) -> bytes:
+    """The one stream-json user line the CLI reads from stdin."""
+    line = {"type": "user", "message": {"role": "user", "content": content}}
+    return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def cli_environment(base: Dict[str, str], max_tokens: Optional[int]) -> Dict[str, str]:
+    env = dict(base)
+    # Set inside Claude Code sessions; older CLIs refuse to start nested when they see it.
+    env.pop("CLAUDECODE", None)
+    if max_tokens is not None:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(max_tokens)
+    return env
+
+
+##############################################################################
+# CLI events -> completion events (pure functions)
+##############################################################################
+
+class Start(NamedTuple):
+    """The model began answering (the CLI's first message_start)."""
+    model: str
+
+
+class Text(NamedTuple):
+    text: str
+
+
+class Finish(NamedTuple):
+    stop_reason: Optional[str]  # Anthropic's
+    usage: Dict[str, Any]  # Anthropic-style token counts
+    cut_short: bool = False  # a stop sequence ended it: the CLI is still running
+
+
+Event = Union[Start, Text, Finish]
+
+
+class CLIEndedWithoutResult(Exception):
+    """stdout closed before a `result` line; the caller knows the exit code and stderr."""
+
+
+class StopSequences:
+    """Cuts streamed text at the first stop sequence, holding back only what could start one."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        """Text that is safe to emit now; after a hit, `hit` is True and nothing more comes."""
+        if not self.stops:
+            return text
+        buffer = self.pending + text
+        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit, self.pending = True, ""
+            return buffer[:cut]
+        keep = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(buffer)), keep, -1):
+                if buffer.endswith(stop[:size]):
+                    keep = size
+                    break
+        self.pending = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[:len(buffer) - keep]
+
+    def flush(self) -> str:
+        rest, self.pending = self.pending, ""
+        return rest
+
+
+def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] = (),
+                      now: Optional[float] = None) -> Iterator[Event]:
+    """Fold the CLI's stream-json events into Start, Text... and one Finish.
+
+    Raises APIError for a result with `is_error`, and CLIEndedWithoutResult when the stream ends
+    with no result. Key order and line order are never relied on; unknown events are skipped.
+    """
+    stops = StopSequences(stop)
+    started = False
+    model = None
+    stop_reason = None
+    usage: Dict[str, Any] = {}
+    rate_limit: Optional[Dict[str, Any]] = None
+    wrote_text = False
+    separate = False  # a new message after text: keep turns apart
+    for event in cli_events:
+        kind = event.get("type")
+        if kind == "system" and event.get("subtype") == "init":
+            model = model or event.get("model")
+        elif kind == "rate_limit_event":
+            rate_limit = event.get("rate_limit_info")
+        elif kind == "stream_event" and event.get("parent_tool_use_id") is None:
+            inner = event.get("event") or {}
+            inner_kind = inner.get("type")
+            if inner_kind == "message_start":
+                message = inner.get("message") or {}
+                model = message.get("model") or model
+                usage = dict(message.get("usage") or {})
+                separate = wrote_text
+                if not started:
+                    started = True
+                    yield Start(model or "claude")
+            elif inner_kind == "content_block_delta":
+                delta = inner.get("delta") or {}
+                if delta.get("type") == "text_delta" and delta.get("text"):
+                    text = ("\n\n" if separate else "") + delta["text"]
+                    separate, wrote_text = False, True
+                    safe = stops.feed(text)
+                    if safe:
+                        yield Text(safe)
+                    if stops.hit:
+                        yield Finish("stop_sequence", usage, cut_short=True)
+                        return
+            elif inner_kind == "message_delta":
+                stop_reason = (inner.get("delta") or {}).get("stop_reason") or stop_reason
+                usage.update(inner.get("usage") or {})
+        elif kind == "result":
+            if event.get("is_error") or event.get("subtype") != "success":
+                raise error_from_result(event, rate_limit, now)
+            if not started:  # no partial messages came: answer from the result alone
+                yield Start(model or "claude")
+                if event.get("result"):
+                    wrote_text = True
+                    safe = stops.feed(event["result"])
+                    if safe:
+                        yield Text(safe)
+            rest = stops.flush()
+            if rest:
+                yield Text(rest)
+            yield Finish("stop_sequence" if stops.hit else event.get("stop_reason") or stop_reason,
+                         event.get("usage") or usage)
+            return
+    raise CLIEndedWithoutResult()
+
+
+def finish_reason(stop_reason: Optional[str]) -> str:
+    return FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def openai_usage(usage: Dict[str, Any]) -> Dict[str, Any]:
+    """Anthropic token counts as OpenAI `usage`; cached prompt tokens count as prompt tokens."""
+    def count(key: str) -> int:
+        value = usage.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    cached = count("cache_read_input_tokens")
+    prompt = count("input_tokens") + count("cache_creation_input_tokens") + cached
+    completion = count("output_tokens")
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def retry_after_seconds(text: str, rate_limit: Optional[Dict[str, Any]],
+                        now: float) -> Optional[int]:
+    """Seconds until a usage limit resets, when the CLI says when."""
+    resets = (rate_limit or {}).get("resetsAt")
+    if not isinstance(resets, (int, float)) or isinstance(resets, bool):
+        # Older CLIs print "Claude AI usage limit reached|<unix time>".
+        match = re.search(r"\|(\d{9,11})\b", text)
+        resets = int(match.group(1)) if match else None
+    if resets is None:
+        return None
+    return max(1, int(resets - now))
+
+
+def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any]] = None,
+                      now: Optional[float] = None) -> APIError:
+    """A CLI `result` with is_error as the HTTP error a client should see."""
+    errors = result.get("errors")
+    text = result.get("result")
+    if not isinstance(text, str) or not text:
+        text = "; ".join(str(e) for e in errors) if isinstance(errors, list) and errors else ""
+    text = text or "Claude Code ended with an error (%s)." % result.get("subtype")
+    status = result.get("api_error_status")
+    status = status if isinstance(status, int) and not isinstance(status, bool) else None
+    lowered = text.lower()
+    said = " Claude Code said: " + text
+    if status == 401 or "not logged in" in lowered or "/login" in lowered \
+            or "invalid api key" in lowered:
+        return APIError(401, "Claude Code is not logged in or its credentials were refused: run "
+                        "`claude` in a terminal and log in." + said,
+                        type="authentication_error", code="invalid_api_key")
+    if result.get("terminal_reason") == "prompt_too_long" or "prompt is too long" in lowered:
+        return APIError(400, "The conversation is too long for the model's context window." + said,
+                        code="context_length_exceeded", param="messages")
+    limited = (rate_limit or {}).get("status") == "rejected"
+    if status == 429 or limited or re.search(r"rate limit|usage limit|hit your limit", lowered):
+        return APIError(429, "Your Claude subscription's rate or usage limit was reached." + said,
+                        type="rate_limit_error", code="rate_limit_exceeded",
+                        retry_after=retry_after_seconds(
+                            text, rate_limit, time.time() if now is None else now))
+    if status == 529 or "overloaded" in lowered:
+        return APIError(503, "The Anthropic API is overloaded; try again shortly." + said,
+                        type="server_error", code="overloaded")
+    if status == 404:
+        return APIError(404, text, code="model_not_found", param="model")
+    if status == 403:
+        return APIError(403, text, type="permission_error", code="permission_denied")
+    if status in (400, 413, 422):
+        return APIError(400, text)
+    if status is not None and status >= 500:
+        return APIError(502, "The Anthropic API failed (HTTP %d)." % status + said,
+                        type="server_error", code="upstream_error")
+    return APIError(502, "Claude Code failed." + said, type="server_error", code="claude_error")
+
+
+##############################################################################
+# OpenAI responses (pure functions)
+##############################################################################
+
+def sse(data: Any) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return ("data: %s\n\n" % text).encode("utf-8")
+
+
+class ChatCompletionStream:
+    """Completion events as OpenAI `chat.completion.chunk` server-sent events."""
+
+    def __init__(self, completion_id: str, created: int, include_usage: bool):
+        self.id = completion_id
+        self.created = created
+        self.include_usage = include_usage
+        self.model = ""
+
+    def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Dict[str, Any]:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "system_fingerprint": None,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                              "finish_reason": finish}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def render(self, event: Event) -> bytes:
+        if isinstance(event, Start):
+            self.model = event.model
+            return sse(self._chunk({"role": "assistant", "content": "", "refusal": None}))
+        if isinstance(event, Text):
+            return sse(self._chunk({"content": event.text}))
+        out = sse(self._chunk({}, finish_reason(event.stop_reason)))
+        if self.include_usage:
+            out += sse({"id": self.id, "object": "chat.completion.chunk",
+                        "created": self.created, "model": self.model,
+                        "system_fingerprint": None, "choices": [],
+                        "usage": openai_usage(event.usage)})
+        return out + sse("[DONE]")
+
+    @staticmethod
+    def error(error: APIError) -> bytes:
+        return sse(error.body())
+
+
+def chat_completion(completion_id: str, created: int, events: Iterable[Event]) -> Dict[str, Any]:
+    """The same events collected into one `chat.completion` object."""
+    model, parts, finish = "", [], Finish(None, {})
+    for event in events:
+        if isinstance(event, Start):
+            model = event.model
+        elif isinstance(event, Text):
+            parts.append(event.text)
+        else:
+            finish = event
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0,
+                     "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                     "logprobs": None, "finish_reason": finish_reason(finish.stop_reason)}],
+        "usage": openai_usage(finish.usage),
+    }
+
+
+def model_object(model_id: str) -> Dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
+
+
+def model_list() -> Dict[str, Any]:
+    return {"object": "list", "data": [model_object(m) for m in MODEL_ALIASES]}
+
+
+##############################################################################
+# The CLI process
+##############################################################################
+
+def find_claude(configured: Optional[str] = None) -> Optional[str]:
+    """The CLI's path: as configured, else on PATH, else where installers put it."""
+    if configured:
+        if os.sep in configured:
+            path = os.path.expanduser(configured)
+            return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+        return shutil.which(configured)
+    found = shutil.which("claude")
+    if found:
+        return found
+    for candidate in CLAUDE_SEARCH_PATHS:
+        path = os.path.expanduser(candidate)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+class ClaudeCLI:
+    """Finds the CLI and its version; looked up again while missing, so installing it later works."""
+
+    def __init__(self, configured: Optional[str]):
+        self.configured = configured
+        self._lock = threading.Lock()
+        self._path: Optional[str] = None
+        self._version: Optional[str] = None
+        self._problem = "not looked up yet"
+
+    def status(self) -> Tuple[Optional[str], Optional[str], str]:
+        """(path, version, problem); path is None when the CLI is not usable."""
+        with self._lock:
+            if self._path and os.access(self._path, os.X_OK):
+                return self._path, self._version, ""
+            path = find_claude(self.configured)
+            if not path:
+                where = self.configured or "PATH, " + ", ".join(CLAUDE_SEARCH_PATHS)
+                self._path, self._problem = None, (
+                    "the Claude Code CLI was not found (looked in %s). Install it "
+                    "(npm install -g @anthropic-ai/claude-code, or see "
+                    "https://docs.claude.com/en/docs/claude-code/setup), run `claude` once "
+                    "to log in, or pass --claude-bin." % where)
+                return None, None, self._problem
+            try:
+                out = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL,
+                                     capture_output=True, timeout=VERSION_TIMEOUT)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                self._path, self._problem = None, "%s --version failed: %s" % (path, e)
+                return None, None, self._problem
+            version = out.stdout.decode("utf-8", "replace").strip().splitlines()
+            if out.returncode != 0 or not version:
+                self._path, self._problem = None, "%s --version exited with %d" % (
+                    path, out.returncode)
+                return None, None, self._problem
+            self._path, self._version, self._problem = path, version[0], ""
+            return path, self._version, ""
+
+    def require(self) -> str:
+        path, _, problem = self.status()
+        if not path:
+            raise APIError(503, "Claude Code is unavailable: " + problem, type="server_error",
+                           code="claude_unavailable")
+        return path
+
+
+class ClaudeProcess:
+    """One `claude -p` run: its own process group, a private empty working directory, the
+    prompt on stdin, stdout read as stream-json events, stderr drained for its tail."""
+
+    def __init__(self, argv_for: Any, stdin_data: bytes, env: Dict[str, str],
+                 system: Optional[str] = None):
+        self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")
+        system_file = None
+        if system:
+            system_file = os.path.join(self.workdir, ".system-prompt")
+            with open(os.open(system_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                      "w", encoding="utf-8") as f:
+                f.write(system)
+        self.argv: List[str] = argv_for(system_file)
+        self._stdin_data = memoryview(stdin_data)
+        self._stderr = bytearray()
+        self.started = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, cwd=self.workdir, env=env,
+                start_new_session=True, close_fds=True)
+        except OSError as e:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise APIError(503, "Could not start Claude Code (%s): %s" % (self.argv[0], e),
+                           type="server_error", code="claude_unavailable") from None
+        self.pid = self.proc.pid
+        self._closed = False
+
+    def stderr_tail(self) -> str:
+        return self._stderr.decode("utf-8", "replace").strip()
+
+    def events(self, timeout: float, idle_timeout: float,
+               watch: Optional[socket.socket] = None) -> Iterator[Dict[str, Any]]:
+        """Parsed stdout lines, as they come. Feeds stdin and drains stderr meanwhile.
+
+        Raises APIError(504) on the whole-request or idle deadline, and ClientDisconnected when
+        `watch` (the client's socket) is closed by the other side.
+        """
+        proc = self.proc
+        assert proc.stdin and proc.stdout and proc.stderr
+        deadline = self.started + timeout
+        idle_deadline = time.monotonic() + idle_timeout
+        with selectors.DefaultSelector() as sel:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin, selectors.EVENT_WRITE, "stdin")
+            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+            sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+            if watch is not None:
+                sel.register(watch, selectors.EVENT_READ, "client")
+            buffer = b""
+            stdout_open = True
+            while stdout_open:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise APIError(504, "Claude Code did not finish within %g s." % timeout,
+                                   type="server_error", code="timeout")
+                if now >= idle_deadline:
+                    raise APIError(504, "Claude Code printed nothing for %g s." % idle_timeout,
+                                   type="server_error", code="timeout")
+                for key, _ in sel.select(min(deadline, idle_deadline) - now):
+                    name = key.data
+                    if name == "stdin":
+                        if self._feed_stdin():
+                            sel.unregister(proc.stdin)
+                            proc.stdin.close()
+                    elif name == "stderr":
+                        self._read_stderr(sel)
+                    elif name == "client":
+                        if self._client_gone(watch):
+                            raise ClientDisconnected()
+                        sel.unregister(watch)  # the client sent more (pipelining): stop watching
+                    else:
+                        data = os.read(proc.stdout.fileno(), READ_CHUNK)
+                        if not data:
+                            stdout_open = False
+                            sel.unregister(proc.stdout)
+                            break
+                        idle_deadline = time.monotonic() + idle_timeout
+                        buffer += data
+                        *lines, buffer = buffer.split(b"\n")
+                        if len(buffer) > MAX_CLI_LINE_BYTES:
+                            raise APIError(502, "Claude Code printed a line longer than %d bytes."
+                                           % MAX_CLI_LINE_BYTES, type="server_error",
+                                           code="claude_error")
+                        for line in lines:
+                            event = parse_cli_line(line)
+                            if event is not None:
+                                yield event
+            # The rest of stderr, for error messages: the CLI writes it just before it exits.
+            drain_until = time.monotonic() + KILL_GRACE
+            while proc.stderr in (key.fileobj for key in sel.get_map().values()):
+                ready = sel.select(drain_until - time.monotonic())
+                if not ready:
+                    break
+                for key, _ in ready:
+                    if key.data == "stderr":
+                        self._read_stderr(sel)
+                    else:
+                        sel.unregister(key.fileobj)
+            event = parse_cli_line(buffer)
+            if event is not None:
+                yield event
+
+    def _read_stderr(self, sel: selectors.BaseSelector) -> None:
+        assert self.proc.stderr
+        data = os.read(self.proc.stderr.fileno(), READ_CHUNK)
+        if not data:
+            sel.unregister(self.proc.stderr)
+        self._stderr += data
+        del self._stderr[:-STDERR_TAIL_BYTES]
+
+    def _feed_stdin(self) -> bool:
+        """Write what the pipe takes; True when all is written or the CLI stopped reading."""
+        assert self.proc.stdin
+        try:
+            written = os.write(self.proc.stdin.fileno(), self._stdin_data[:READ_CHUNK])
+        except BlockingIOError:
+            return False
+        except OSError:  # BrokenPipeError: the CLI exited; its output says why
+            return True
+        self._stdin_data = self._stdin_data[written:]
+        return not self._stdin_data
+
+    @staticmethod
+    def _client_gone(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    def _exited(self) -> bool:
+        """Whether the group leader has exited, without reaping it: while it is an unreaped
+        zombie its pid, the group's id, cannot be reused, so signalling the group stays safe."""
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def _wait_exit(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not self._exited():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def signal(self, sig: int) -> None:
+        """Signal the whole process group (safe from any thread until close() has reaped it)."""
+        if self.proc.returncode is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self, finished: bool = False) -> Optional[int]:
+        """End the whole process group and reap the CLI; returns its exit code. Idempotent.
+
+        `finished`: the CLI gave its result and is exiting by itself, so it gets EXIT_GRACE
+        before being signalled; otherwise (client gone, timeout, stop sequence) it is ended now.
+        """
+        if self._closed:
+            return self.proc.returncode
+        self._closed = True
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        if not (finished and self._wait_exit(EXIT_GRACE)):
+            self.signal(signal.SIGTERM)
+            self._wait_exit(KILL_GRACE)
+        # Anything left in the group (children the CLI started) goes too, leader included.
+        self.signal(signal.SIGKILL)
+        code = self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
+
+
+def parse_cli_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """One stdout line as an event dict; blank or non-JSON lines (warnings) are skipped."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+    except (ValueError, RecursionError):
+        log.debug("skipped a non-JSON line from the CLI (%d bytes)", len(line))
+        return None
+    return event if isinstance(event, dict) else None
+
+
+##############################################################################
+# HTTP
+##############################################################################
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise invalid("", "The request body is nested too deeply.") from None
+    except UnicodeDecodeError:
+        raise invalid("", "The request body is not valid UTF-8.") from None
+    except ValueError as e:
+        raise invalid("", "The request body is not valid JSON: %s" % e) from None
+
+
+class ProxyServer(ThreadingHTTPServer):
+    """The listening socket, the settings and the CLI processes alive right now."""
+
+    daemon_threads = True  # a hung client must not keep the daemon from exiting
+
+    def __init__(self, address: Tuple[str, int], settings: argparse.Namespace):
+        self.settings = settings
+        self.claude = ClaudeCLI(settings.claude_bin)
+        self.started = time.time()
+        self.changed = threading.Condition()  # guards `processes`; notified when one ends
+        self.processes: "set[ClaudeProcess]" = set()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, ProxyHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Client hang-ups are normal here; anything else is a bug and keeps its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError, socket.timeout)):
+            log.debug("client %s went away: %s", client_address[0], error)
+            return
+        log.exception("error while serving a request from %s", client_address[0])
+
+    def start_process(self, *args: Any) -> "ClaudeProcess":
+        process = ClaudeProcess(*args)
+        with self.changed:
+            self.processes.add(process)
+        return process
+
+    def end_process(self, process: "ClaudeProcess", finished: bool) -> Optional[int]:
+        try:
+            return process.close(finished=finished)
+        finally:
+            with self.changed:
+                self.processes.discard(process)
+                self.changed.notify_all()
+
+    def end_all_processes(self, grace: float = KILL_GRACE) -> None:
+        """At shutdown: ask every CLI to stop, give the requests a moment to end, then kill."""
+        with self.changed:
+            for process in self.processes:
+                process.signal(signal.SIGTERM)
+            self.changed.wait_for(lambda: not self.processes, timeout=grace)
+            for process in self.processes:
+                process.signal(signal.SIGKILL)
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """Routes requests and turns completion events into HTTP responses."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive and chunked streaming
+    server_version = "claude-max-proxy/" + __version__
+    sys_version = ""
+    timeout = 60  # seconds a client may take to send a request; idle keep-alive ends after it
+    server: ProxyServer
+
+    # -- plumbing ------------------------------------------------------------
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # one line per request is written by _dispatch, with model, tokens and timing
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # BaseHTTPRequestHandler's own messages (bad request lines, timeouts): the request line
+        # is client data, so control characters are escaped as http.server does.
+        log.debug("%s %s", self.address_string(), (format % args).translate(self._control_table))
+
+    _control_table = {c: r"\x%02x" % c for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        self._status = code
+        super().send_response(code, message)
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """http.server's own errors (malformed request line, headers too long) as JSON."""
+        self.close_connection = True
+        text = message or HTTPStatus(code).phrase
+        self._send_json(code, APIError(code, text).body())
+
+    def _send_json(self, status: int, body: Any, headers: Iterable[Tuple[str, str]] = ()) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Request-Id", getattr(self, "_request_id", "-"))
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_error(self, error: APIError) -> None:
+        headers = []
+        if error.retry_after is not None:
+            headers.append(("Retry-After", str(error.retry_after)))
+        if error.status == 405:
+            headers.append(("Allow", "GET, POST"))
+        self._send_json(error.status, error.body(), headers)
+
+    def _read_json(self) -> Any:
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            self.close_connection = True
+            raise APIError(415, "POST bodies must be sent with Content-Type: application/json.",
+                           code="unsupported_media_type")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise APIError(411, "Chunked request bodies are not supported; send Content-Length.",
+                           code="length_required")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise APIError(411, "A valid Content-Length header is required.",
+                           code="length_required")
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True  # the body stays unread
+            raise APIError(413, "The request body is larger than %d bytes." % MAX_BODY_BYTES,
+                           code="request_too_large")
+        raw = self.rfile.read(int(length))
+        if len(raw) < int(length):
+            self.close_connection = True
+            raise APIError(400, "The request body ended early.")
+        return parse_json_body(raw)
+
+    # -- routing -------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        self._status = 0
+        self._request_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self._note: Dict[str, Any] = {}
+        begun = time.monotonic()
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/v1/"):
+            path = path[3:]
+        try:
+            try:
+                self._route(self.command, path)
+            except APIError as error:
+                self._send_error(error)
+        except ClientDisconnected:
+            self.close_connection = True
+            self._status = self._status or 499  # nginx's "client closed request"
+        except (ConnectionError, TimeoutError, socket.timeout):
+            self.close_connection = True  # the client hung up while we wrote: not our fault
+            self._status = self._status or 499
+        finally:
+            note = "".join(" %s=%s" % item for item in self._note.items())
+            log.info("%s %s %s %.2fs%s id=%s", self.command, path, self._status,
+                     time.monotonic() - begun, note, self._request_id)
+
+    def _route(self, method: str, path: str) -> None:
+        if path == "/health":
+            allowed = ("GET", "HEAD")
+        elif path == "/models" or path.startswith("/models/"):
+            allowed = ("GET", "HEAD")
+        elif path == "/chat/completions":
+            allowed = ("POST",)
+        else:
+            raise APIError(404, "Unknown path %r. This proxy serves /v1/chat/completions, "
+                           "/v1/models and /health." % path[:200], code="unknown_url")
+        if method not in allowed:
+            raise APIError(405, "%s is not allowed on %s." % (method, path[:200]),
+                           code="method_not_allowed")
+        if path == "/health":
+            self._health()
+        elif path == "/models":
+            self._send_json(200, model_list())
+        elif path.startswith("/models/"):
+            name = unquote(path[len("/models/"):])
+            model, _ = resolve_model(name)
+            self._send_json(200, model_object(model))
+        else:
+            self._chat_completions()
+
+    # -- endpoints -----------------------------------------------------------
+
+    def _health(self) -> None:
+        path, version, problem = self.server.claude.status()
+        body = {"status": "ok" if path else "unavailable", "version": __version__,
+                "claude": {"path": path, "version": version},
+                "uptime_seconds": round(time.time() - self.server.started, 1),
+                "requests_in_flight": len(self.server.processes)}
+        if not path:
+            body["reason"] = problem
+        self._send_json(200 if path else 503, body)
+
+    def _chat_completions(self) -> None:
+        request = parse_chat_request(self._read_json())
+        self._note["model"] = request.model
+        claude = self.server.claude.require()
+        settings = self.server.settings
+        process = self.server.start_process(
+            lambda system_file: build_cli_command(claude, request, system_file),
+            stdin_line(request.content), cli_environment(dict(os.environ), request.max_tokens),
+            request.system)
+        done = [False]  # set when the CLI has given its result and is exiting by itself
+        try:
+            cli_events = process.events(settings.timeout, settings.idle_timeout,
+                                        watch=self.connection)
+            events = self._checked(completion_events(cli_events, request.stop), process, done)
+            created = int(time.time())
+            if request.stream:
+                self._stream(request, created, events)
+            else:
+                body = chat_completion(self._request_id, created, events)
+                self._note_usage(body["usage"])
+                self._send_json(200, body)
+        finally:
+            self._note["cli_exit"] = self.server.end_process(process, finished=done[0])
+
+    def _checked(self, events: Iterator[Event], process: "ClaudeProcess",
+                 done: List[bool]) -> Iterator[Event]:
+        """Completion events, with a CLI that ended without a result turned into a 502."""
+        try:
+            for event in events:
+                if isinstance(event, Finish):
+                    done[0] = not event.cut_short
+                yield event
+        except CLIEndedWithoutResult:
+            code = process.close()
+            tail = process.stderr_tail()
+            raise APIError(502, "Claude Code exited (code %s) without an answer. %s" % (
+                code, ("Its last output: " + tail[-1000:]) if tail else "It printed nothing."),
+                type="server_error", code="claude_error") from None
+
+    def _stream(self, request: ChatRequest, created: int, events: Iterator[Event]) -> None:
+        """Relay events as SSE. Headers go out with the first model event, so a failure before
+        it is a real HTTP error status; after it, an error is a final `error` event."""
+        renderer = ChatCompletionStream(self._request_id, created, request.include_usage)
+        started = False
+        try:
+            for event in events:
+                if not started:
+                    started = True
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                    self.send_header("Cache-Control", "no-cache")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.send_header("X-Request-Id", self._request_id)
+                    self.send_header("X-Accel-Buffering", "no")
+                    self.end_headers()
+                if isinstance(event, Finish):
+                    self._note_usage(openai_usage(event.usage))
+                self._write_chunk(renderer.render(event))
+        except APIError as error:
+            if not started:
+                raise
+            self._note["error"] = error.status
+            self._write_chunk(renderer.error(error))
+        self._write_chunk(b"")
+
+    def _write_chunk(self, data: bytes) -> None:
+        """One HTTP/1.1 chunk (the empty one ends the body), sent at once."""
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except (ConnectionError, TimeoutError, socket.timeout) as e:
+            raise ClientDisconnected() from e
+
+    def _note_usage(self, usage: Dict[str, Any]) -> None:
+        self._note["tokens"] = "%d/%d" % (usage["prompt_tokens"], usage["completion_tokens"])
+
+
+##############################################################################
+# Command line
+##############################################################################
+
+def _env_number(name: str, default: float, kind: Any = float) -> Any:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit("claude-max-proxy: %s=%r is not a number" % (name, value)) from None
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % value) from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return number
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="claude-max-api",
+        description="OpenAI-compatible API on top of the Claude Code CLI and your Claude "
+                    "subscription. Every flag can also be set by the environment variable named.")
+    parser.add_argument("--host", default=os.environ.get("CLAUDE_MAX_API_HOST", DEFAULT_HOST),
+                        help="address to listen on (CLAUDE_MAX_API_HOST; default %(default)s)")
+    parser.add_argument("--port", type=int,
+                        default=_env_number("CLAUDE_MAX_API_PORT", DEFAULT_PORT, int),
+                        help="port to listen on (CLAUDE_MAX_API_PORT; default %(default)s)")
+    parser.add_argument("--claude-bin", default=os.environ.get("CLAUDE_BIN") or None,
+                        help="the claude CLI to run (CLAUDE_BIN; default: found on PATH or in "
+                             "the usual install locations)")
+    parser.add_argument("--timeout", type=_positive,
+                        default=_env_number("CLAUDE_MAX_API_TIMEOUT", DEFAULT_TIMEOUT),
+                        help="seconds a whole request may take (CLAUDE_MAX_API_TIMEOUT; "
+                             "default %(default)s)")
+    parser.add_argument("--idle-timeout", type=_positive,
+                        default=_env_number("CLAUDE_MAX_API_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+                        help="seconds the CLI may print nothing before it is ended "
+                             "(CLAUDE_MAX_API_IDLE_TIMEOUT; default %(default)s)")
+    parser.add_argument("--log-level", type=str.upper,
+                        default=os.environ.get("CLAUDE_MAX_API_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log verbosity (CLAUDE_MAX_API_LOG_LEVEL; default %(default)s)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = ProxyServer((args.host, args.port), args)
+    except OSError as e:
+        raise SystemExit("claude-max-proxy: cannot listen on %s:%d: %s"
+                         % (args.host, args.port, e.strerror or e)) from None
+
+    def stop(signum: int, frame: Any) -> None:
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    url = "http://%s:%d/v1" % ("[%s]" % host if ":" in host else host, port)
+    path, version, problem = server.claude.status()
+    if path:
+        log.info("claude-max-proxy %s serving %s with %s (%s)", __version__, url, path, version)
+    else:
+        log.warning("claude-max-proxy %s serving %s, but %s", __version__, url, problem)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        server.end_all_processes()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
