@@ -254,7 +254,7 @@ def join_blocks(blocks: List[Dict[str, Any]]) -> Union[str, List[Dict[str, Any]]
     if not merged:
         return ""
     if len(merged) == 1 and merged[0]["type"] == "text":
-        return merged[0]["text"]
+        return str(merged[0]["text"])
     return merged
 
 
@@ -821,6 +821,7 @@ class ClaudeProcess:
                     elif name == "stderr":
                         self._read_stderr(sel)
                     elif name == "client":
+                        assert watch is not None
                         if self._client_gone(watch):
                             raise ClientDisconnected()
                         sel.unregister(watch)  # the client sent more (pipelining): stop watching
@@ -1141,6 +1142,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                      time.monotonic() - begun, note, self._request_id)
 
     def _route(self, method: str, path: str) -> None:
+        allowed: Tuple[str, ...]
         if path == "/health":
             allowed = ("GET", "HEAD")
         elif path == "/models" or path.startswith("/models/"):
@@ -1325,7 +1327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), server.server_address[1]
     url = "http://%s:%d/v1" % ("[%s]" % host if ":" in host else host, port)
     path, version, problem = server.claude.status()
     if path:

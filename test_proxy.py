@@ -1,0 +1,1932 @@
+"""Tests for claude_max_proxy: the specification of what the proxy does.
+
+    python3 -m unittest -v test_proxy
+
+Four layers, all talking only to 127.0.0.1:
+
+* the pure translation functions, called directly;
+* a real server on port 0 running a fake `claude` (FAKE_CLAUDE below, written to a temp dir and
+  put on PATH) that speaks exactly the stream-json the real CLI 2.1.331 speaks, as recorded in
+  shared/claude-cli/ (the tests do not need that folder at run time);
+* EndToEndTest: the real CLI (npm @anthropic-ai/claude-code@2.1.331) against a fake Anthropic
+  Messages API served by the test; skipped when the CLI is not installed;
+* OpenAISDKTest: the official `openai` package as the client; skipped when it is not installed.
+
+PROXY_REQUIRE_ALL=1 turns those two skips into failures (CI sets it). PROXY_BENCH=1 runs the
+benchmark, which prints figures and asserts nothing about speed.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import plistlib
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+import unittest
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest import mock
+
+import claude_max_proxy as proxy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_ALL = os.environ.get("PROXY_REQUIRE_ALL") == "1"
+PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
+
+##############################################################################
+# The fake `claude`
+##############################################################################
+
+# Speaks claude 2.1.331's print mode: the flags it checks, the stream-json lines with the keys the
+# real CLI writes (see shared/claude-cli/c-streamjson-partial, e1-*, e2-*, e5-*, j1-*,
+# nocred-*), exit code 1 with nothing on stderr for API errors, plain-text usage errors.
+# What it does is chosen by directives in the prompt: [[fake:NAME]] or [[fake:NAME:ARG]].
+# Each run writes a record (argv, cwd, environment, stdin, system prompt file) to
+# $FAKE_CLAUDE_LOG/<pid>.json before answering, so tests can check what the proxy sent.
+FAKE_CLAUDE = r'''
+import json, os, random, re, subprocess, sys, time, uuid
+
+VERSION = "2.1.331 (Claude Code)"
+VALUE_FLAGS = {"--input-format", "--output-format", "--model", "--tools", "--permission-mode",
+               "--append-system-prompt", "--append-system-prompt-file", "--system-prompt",
+               "--system-prompt-file", "--mcp-config", "--setting-sources", "--settings",
+               "--max-turns", "--fallback-model", "--session-id", "--resume", "--allowedTools",
+               "--disallowedTools", "--effort", "--json-schema", "--max-budget-usd", "--add-dir"}
+BOOL_FLAGS = {"-p", "--print", "--verbose", "--include-partial-messages", "--strict-mcp-config",
+              "--no-session-persistence", "--disable-slash-commands", "--replay-user-messages",
+              "--dangerously-skip-permissions", "--bare"}
+DEFAULT_TOOLS = ["Task", "Bash", "Edit", "Read", "WebFetch", "WebSearch", "Write"]
+SESSION = str(uuid.uuid4())
+REPLY = ["Hello", " from", " the", " fake", " API."]
+
+
+def fail(message):
+    sys.stderr.write(message + "\n")
+    sys.exit(1)
+
+
+def parse(argv):
+    opts, prompt = {}, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if arg in BOOL_FLAGS:
+            opts[arg] = True
+        elif name in VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    fail("error: option '%s <value>' argument missing" % name)
+                value = argv[i]
+            opts[name] = value
+        elif arg.startswith("-"):
+            fail("error: unknown option '%s'" % arg)
+        else:
+            prompt.append(arg)
+        i += 1
+    return opts, prompt
+
+
+def resolve(model):
+    if model in (None, "default", "best", "opus", "opus[1m]", "opusplan"):
+        return "claude-opus-5-5"
+    if model in ("sonnet", "sonnet[1m]"):
+        return "claude-sonnet-5-5"
+    if model == "haiku":
+        return "claude-haiku-5-5"
+    return model
+
+
+def out(obj):
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def init(opts, model):
+    tools = [] if opts.get("--tools") == "" else DEFAULT_TOOLS
+    return {"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": SESSION,
+            "tools": tools, "mcp_servers": [], "model": model,
+            "permissionMode": opts.get("--permission-mode", "default"),
+            "slash_commands": [] if opts.get("--disable-slash-commands") else ["compact", "context"],
+            "terminal_slash_commands": [], "apiKeySource": "none",
+            "claude_code_version": VERSION.split()[0], "output_style": "default",
+            "agents": ["general-purpose"], "skills": [], "plugins": [], "capabilities": [],
+            "analytics_disabled": True, "product_feedback_disabled": True,
+            "served_by_anthropic": True, "uuid": str(uuid.uuid4()), "sandbox_enabled": False,
+            "memory_paths": {}, "original_cwd": os.getcwd(), "additional_directories": [],
+            "messaging_socket_path": "/tmp/x/%d.sock" % os.getpid(), "fast_mode_state": "off",
+            "fast_mode_disabled_reason": "sdk_opt_in_required", "per_turn_effort_active": True,
+            "ultrathink_available": False, "ultrathink_typed_raises": False,
+            "view_mode": "default"}
+
+
+def status():
+    return {"type": "system", "subtype": "status", "status": "requesting",
+            "session_id": SESSION, "uuid": str(uuid.uuid4())}
+
+
+def stream(event, message_id, **extra):
+    line = {"type": "stream_event", "event": event, "session_id": SESSION,
+            "parent_tool_use_id": None, "uuid": str(uuid.uuid4())}
+    line.update(extra)
+    line["api_message_id"] = message_id
+    return line
+
+
+def usage(input_tokens, output_tokens, cache_creation=0, cache_read=0):
+    return {"input_tokens": input_tokens, "cache_creation_input_tokens": cache_creation,
+            "cache_read_input_tokens": cache_read, "output_tokens": output_tokens,
+            "service_tier": "standard"}
+
+
+def assistant(message_id, model, block, usage_):
+    return {"type": "assistant", "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": [block], "stop_reason": None, "stop_sequence": None, "usage": usage_,
+        "context_management": None}, "parent_tool_use_id": None, "session_id": SESSION,
+        "uuid": str(uuid.uuid4()), "timestamp": "2026-11-24T11:37:17.022Z",
+        "request_id": "req_fake_" + uuid.uuid4().hex[:16]}
+
+
+def full_usage(u):
+    u = dict(u)
+    u.update({"output_tokens_details": {"thinking_tokens": 0},
+              "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
+              "cache_creation": {"ephemeral_1h_input_tokens": 0, "ephemeral_5m_input_tokens": 0},
+              "inference_geo": "", "iterations": [], "speed": "standard",
+              "fallback_credit": None})
+    return u
+
+
+def result(model, text, u, stop_reason="end_turn", is_error=False, subtype="success",
+           api_status=None, terminal="completed", errors=None):
+    # Key order as the real CLI writes it: not "type" first.
+    r = {"duration_api_ms": 113, "stop_reason": stop_reason, "session_id": SESSION,
+         "total_cost_usd": 0.000228 if not is_error else 0, "usage": full_usage(u),
+         "modelUsage": {} if is_error else {model: {
+             "inputTokens": u["input_tokens"], "outputTokens": u["output_tokens"],
+             "cacheReadInputTokens": u["cache_read_input_tokens"],
+             "cacheCreationInputTokens": u["cache_creation_input_tokens"],
+             "webSearchRequests": 0, "costUSD": 0.000228, "contextWindow": 1000000,
+             "maxOutputTokens": 128000}},
+         "permission_denials": [], "terminal_reason": terminal, "fast_mode_state": "off",
+         "fast_mode_disabled_reason": "sdk_opt_in_required", "safety_stops": 0,
+         "is_error": is_error, "num_turns": 1, "subtype": subtype}
+    if subtype == "success":
+        r["api_error_status"] = api_status
+        r["result"] = text
+    else:
+        r["errors"] = errors or []
+    r.update({"type": "result", "duration_ms": 163, "uuid": str(uuid.uuid4()),
+              "queued_turn_count": 0, "result_index": 0})
+    return r
+
+
+def api_error(text, api_status, error, error_type=None, terminal="api_error", extra=None):
+    """The synthetic assistant message and the is_error result of e1/e2/e5/nocred."""
+    zero = usage(0, 0)
+    line = {"type": "assistant", "message": {
+        "diagnostics": None, "id": str(uuid.uuid4()), "container": None, "model": "<synthetic>",
+        "role": "assistant", "stop_details": None, "stop_reason": "stop_sequence",
+        "stop_sequence": "", "type": "message", "usage": zero,
+        "content": [{"type": "text", "text": text}], "context_management": None},
+        "parent_tool_use_id": None, "session_id": SESSION, "uuid": str(uuid.uuid4()),
+        "timestamp": "2026-11-24T11:37:29.276Z", "error": error, "is_api_error_message": True}
+    if api_status is not None:
+        line.update({"api_error_status": api_status, "api_error_type": error_type})
+    r = result("<synthetic>", text, zero, stop_reason="stop_sequence", is_error=True,
+               api_status=api_status, terminal=terminal)
+    if api_status is not None:
+        r["api_error_type"] = error_type
+    r.update(extra or {})
+    return [line, r]
+
+
+def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, forever=False):
+    """One API message as the CLI streams it: message_start, per block start/deltas/assistant/
+    stop, message_delta, message_stop. blocks: [("text"|"thinking", [pieces])]."""
+    message_id = "msg_fake_" + uuid.uuid4().hex[:20]
+    u = u or usage(12, 1)
+    start = dict(u)
+    start["output_tokens"] = 1
+    yield stream({"type": "message_start", "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": None, "stop_sequence": None, "usage": start}},
+        message_id, ttft_ms=6, thinking_display="updates")
+    for index, (kind, pieces) in enumerate(blocks):
+        empty = {"type": "text", "text": ""} if kind == "text" else {
+            "type": "thinking", "thinking": "", "signature": ""}
+        yield stream({"type": "content_block_start", "index": index, "content_block": empty},
+                     message_id)
+        n = 0
+        while True:
+            for piece in pieces:
+                if pause:
+                    time.sleep(pause)
+                delta = ({"type": "text_delta", "text": piece} if kind == "text"
+                         else {"type": "thinking_delta", "thinking": piece})
+                yield stream({"type": "content_block_delta", "index": index, "delta": delta},
+                             message_id)
+                n += 1
+            if not forever:
+                break
+        if kind == "thinking":
+            yield stream({"type": "content_block_delta", "index": index,
+                          "delta": {"type": "signature_delta", "signature": "fakesig=="}},
+                         message_id)
+            block = {"type": "thinking", "thinking": "".join(pieces), "signature": "fakesig=="}
+        else:
+            block = {"type": "text", "text": "".join(pieces)}
+        yield assistant(message_id, model, block, start)
+        yield stream({"type": "content_block_stop", "index": index}, message_id)
+    yield stream({"type": "message_delta", "delta": {"stop_reason": stop_reason,
+                                                     "stop_sequence": None},
+                  "usage": {"output_tokens": u["output_tokens"]}}, message_id)
+    yield stream({"type": "message_stop"}, message_id)
+
+
+def directives(text):
+    found = {}
+    for name, arg in re.findall(r"\[\[fake:([a-z0-9_]+)(?::([^\]]*))?\]\]", text):
+        found[name] = arg
+    return found
+
+
+def scenario(text, model, opts=None):
+    """The stdout lines (dicts, and str for raw lines) for one user turn."""
+    d = directives(text)
+    reply = [w for w in re.split(r"(?=\s)", d["reply"]) if w] if "reply" in d else list(REPLY)
+    if "words" in d:
+        reply = ["w%d " % i for i in range(int(d["words"]))]
+    if "bigdelta" in d:
+        reply = ["x" * int(d["bigdelta"])]
+    u = usage(12, 9, *( (3, 5) if "cache" in d else (0, 0)))
+    if "out_tokens" in d:
+        u["output_tokens"] = int(d["out_tokens"])
+    lines = []
+    if "retry" in d:
+        lines.append({"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
+                      "retry_delay_ms": 606, "error_status": 529, "error": "overloaded",
+                      "session_id": SESSION, "uuid": str(uuid.uuid4())})
+    if "ratelimit_info" in d or "ratelimit" in d:
+        info = {"status": "allowed", "isUsingOverage": False}
+        if "ratelimit" in d:
+            info = {"status": "rejected", "resetsAt": int(time.time()) + int(d["ratelimit"] or 0),
+                    "rateLimitType": "five_hour", "isUsingOverage": False}
+        lines.append({"type": "rate_limit_event", "rate_limit_info": info,
+                      "uuid": str(uuid.uuid4()), "session_id": SESSION})
+    if "err401" in d:
+        return lines + api_error("Invalid API key \u00b7 Fix external API key", 401,
+                                 "authentication_failed", "authentication_error")
+    if "notloggedin" in d:
+        return lines + api_error("Not logged in \u00b7 Please run /login", None,
+                                 "authentication_failed")
+    if "err529" in d:
+        return lines + api_error("API Error: 529 Overloaded. This is a server-side issue, usually "
+                                 "temporary \u2014 try again in a moment.", 529, "server_error",
+                                 "overloaded_error")
+    if "err500" in d:
+        return lines + api_error("API Error: 500 Internal server error. This is a server-side "
+                                 "issue, usually temporary \u2014 try again in a moment.", 500,
+                                 "server_error", "api_error")
+    if "toolong" in d:
+        return lines + api_error("Prompt is too long \u00b7 this conversation is a single "
+                                 "exchange and cannot be compacted", 400, "invalid_request",
+                                 "invalid_request_error", terminal="prompt_too_long")
+    if "ratelimit" in d:
+        return lines + api_error("You've hit your limit \u00b7 resets 5pm", 429, "rate_limit",
+                                 "rate_limit_error")
+    if "connrefused" in d:
+        return lines + api_error("API Error: Connection refused \u2014 a firewall or proxy may be "
+                                 "blocking it (ECONNREFUSED)", None, "server_error",
+                                 extra={"api_error": "connection_failed"})
+    if "maxturns" in d:
+        return lines + [result(model, "", usage(12, 9), stop_reason="tool_use", is_error=True,
+                               subtype="error_max_turns", terminal="max_turns",
+                               errors=["Reached maximum number of turns (1)"])]
+    blocks = [("text", reply)]
+    if "thinking" in d:
+        blocks.insert(0, ("thinking", ["Let me think briefly."]))
+    stop_reason = d.get("stop_reason") or "end_turn"
+    lines.append(status())
+    if "garbage" in d:
+        lines += ["this is not json", "[1, 2, 3]", "", "{\"type\": \"something_new\"}",
+                  "{\"truncated\": "]
+    lines += list(message_events(model, [("text", ["Let me look."])], stop_reason="tool_use",
+                                 u=usage(12, 4))) if "twoturns" in d else []
+    lines.append(("MESSAGE", model, blocks, stop_reason, u))
+    lines.append(result(model, "".join(reply), u, stop_reason=stop_reason))
+    return lines
+
+
+def emit(line, pause=0.0, forever=False):
+    if isinstance(line, tuple):
+        _, model, blocks, stop_reason, u = line
+        for event in message_events(model, blocks, stop_reason, u, pause, forever):
+            out(event)
+    elif isinstance(line, str):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    else:
+        out(line)
+
+
+def main():
+    argv = sys.argv[1:]
+    if argv in (["--version"], ["-v"]):
+        print(VERSION)
+        return 0
+    opts, prompt = parse(argv)
+    if not (opts.get("-p") or opts.get("--print")):
+        fail("fake claude: only print mode is faked")
+    fmt = opts.get("--output-format", "text")
+    if fmt not in ("text", "json", "stream-json"):
+        fail("error: option '--output-format <format>' argument '%s' is invalid. Allowed "
+             "choices are text, json, stream-json." % fmt)
+    if fmt == "stream-json" and not opts.get("--verbose"):
+        fail("Error: When using --print, --output-format=stream-json requires --verbose")
+    if opts.get("--input-format") == "stream-json" and fmt != "stream-json":
+        fail("Error: --input-format=stream-json requires output-format=stream-json.")
+    if opts.get("--input-format") != "stream-json" or fmt != "stream-json":
+        fail("fake claude: only stream-json in and out is faked")
+    turns = []
+    for raw in sys.stdin.read().splitlines():
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            fail("Error parsing streaming input line (type=unknown, %d chars): SyntaxError"
+                 % len(raw))
+        turns.append(line)
+    if not turns and not prompt:
+        fail("Error: Input must be provided either through stdin or as a prompt argument "
+             "when using --print")
+    system_file = opts.get("--append-system-prompt-file")
+    record = {"pid": os.getpid(), "argv": argv, "cwd": os.getcwd(),
+              "cwd_entries": sorted(os.listdir(".")), "stdin": turns,
+              "system": open(system_file, encoding="utf-8").read() if system_file else None,
+              "env": {k: os.environ.get(k) for k in ("CLAUDE_CODE_MAX_OUTPUT_TOKENS",
+                                                     "CLAUDECODE")}}
+    texts = []
+    for turn in turns:
+        content = turn["message"]["content"]
+        texts.append(content if isinstance(content, str) else " ".join(
+            b.get("text", "") for b in content if b.get("type") == "text"))
+    d = directives(" ".join(texts))
+    if "child" in d:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        record["child"] = child.pid
+    log_dir = os.environ.get("FAKE_CLAUDE_LOG")
+    if log_dir:
+        path = os.path.join(log_dir, "%d.json" % os.getpid())
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+    if "hang" in d:
+        time.sleep(3600)
+    if "exit" in d:
+        sys.stderr.write("fake claude: something broke before answering\n")
+        return int(d["exit"] or 2)
+    model = resolve(opts.get("--model"))
+    out(init(opts, model))
+    if "silent" in d:
+        time.sleep(3600)
+    pause = float(d.get("drip") or d.get("slow") or 0)
+    for text in texts:
+        lines = scenario(text, model, opts)
+        for line in lines:
+            if "diemid" in d and isinstance(line, dict) and line.get("type") == "result":
+                sys.stderr.write("fake claude: fatal: lost the connection mid-stream\n")
+                return 3
+            emit(line, pause, forever="drip" in d)
+    return 1 if lines and isinstance(lines[-1], dict) and lines[-1].get("is_error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+def load_fake():
+    """FAKE_CLAUDE as a module, so unit tests can use its line builders."""
+    module = types.ModuleType("fake_claude")
+    exec(compile(FAKE_CLAUDE, "fake_claude", "exec"), module.__dict__)
+    return module
+
+
+fake = load_fake()
+
+
+def fake_lines(text, model="claude-opus-5-5"):
+    """The dict lines the fake prints for one prompt (message tuples expanded)."""
+    lines = []
+    for line in fake.scenario(text, model):
+        if isinstance(line, tuple):
+            _, model_, blocks, stop_reason, u = line
+            lines.extend(fake.message_events(model_, blocks, stop_reason, u))
+        elif isinstance(line, dict):
+            lines.append(line)
+    return lines
+
+
+# Verbatim from shared/claude-cli/e1-err401-streamjson.stdout (claude 2.1.331): the result line.
+REAL_401_RESULT = (
+    '{"duration_api_ms":0,"stop_reason":"stop_sequence","session_id":"00a3e98a-8304-4208-8163-'
+    '8c62ce272529","total_cost_usd":0,"usage":{"output_tokens_details":{"thinking_tokens":0},'
+    '"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,'
+    '"output_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},'
+    '"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,'
+    '"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard",'
+    '"fallback_credit":null},"modelUsage":{},"permission_denials":[],"terminal_reason":'
+    '"api_error","fast_mode_state":"off","fast_mode_disabled_reason":"sdk_opt_in_required",'
+    '"safety_stops":0,"is_error":true,"num_turns":1,"subtype":"success","api_error_status":401,'
+    '"api_error_type":"authentication_error","result":"Invalid API key \\u00b7 Fix external API '
+    'key","type":"result","duration_ms":68,"uuid":"86d7dfd3-b94d-4664-a698-8726b61e3f4e",'
+    '"queued_turn_count":0,"result_index":0,"model_usage_since_last_result":{}}')
+# Verbatim from shared/claude-cli/o-auth-CLAUDE_CODE_OAUTH_TOKEN.stdout.
+REAL_RATE_LIMIT_EVENT = (
+    '{"type":"rate_limit_event","rate_limit_info":{"status":"allowed","isUsingOverage":false},'
+    '"uuid":"b8c920db-75fe-4495-978d-57fd19a7b966","session_id":"3da9fff8-c137-4e62-a2c6-'
+    '57c25323b28d"}')
+
+
+##############################################################################
+# Helpers
+##############################################################################
+
+def wait_until(condition, timeout=10.0, what="condition"):
+    """Poll `condition` until it holds; fail after `timeout` s. Waits for a fact, not a time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.01)
+
+
+def alive(pid):
+    """Whether a process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+
+
+def children_of(pid):
+    """Direct children (any state) of `pid`, from /proc; None where /proc is missing."""
+    if not os.path.isdir("/proc"):
+        return None
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append((int(entry), fields[0]))
+    return found
+
+
+def open_fds():
+    for where in ("/proc/self/fd", "/dev/fd"):
+        if os.path.isdir(where):
+            return len(os.listdir(where))
+    return None
+
+
+def settings(**overrides):
+    values = dict(host="127.0.0.1", port=0, claude_bin=None, timeout=30.0, idle_timeout=30.0,
+                  log_level="WARNING")
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+class Proxy:
+    """A real ProxyServer on an ephemeral port, serving in a thread."""
+
+    def __init__(self, **overrides):
+        self.server = proxy.ProxyServer(("127.0.0.1", 0), settings(**overrides))
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.server.end_all_processes()
+        self.thread.join(10)
+
+    def connect(self, timeout=30):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, raw=None):
+        """(status, headers, parsed JSON or raw bytes)."""
+        conn = self.connect()
+        try:
+            hdrs = {"Content-Type": "application/json"}
+            hdrs.update(headers or {})
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                                else None)
+            conn.request(method, path, body=data, headers=hdrs)
+            response = conn.getresponse()
+            payload = response.read()
+            try:
+                parsed = json.loads(payload)
+            except ValueError:
+                parsed = payload
+            return response.status, response, parsed
+        finally:
+            conn.close()
+
+    def chat(self, content="hi", **fields):
+        body = {"model": "claude-sonnet-4", "messages": [{"role": "user", "content": content}]}
+        body.update(fields)
+        return self.request("POST", "/v1/chat/completions", body)
+
+    def stream(self, content="hi", **fields):
+        """(status, response, SSE data payloads parsed (and '[DONE]'), or the JSON error)."""
+        body = {"model": "claude-sonnet-4", "stream": True,
+                "messages": [{"role": "user", "content": content}]}
+        body.update(fields)
+        conn = self.connect()
+        try:
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                return response.status, response, json.loads(response.read())
+            return 200, response, parse_sse(response.read())
+        finally:
+            conn.close()
+
+
+def parse_sse(data):
+    events = []
+    for block in data.decode("utf-8").split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+class FakeClaudeMixin:
+    """Writes the fake `claude` to a temp dir, puts it first on PATH, records its runs."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = tempfile.mkdtemp(prefix="proxy-test-")
+        cls.bin_dir = os.path.join(cls.tmp, "bin")
+        cls.log_dir = os.path.join(cls.tmp, "runs")
+        os.mkdir(cls.bin_dir)
+        os.mkdir(cls.log_dir)
+        cls.fake_path = os.path.join(cls.bin_dir, "claude")
+        with open(cls.fake_path, "w") as f:
+            f.write("#!%s\n%s" % (sys.executable, FAKE_CLAUDE))
+        os.chmod(cls.fake_path, 0o755)
+        cls.env_patch = mock.patch.dict(os.environ, {
+            "PATH": cls.bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            "FAKE_CLAUDE_LOG": cls.log_dir})
+        cls.env_patch.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.env_patch.stop()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        super().tearDownClass()
+
+    def setUp(self):
+        for name in os.listdir(self.log_dir):
+            os.unlink(os.path.join(self.log_dir, name))
+
+    def runs(self):
+        """Records of the fake's runs since setUp, oldest first."""
+        records = []
+        for name in os.listdir(self.log_dir):
+            if name.endswith(".json"):
+                with open(os.path.join(self.log_dir, name)) as f:
+                    records.append(json.load(f))
+        return sorted(records, key=lambda r: r["pid"])
+
+    def only_run(self):
+        runs = self.runs()
+        self.assertEqual(len(runs), 1, runs)
+        return runs[0]
+
+    def start_proxy(self, **overrides):
+        overrides.setdefault("claude_bin", self.fake_path)
+        p = Proxy(**overrides)
+        self.addCleanup(p.close)
+        return p
+
+    def assert_no_cli_left(self, p, runs=None):
+        """Every CLI run (and any child it started) is gone, and nothing is left unreaped."""
+        for run in runs if runs is not None else self.runs():
+            wait_until(lambda: not alive(run["pid"]), what="fake claude %d to end" % run["pid"])
+            if "child" in run:
+                wait_until(lambda: not alive(run["child"]), what="its child to end")
+        wait_until(lambda: not p.server.processes, what="the proxy to forget its processes")
+        kids = children_of(os.getpid())
+        if kids is not None:
+            self.assertEqual([k for k in kids if k[1] == "Z"], [], "zombie children")
+
+
+##############################################################################
+# Pure functions
+##############################################################################
+
+class ModelTest(unittest.TestCase):
+    def test_family_names_map_to_cli_aliases(self):
+        for name, alias in [("claude-opus-4", "opus"), ("claude-sonnet-4", "sonnet"),
+                            ("claude-haiku-4", "haiku"), ("opus", "opus"), ("Sonnet", "sonnet"),
+                            ("haiku", "haiku")]:
+            self.assertEqual(proxy.resolve_model(name)[1], alias, name)
+
+    def test_full_ids_pass_through(self):
+        for name in ["claude-sonnet-4-5", "claude-opus-4-1-20250805", "claude-3-5-haiku-20241022",
+                     "claude-3-7-sonnet-latest", "claude-opus-4-5", "claude-sonnet-4-5[1m]"]:
+            self.assertEqual(proxy.resolve_model(name), (name, name))
+
+    def test_provider_prefixes_are_stripped(self):
+        for prefix in ["openai/", "anthropic/", "claude-code-cli/", "claude-max/"]:
+            self.assertEqual(proxy.resolve_model(prefix + "claude-opus-4"), ("claude-opus-4", "opus"))
+            self.assertEqual(proxy.resolve_model(prefix + "claude-sonnet-4-5")[1],
+                             "claude-sonnet-4-5")
+
+    def test_unknown_models_are_404_listing_the_accepted_names(self):
+        for name in ["gpt-4o", "claude", "claude-2", "claude-opus", "my-custom-model",
+                     "opus; rm -rf /", "--help", "anthropic/gpt-4", "claude-sonnet-4-5 --x"]:
+            with self.assertRaises(proxy.APIError) as caught:
+                proxy.resolve_model(name)
+            self.assertEqual(caught.exception.status, 404, name)
+            self.assertEqual(caught.exception.code, "model_not_found")
+            self.assertIn("claude-opus-4", caught.exception.message)
+
+    def test_model_must_be_a_string(self):
+        for value in [None, 3, ["opus"], "", "   "]:
+            with self.assertRaises(proxy.APIError) as caught:
+                proxy.resolve_model(value)
+            self.assertEqual((caught.exception.status, caught.exception.param), (400, "model"))
+
+
+class MessagesTest(unittest.TestCase):
+    def test_lone_user_message_is_the_prompt_as_is(self):
+        self.assertEqual(proxy.messages_to_prompt([{"role": "user", "content": "--help"}]),
+                         (None, "--help"))
+
+    def test_system_and_developer_messages_become_appended_instructions(self):
+        system, content = proxy.messages_to_prompt([
+            {"role": "system", "content": "Be terse."},
+            {"role": "developer", "content": [{"type": "text", "text": "Speak French."}]},
+            {"role": "user", "content": "hi"}])
+        self.assertEqual(system, "Be terse.\n\nSpeak French.")
+        self.assertEqual(content, "hi")
+
+    def test_conversation_becomes_a_delimited_transcript_then_the_last_message(self):
+        system, content = proxy.messages_to_prompt([
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "And 3+3?"}])
+        self.assertEqual(system, "Be brief.")
+        self.assertTrue(content.startswith(proxy.TRANSCRIPT_HEAD))
+        self.assertIn('<message role="user">\nWhat is 2+2?\n</message>\n'
+                      '<message role="assistant">\n4\n</message>\n</conversation>', content)
+        self.assertTrue(content.endswith("</conversation>\n\nAnd 3+3?"))
+
+    def test_images_become_anthropic_blocks(self):
+        _, content = proxy.messages_to_prompt([{"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]}])
+        self.assertEqual(content, [
+            {"type": "text", "text": "what is this"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": PNG_1PX}},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}])
+
+    def test_images_in_earlier_turns_stay_in_place(self):
+        _, content = proxy.messages_to_prompt([
+            {"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": "data:image/gif;base64,R0lGODlhAQABAAAAACw="}}]},
+            {"role": "assistant", "content": "A dot."},
+            {"role": "user", "content": "Sure?"}])
+        self.assertEqual([b["type"] for b in content], ["text", "image", "text"])
+        self.assertTrue(content[0]["text"].endswith('<message role="user">\n'))
+        self.assertTrue(content[2]["text"].endswith("</conversation>\n\nSure?"))
+
+    def test_bad_messages_are_400_naming_the_field(self):
+        cases = [
+            (None, "messages"), ([], "messages"), ("hi", "messages"), ([1], "messages[0]"),
+            ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+            ([{"role": "user", "content": 5}], "messages[0].content"),
+            ([{"role": "user", "content": [{"type": "audio"}]}], "messages[0].content[0].type"),
+            ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
+            ([{"role": "user", "content": ["x"]}], "messages[0].content[0]"),
+            ([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+              {"role": "user", "content": "hi"}], "messages[0].content[0].type"),
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": "http://example.com/a.png"}}]}], "messages[0].content[0].image_url.url"),
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": "data:image/bmp;base64,AAAA"}}]}], "messages[0].content[0].image_url.url"),
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": "data:image/png;base64,@@@"}}]}], "messages[0].content[0].image_url.url"),
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+             "messages[0].content[0].image_url"),
+            ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+             "messages"),
+            ([{"role": "system", "content": "only"}], "messages"),
+            ([{"role": "tool", "content": "x", "tool_call_id": "1"}], "messages[0].role"),
+            ([{"role": "assistant", "tool_calls": [{"id": "1"}]}, {"role": "user", "content": "x"}],
+             "messages[0]"),
+        ]
+        for messages, param in cases:
+            with self.assertRaises(proxy.APIError, msg=repr(messages)) as caught:
+                proxy.messages_to_prompt(messages)
+            self.assertEqual((caught.exception.status, caught.exception.param), (400, param),
+                             repr(messages))
+
+
+class RequestTest(unittest.TestCase):
+    def parse(self, **fields):
+        body = {"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}
+        body.update(fields)
+        return proxy.parse_chat_request(body)
+
+    def rejects(self, param, **fields):
+        with self.assertRaises(proxy.APIError) as caught:
+            self.parse(**fields)
+        self.assertEqual(caught.exception.status, 400, fields)
+        self.assertEqual(caught.exception.param, param, fields)
+        return caught.exception
+
+    def test_defaults(self):
+        request = self.parse()
+        self.assertEqual((request.stream, request.include_usage, request.max_tokens, request.stop),
+                         (False, False, None, ()))
+
+    def test_fields_are_read(self):
+        request = self.parse(stream=True, stream_options={"include_usage": True}, max_tokens=50,
+                             stop=["END", "\n\n"])
+        self.assertEqual((request.stream, request.include_usage, request.max_tokens, request.stop),
+                         (True, True, 50, ("END", "\n\n")))
+        self.assertEqual(self.parse(max_completion_tokens=7, max_tokens=99).max_tokens, 7)
+        self.assertEqual(self.parse(stop="x").stop, ("x",))
+
+    def test_ignored_parameters_are_accepted(self):
+        self.parse(temperature=0.2, top_p=1, presence_penalty=0, frequency_penalty=0.5, seed=4,
+                   user="u", logit_bias={"50256": -100}, n=1, tools=[], tool_choice="none",
+                   response_format={"type": "text"}, logprobs=False, metadata={"a": "b"})
+
+    def test_wrong_values_are_400_naming_the_field(self):
+        self.rejects("stream", stream="yes")
+        self.rejects("stream_options", stream_options=[])
+        self.rejects("stream_options.include_usage", stream_options={"include_usage": 1})
+        for bad in (0, -1, 1.5, "10", True):
+            self.rejects("max_tokens", max_tokens=bad)
+            self.rejects("max_completion_tokens", max_completion_tokens=bad)
+        for bad in (5, ["a", "b", "c", "d", "e"], [1], ""):
+            self.rejects("stop", stop=bad)
+        for bad in (2, 0, "1", True):
+            self.rejects("n", n=bad)
+        self.rejects("temperature", temperature="hot")
+        self.rejects("top_p", top_p=[1])
+        self.rejects("logprobs", logprobs=True)
+
+    def test_tools_and_formats_are_a_clear_400(self):
+        self.assertIn("not supported", self.rejects(
+            "tools", tools=[{"type": "function", "function": {"name": "f"}}]).message)
+        self.rejects("functions", functions=[{"name": "f"}])
+        self.rejects("tool_choice", tool_choice="auto")
+        self.rejects("function_call", function_call={"name": "f"})
+        self.rejects("response_format", response_format={"type": "json_object"})
+        self.rejects("response_format", response_format="json")
+
+    def test_body_must_be_an_object(self):
+        for body in ([], "x", 1, None):
+            with self.assertRaises(proxy.APIError):
+                proxy.parse_chat_request(body)
+
+    def test_json_body_parsing(self):
+        self.assertEqual(proxy.parse_json_body(b'{"a": 1}'), {"a": 1})
+        for raw in (b"{", b"\xff\xfe\x00", b"[" * 100000, b'{"a": NaN}', b'{"a": Infinity}',
+                    b"", b"1" * 5000):
+            with self.assertRaises(proxy.APIError, msg=raw[:20]) as caught:
+                proxy.parse_json_body(raw)
+            self.assertEqual(caught.exception.status, 400)
+
+
+class CommandTest(unittest.TestCase):
+    def test_cli_gets_no_tools_no_mcp_no_commands_no_session_and_no_prompt(self):
+        request = proxy.parse_chat_request({"model": "opus", "messages": [
+            {"role": "user", "content": "SECRET PROMPT"}]})
+        argv = proxy.build_cli_command("/bin/claude", request, None)
+        self.assertEqual(argv[:2], ["/bin/claude", "-p"])
+        for flags in (["--input-format", "stream-json"], ["--output-format", "stream-json"],
+                      ["--model", "opus"], ["--tools", ""], ["--permission-mode", "dontAsk"]):
+            i = argv.index(flags[0])
+            self.assertEqual(argv[i:i + 2], flags)
+        for flag in ("--verbose", "--include-partial-messages", "--strict-mcp-config",
+                     "--disable-slash-commands", "--no-session-persistence"):
+            self.assertIn(flag, argv)
+        self.assertNotIn("--mcp-config", argv)
+        self.assertNotIn("--dangerously-skip-permissions", argv)
+        self.assertFalse(any("SECRET" in a for a in argv))
+        self.assertEqual(proxy.build_cli_command("c", request, "/x/sys")[-2:],
+                         ["--append-system-prompt-file", "/x/sys"])
+
+    def test_stdin_line_is_one_stream_json_user_message(self):
+        line = proxy.stdin_line([{"type": "text", "text": "h\u00e9\nllo"}])
+        self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(line.count(b"\n"), 1)
+        self.assertEqual(json.loads(line), {"type": "user", "message": {
+            "role": "user", "content": [{"type": "text", "text": "h\u00e9\nllo"}]}})
+
+    def test_environment(self):
+        env = proxy.cli_environment({"PATH": "/bin", "CLAUDECODE": "1"}, 77)
+        self.assertEqual(env, {"PATH": "/bin", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "77"})
+        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", proxy.cli_environment({}, None))
+
+
+class StopSequencesTest(unittest.TestCase):
+    def run_stops(self, stops, pieces):
+        s = proxy.StopSequences(stops)
+        out = []
+        for piece in pieces:
+            out.append(s.feed(piece))
+            if s.hit:
+                return "".join(out), True
+        return "".join(out) + s.flush(), False
+
+    def test_cut_at_first_match_even_across_pieces(self):
+        self.assertEqual(self.run_stops(["END"], ["Hello E", "N", "D more"]), ("Hello ", True))
+        self.assertEqual(self.run_stops(["b", "a"], ["xxab"]), ("xx", True))
+        self.assertEqual(self.run_stops(["\n\n"], ["one\n", "\ntwo"]), ("one", True))
+
+    def test_no_match_gives_everything_back(self):
+        self.assertEqual(self.run_stops(["END"], ["Hello E", "N", "d"]), ("Hello ENd", False))
+        self.assertEqual(self.run_stops([], ["a", "b"]), ("ab", False))
+
+    def test_only_a_possible_prefix_is_held_back(self):
+        s = proxy.StopSequences(["STOP"])
+        self.assertEqual(s.feed("abc S"), "abc ")
+        self.assertEqual(s.feed("T"), "")
+        self.assertEqual(s.feed("x"), "STx")
+
+
+class CompletionEventsTest(unittest.TestCase):
+    def events(self, text, stop=()):
+        return list(proxy.completion_events(fake_lines(text), stop))
+
+    def test_text_deltas_in_order_with_model_and_usage(self):
+        events = self.events("hi [[fake:cache]]")
+        self.assertEqual(events[0], proxy.Start("claude-opus-5-5"))
+        self.assertEqual("".join(e.text for e in events if isinstance(e, proxy.Text)),
+                         "Hello from the fake API.")
+        self.assertEqual([e.text for e in events[1:-1]], ["Hello", " from", " the", " fake", " API."])
+        finish = events[-1]
+        self.assertEqual(finish.stop_reason, "end_turn")
+        self.assertEqual(proxy.openai_usage(finish.usage), {
+            "prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29,
+            "prompt_tokens_details": {"cached_tokens": 5}})
+
+    def test_thinking_is_not_part_of_the_answer(self):
+        events = self.events("[[fake:thinking]]")
+        self.assertEqual([e.text for e in events if isinstance(e, proxy.Text)],
+                         ["Hello", " from", " the", " fake", " API."])
+
+    def test_a_second_message_is_kept_apart(self):
+        text = "".join(e.text for e in self.events("[[fake:twoturns]]")
+                       if isinstance(e, proxy.Text))
+        self.assertEqual(text, "Let me look.\n\nHello from the fake API.")
+
+    def test_unknown_and_reordered_events_are_tolerated(self):
+        lines = fake_lines("[[fake:retry]][[fake:ratelimit_info]]")
+        lines.insert(0, {"type": "system", "subtype": "ui_invalidate", "event": "ui.render"})
+        lines.insert(3, {"type": "something_new", "data": [1]})
+        lines.append({"type": "system", "subtype": "init"})  # after the result: never read
+        events = list(proxy.completion_events(lines))
+        self.assertEqual(events[-1].stop_reason, "end_turn")
+        self.assertEqual(len([e for e in events if isinstance(e, proxy.Start)]), 1)
+
+    def test_stop_sequence_cuts_and_finishes(self):
+        events = self.events("[[fake:reply:one two three four]]", stop=[" thr"])
+        self.assertEqual("".join(e.text for e in events if isinstance(e, proxy.Text)), "one two")
+        self.assertEqual(events[-1].stop_reason, "stop_sequence")
+        self.assertTrue(events[-1].cut_short)
+        self.assertEqual(proxy.finish_reason(events[-1].stop_reason), "stop")
+
+    def test_finish_reasons(self):
+        self.assertEqual(self.events("[[fake:stop_reason:max_tokens]]")[-1].stop_reason,
+                         "max_tokens")
+        for anthropic, openai in [("end_turn", "stop"), ("stop_sequence", "stop"),
+                                  ("max_tokens", "length"), ("refusal", "content_filter"),
+                                  (None, "stop")]:
+            self.assertEqual(proxy.finish_reason(anthropic), openai)
+
+    def test_result_without_partial_messages_still_answers(self):
+        lines = [l for l in fake_lines("hi") if l["type"] != "stream_event"]
+        events = list(proxy.completion_events(lines))
+        self.assertEqual(events[1], proxy.Text("Hello from the fake API."))
+
+    def test_stream_without_result_is_reported(self):
+        lines = [l for l in fake_lines("hi") if l["type"] != "result"]
+        with self.assertRaises(proxy.CLIEndedWithoutResult):
+            list(proxy.completion_events(lines))
+
+    def error_for(self, text):
+        with self.assertRaises(proxy.APIError) as caught:
+            list(proxy.completion_events(fake_lines(text), now=1000.0))
+        return caught.exception
+
+    def test_errors_are_mapped(self):
+        cases = [("[[fake:err401]]", 401, "invalid_api_key"),
+                 ("[[fake:notloggedin]]", 401, "invalid_api_key"),
+                 ("[[fake:toolong]]", 400, "context_length_exceeded"),
+                 ("[[fake:err529]]", 503, "overloaded"),
+                 ("[[fake:err500]]", 502, "upstream_error"),
+                 ("[[fake:connrefused]]", 502, "claude_error"),
+                 ("[[fake:maxturns]]", 502, "claude_error")]
+        for text, status, code in cases:
+            error = self.error_for(text)
+            self.assertEqual((error.status, error.code), (status, code), text)
+        self.assertIn("log in", self.error_for("[[fake:notloggedin]]").message)
+        self.assertIn("Reached maximum number of turns", self.error_for("[[fake:maxturns]]").message)
+
+    def test_real_recorded_401_result(self):
+        error = proxy.error_from_result(json.loads(REAL_401_RESULT))
+        self.assertEqual((error.status, error.type), (401, "authentication_error"))
+        self.assertIn("Invalid API key", error.message)
+
+    def test_rate_limit_with_and_without_reset_time(self):
+        info = json.loads(REAL_RATE_LIMIT_EVENT)["rate_limit_info"]
+        self.assertIsNone(proxy.retry_after_seconds("limited", info, 1000.0))
+        rejected = {"status": "rejected", "resetsAt": 1600}
+        self.assertEqual(proxy.retry_after_seconds("x", rejected, 1000.0), 600)
+        self.assertEqual(proxy.retry_after_seconds("Claude AI usage limit reached|1700000600",
+                                                   None, 1700000000.0), 600)
+        error = proxy.error_from_result({"type": "result", "subtype": "success", "is_error": True,
+                                         "result": "You've hit your limit", "api_error_status": 429},
+                                        rejected, now=1000.0)
+        self.assertEqual((error.status, error.retry_after), (429, 600))
+
+
+class RenderTest(unittest.TestCase):
+    def test_stream_chunks_follow_openai(self):
+        r = proxy.ChatCompletionStream("chatcmpl-1", 123, include_usage=True)
+        first = parse_sse(r.render(proxy.Start("claude-x")))[0]
+        self.assertEqual(first["choices"][0]["delta"], {"role": "assistant", "content": "",
+                                                         "refusal": None})
+        self.assertEqual((first["id"], first["object"], first["created"], first["model"]),
+                         ("chatcmpl-1", "chat.completion.chunk", 123, "claude-x"))
+        self.assertIsNone(first["usage"])
+        text = parse_sse(r.render(proxy.Text("hi")))[0]
+        self.assertEqual(text["choices"][0]["delta"], {"content": "hi"})
+        last, usage, done = parse_sse(r.render(proxy.Finish("max_tokens", {"input_tokens": 3,
+                                                                            "output_tokens": 4})))
+        self.assertEqual((last["choices"][0]["delta"], last["choices"][0]["finish_reason"]),
+                         ({}, "length"))
+        self.assertEqual((usage["choices"], usage["usage"]["total_tokens"]), ([], 7))
+        self.assertEqual(done, "[DONE]")
+
+    def test_without_include_usage_there_is_no_usage(self):
+        r = proxy.ChatCompletionStream("c", 1, include_usage=False)
+        r.render(proxy.Start("m"))
+        chunks = parse_sse(r.render(proxy.Finish("end_turn", {})))
+        self.assertEqual(len(chunks), 2)
+        self.assertNotIn("usage", chunks[0])
+
+    def test_non_streaming_is_the_same_events_collected(self):
+        body = proxy.chat_completion("c", 5, [proxy.Start("m"), proxy.Text("a"), proxy.Text("b"),
+                                              proxy.Finish("end_turn", {"output_tokens": 2})])
+        self.assertEqual(body["choices"][0]["message"]["content"], "ab")
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+        self.assertEqual((body["object"], body["model"], body["usage"]["completion_tokens"]),
+                         ("chat.completion", "m", 2))
+
+
+##############################################################################
+# The server, with the fake CLI
+##############################################################################
+
+class EndpointTest(FakeClaudeMixin, unittest.TestCase):
+    def test_health_reports_the_cli(self):
+        p = self.start_proxy()
+        status, _, body = p.request("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertEqual((body["status"], body["claude"]["path"], body["claude"]["version"]),
+                         ("ok", self.fake_path, "2.1.331 (Claude Code)"))
+        self.assertEqual(body["requests_in_flight"], 0)
+
+    def test_models(self):
+        p = self.start_proxy()
+        status, _, body = p.request("GET", "/v1/models")
+        self.assertEqual(status, 200)
+        ids = {m["id"] for m in body["data"]}
+        self.assertTrue({"claude-opus-4", "claude-sonnet-4", "claude-haiku-4", "opus", "sonnet",
+                         "haiku"} <= ids)
+        self.assertEqual({m["object"] for m in body["data"]}, {"model"})
+        status, _, body = p.request("GET", "/v1/models/claude-opus-4")
+        self.assertEqual((status, body["id"], body["object"]), (200, "claude-opus-4", "model"))
+        status, _, body = p.request("GET", "/v1/models/anthropic/claude-sonnet-4-5")
+        self.assertEqual((status, body["id"]), (200, "claude-sonnet-4-5"))
+        status, _, body = p.request("GET", "/v1/models/gpt-4")
+        self.assertEqual((status, body["error"]["code"]), (404, "model_not_found"))
+
+    def test_unknown_paths_and_methods(self):
+        p = self.start_proxy()
+        status, _, body = p.request("GET", "/v1/nothing")
+        self.assertEqual((status, body["error"]["code"]), (404, "unknown_url"))
+        status, response, body = p.request("GET", "/v1/chat/completions")
+        self.assertEqual(status, 405)
+        self.assertIn("POST", response.getheader("Allow"))
+        status, _, body = p.request("DELETE", "/v1/models")
+        self.assertEqual(status, 405)
+        self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+
+    def test_missing_cli_is_503_with_instructions_and_health_says_so(self):
+        p = Proxy(claude_bin=os.path.join(self.tmp, "no-such-claude"))
+        self.addCleanup(p.close)
+        status, _, body = p.request("GET", "/health")
+        self.assertEqual((status, body["status"]), (503, "unavailable"))
+        self.assertIn("not found", body["reason"])
+        status, _, body = p.chat()
+        self.assertEqual(status, 503)
+        self.assertIn("npm install -g @anthropic-ai/claude-code", body["error"]["message"])
+        self.assertIn("log in", body["error"]["message"])
+
+    def test_cli_found_on_path_and_in_install_locations(self):
+        self.assertEqual(proxy.find_claude(), self.fake_path)
+        home = os.path.join(self.tmp, "home")
+        local = os.path.join(home, ".local", "bin")
+        os.makedirs(local, exist_ok=True)
+        shutil.copy(self.fake_path, os.path.join(local, "claude"))
+        with mock.patch.dict(os.environ, {"PATH": "/usr/bin:/bin", "HOME": home}):
+            self.assertEqual(proxy.find_claude(), os.path.join(local, "claude"))
+            self.assertEqual(proxy.find_claude("claude"), None)
+        self.assertIsNone(proxy.find_claude(os.path.join(self.tmp, "missing", "claude")))
+
+
+class ChatTest(FakeClaudeMixin, unittest.TestCase):
+    def test_non_streaming_answer(self):
+        p = self.start_proxy()
+        status, response, body = p.chat("hi [[fake:cache]]")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        self.assertTrue(body["id"].startswith("chatcmpl-"))
+        self.assertEqual(response.getheader("X-Request-Id"), body["id"])
+        self.assertEqual(body["object"], "chat.completion")
+        self.assertEqual(body["model"], "claude-sonnet-5-5")  # what the CLI reported
+        self.assertEqual(body["choices"], [{"index": 0, "message": {
+            "role": "assistant", "content": "Hello from the fake API.", "refusal": None},
+            "logprobs": None, "finish_reason": "stop"}])
+        self.assertEqual(body["usage"], {"prompt_tokens": 20, "completion_tokens": 9,
+                                         "total_tokens": 29,
+                                         "prompt_tokens_details": {"cached_tokens": 5}})
+        self.assert_no_cli_left(p)
+
+    def test_the_cli_is_run_safely(self):
+        p = self.start_proxy()
+        status, _, _ = p.request("POST", "/v1/chat/completions", {
+            "model": "anthropic/claude-opus-4-1-20250805", "max_tokens": 77, "messages": [
+                {"role": "system", "content": "-be terse\nand kind"},
+                {"role": "user", "content": "--help"}]})
+        self.assertEqual(status, 200)
+        run = self.only_run()
+        argv = run["argv"]
+        self.assertEqual(argv[argv.index("--model") + 1], "claude-opus-4-1-20250805")
+        self.assertEqual(argv[argv.index("--tools") + 1], "")
+        self.assertNotIn("--help", argv)  # the prompt travels on stdin only
+        self.assertEqual(run["stdin"], [{"type": "user", "message": {"role": "user",
+                                                                     "content": "--help"}}])
+        self.assertEqual(run["system"], "-be terse\nand kind")
+        self.assertEqual(run["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "77")
+        self.assertTrue(os.path.basename(run["cwd"]).startswith("claude-max-proxy-"))
+        self.assertEqual(run["cwd_entries"], [".system-prompt"])
+        self.assert_no_cli_left(p)
+        self.assertFalse(os.path.exists(run["cwd"]), "the private directory is removed")
+
+    def test_a_large_prompt_goes_through_stdin(self):
+        p = self.start_proxy()
+        big = "x" * (3 * 1024 * 1024)
+        status, _, body = p.chat(big + " [[fake:reply:ok]]")
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "ok"))
+        self.assertEqual(len(self.only_run()["stdin"][0]["message"]["content"]), len(big) + 18)
+
+    def test_conversation_and_images_reach_the_cli(self):
+        p = self.start_proxy()
+        status, _, _ = p.request("POST", "/v1/chat/completions", {"model": "haiku", "messages": [
+            {"role": "user", "content": "first"}, {"role": "assistant", "content": "second"},
+            {"role": "user", "content": [{"type": "text", "text": "third"}, {
+                "type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}]}]})
+        self.assertEqual(status, 200)
+        content = self.only_run()["stdin"][0]["message"]["content"]
+        self.assertIn('<message role="assistant">\nsecond\n</message>', content[0]["text"])
+        self.assertEqual(content[1]["source"]["data"], PNG_1PX)
+
+    def test_streaming_follows_openai(self):
+        p = self.start_proxy()
+        status, response, events = p.stream("hi", stream_options={"include_usage": True})
+        self.assertEqual(status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream; charset=utf-8")
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertEqual(events[-1], "[DONE]")
+        chunks = events[:-1]
+        self.assertEqual(len({c["id"] for c in chunks}), 1)
+        self.assertEqual({c["model"] for c in chunks}, {"claude-sonnet-5-5"})
+        self.assertEqual(chunks[0]["choices"][0]["delta"]["role"], "assistant")
+        texts = [c["choices"][0]["delta"].get("content") for c in chunks[1:-2]]
+        self.assertEqual(texts, ["Hello", " from", " the", " fake", " API."])
+        self.assertEqual((chunks[-2]["choices"][0]["delta"],
+                          chunks[-2]["choices"][0]["finish_reason"]), ({}, "stop"))
+        self.assertEqual((chunks[-1]["choices"], chunks[-1]["usage"]["completion_tokens"]),
+                         ([], 9))
+        self.assert_no_cli_left(p)
+
+    def test_deltas_are_relayed_as_they_arrive(self):
+        """The first words reach the client while the CLI is still writing the rest."""
+        p = self.start_proxy()
+        conn = p.connect()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({
+            "model": "sonnet", "stream": True,
+            "messages": [{"role": "user", "content": "[[fake:drip:0.05]]"}]}),
+            headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        seen = []
+        while len(seen) < 6:
+            line = response.fp.readline()
+            if line.startswith(b"data: "):
+                seen.append(json.loads(line[6:]))
+        run = self.only_run()
+        self.assertTrue(alive(run["pid"]), "the CLI is still answering")  # drip never ends
+        self.assertEqual(seen[1]["choices"][0]["delta"]["content"], "Hello")
+        conn.close()
+        self.assert_no_cli_left(p)
+
+    def test_stop_sequences_cut_the_answer_and_end_the_cli(self):
+        p = self.start_proxy()
+        status, _, body = p.chat("[[fake:drip:0.01]]", stop=["fake"])
+        self.assertEqual(status, 200)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Hello from the ")
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+        self.assert_no_cli_left(p)
+        status, _, events = p.stream("[[fake:drip:0.01]]", stop=[" the f", "zzz"])
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "")
+                                 for c in events[:-1]), "Hello from")
+        self.assertEqual(events[-2]["choices"][0]["finish_reason"], "stop")
+        self.assert_no_cli_left(p)
+
+    def test_max_tokens_stop_is_length(self):
+        p = self.start_proxy()
+        _, _, body = p.chat("[[fake:stop_reason:max_tokens]]", max_tokens=5)
+        self.assertEqual(body["choices"][0]["finish_reason"], "length")
+
+    def test_noise_from_the_cli_is_skipped(self):
+        p = self.start_proxy()
+        status, _, body = p.chat("[[fake:garbage]][[fake:retry]][[fake:ratelimit_info]]")
+        self.assertEqual((status, body["choices"][0]["message"]["content"]),
+                         (200, "Hello from the fake API."))
+
+    def test_bad_requests(self):
+        p = self.start_proxy()
+        status, _, body = p.request("POST", "/v1/chat/completions", raw=b"{not json")
+        self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"))
+        status, _, body = p.request("POST", "/v1/chat/completions", raw=b"\xff\xfe")
+        self.assertEqual(status, 400)
+        status, _, body = p.request("POST", "/v1/chat/completions", {"model": "gpt-4o",
+                                                                     "messages": []})
+        self.assertEqual((status, body["error"]["code"]), (404, "model_not_found"))
+        status, _, body = p.chat(max_tokens="lots")
+        self.assertEqual((status, body["error"]["param"]), (400, "max_tokens"))
+        status, _, body = p.request("POST", "/v1/chat/completions", {"model": "opus"},
+                                    headers={"Content-Type": "text/plain"})
+        self.assertEqual(status, 415)
+        status, _, body = p.chat(tools=[{"type": "function", "function": {"name": "x"}}])
+        self.assertEqual((status, body["error"]["param"]), (400, "tools"))
+        self.assertEqual(self.runs(), [], "no CLI is started for a bad request")
+
+    def test_body_limits(self):
+        p = self.start_proxy()
+        conn = p.connect()
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(proxy.MAX_BODY_BYTES + 1))
+        conn.endheaders()
+        response = conn.getresponse()
+        self.assertEqual(response.status, 413)
+        self.assertEqual(response.getheader("Connection"), "close")
+        conn.close()
+        for headers in ({"Content-Type": "application/json"},
+                        {"Content-Type": "application/json", "Content-Length": "x"},
+                        {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}):
+            with socket.create_connection(("127.0.0.1", p.port)) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + b"".join(
+                    b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+                    + b"\r\n")
+                reply = s.makefile("rb").readline()
+                self.assertIn(b" 411 ", reply, headers)
+
+    def test_protocol_garbage_gets_a_json_error(self):
+        p = self.start_proxy()
+        with socket.create_connection(("127.0.0.1", p.port)) as s:
+            s.sendall(b"NONSENSE\r\n\r\n")  # HTTP/0.9-shaped: the answer has no status line
+            self.assertEqual(json.loads(s.makefile("rb").read())["error"]["type"],
+                             "invalid_request_error")
+        with socket.create_connection(("127.0.0.1", p.port)) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n")
+            data = s.makefile("rb").read()
+        self.assertIn(b" 431 ", data.split(b"\r\n")[0])
+        self.assertIn(b'"error"', data)
+        status, _, _ = p.request("GET", "/health")
+        self.assertEqual(status, 200)
+
+
+class ErrorTest(FakeClaudeMixin, unittest.TestCase):
+    def test_cli_errors_become_http_errors(self):
+        p = self.start_proxy()
+        cases = [("[[fake:notloggedin]]", 401, "authentication_error"),
+                 ("[[fake:err401]]", 401, "authentication_error"),
+                 ("[[fake:toolong]]", 400, "invalid_request_error"),
+                 ("[[fake:err529]]", 503, "server_error"),
+                 ("[[fake:err500]]", 502, "server_error"),
+                 ("[[fake:connrefused]]", 502, "server_error")]
+        for stream in (False, True):
+            for prompt, status, kind in cases:
+                code, _, body = p.stream(prompt) if stream else p.chat(prompt)
+                self.assertEqual(code, status, (prompt, stream, body))
+                self.assertEqual(body["error"]["type"], kind)
+                self.assertNotIn("choices", body)
+        self.assert_no_cli_left(p)
+
+    def test_rate_limit_says_when_to_retry(self):
+        p = self.start_proxy()
+        status, response, body = p.chat("[[fake:ratelimit:120]]")
+        self.assertEqual((status, body["error"]["code"]), (429, "rate_limit_exceeded"))
+        self.assertTrue(100 <= int(response.getheader("Retry-After")) <= 120)
+
+    def test_cli_that_exits_without_answer_is_502_with_its_stderr(self):
+        p = self.start_proxy()
+        status, _, body = p.chat("[[fake:exit:2]]")
+        self.assertEqual(status, 502)
+        self.assertIn("code 2", body["error"]["message"])
+        self.assertIn("something broke before answering", body["error"]["message"])
+        self.assert_no_cli_left(p)
+
+    def test_cli_that_dies_mid_stream_ends_the_stream_with_an_error(self):
+        p = self.start_proxy()
+        status, _, events = p.stream("[[fake:diemid]]")
+        self.assertEqual(status, 200)
+        self.assertEqual(events[-1]["error"]["type"], "server_error")
+        self.assertIn("lost the connection mid-stream", events[-1]["error"]["message"])
+        self.assertNotIn("[DONE]", events)
+        self.assertIn("Hello", [e["choices"][0]["delta"].get("content") for e in events[:-1]])
+        status, _, body = p.chat("[[fake:diemid]]")
+        self.assertEqual(status, 502)
+        self.assert_no_cli_left(p)
+
+    def test_idle_timeout_is_504(self):
+        p = self.start_proxy(idle_timeout=0.5)
+        status, _, body = p.chat("[[fake:silent]][[fake:child]]")
+        self.assertEqual((status, body["error"]["code"]), (504, "timeout"))
+        self.assertIn("printed nothing", body["error"]["message"])
+        self.assert_no_cli_left(p)
+
+    def test_whole_request_timeout_is_504_or_a_final_error_event(self):
+        p = self.start_proxy(timeout=1.0)
+        status, _, body = p.chat("[[fake:drip:0.05]]")
+        self.assertEqual((status, body["error"]["code"]), (504, "timeout"))
+        status, _, events = p.stream("[[fake:drip:0.05]]")
+        self.assertEqual((status, events[-1]["error"]["code"]), (200, "timeout"))
+        status, _, body = p.stream("[[fake:hang]]")
+        self.assertEqual(status, 504)
+        self.assert_no_cli_left(p)
+
+
+class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
+    """A client that goes away gets its CLI process group ended, in both modes."""
+
+    def hang_up_after(self, p, body, read_first=False):
+        s = socket.create_connection(("127.0.0.1", p.port))
+        data = json.dumps(body).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        run = wait_until(lambda: self.runs(), what="the CLI to start")[0]
+        if read_first:
+            self.assertIn(b"data: ", s.recv(65536) + s.recv(65536))
+        self.assertTrue(alive(run["pid"]))
+        s.close()
+        return run
+
+    def test_non_streaming_client_leaves(self):
+        p = self.start_proxy()
+        run = self.hang_up_after(p, {"model": "opus", "messages": [
+            {"role": "user", "content": "[[fake:silent]][[fake:child]]"}]})
+        self.assert_no_cli_left(p, [run])
+
+    def test_streaming_client_leaves_mid_stream(self):
+        p = self.start_proxy()
+        run = self.hang_up_after(p, {"model": "opus", "stream": True, "messages": [
+            {"role": "user", "content": "[[fake:drip:0.02]][[fake:child]]"}]}, read_first=True)
+        self.assert_no_cli_left(p, [run])
+
+    def test_streaming_client_leaves_before_the_first_token(self):
+        p = self.start_proxy()
+        run = self.hang_up_after(p, {"model": "opus", "stream": True, "messages": [
+            {"role": "user", "content": "[[fake:silent]]"}]})
+        self.assert_no_cli_left(p, [run])
+        status, _, _ = p.request("GET", "/health")
+        self.assertEqual(status, 200)
+
+    def test_shutdown_ends_every_cli(self):
+        p = Proxy(claude_bin=self.fake_path)
+        sockets = [socket.create_connection(("127.0.0.1", p.port)) for _ in range(3)]
+        for s in sockets:
+            data = json.dumps({"model": "opus", "messages": [
+                {"role": "user", "content": "[[fake:silent]][[fake:child]]"}]}).encode()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        runs = wait_until(lambda: len(self.runs()) == 3 and self.runs(), what="3 CLIs")
+        p.close()
+        self.assert_no_cli_left(p, runs)
+        for s in sockets:
+            s.close()
+
+
+class LeakTest(FakeClaudeMixin, unittest.TestCase):
+    def test_no_descriptors_or_processes_leak(self):
+        p = self.start_proxy()
+        p.chat()  # warm up lazily created state
+        before = open_fds()
+        for i in range(15):
+            p.chat("[[fake:err529]]" if i % 3 == 0 else "hi")
+            p.stream("hi", stream_options={"include_usage": True})
+        self.assert_no_cli_left(p)
+        if before is not None:
+            wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
+        self.assertEqual(len(os.listdir(tempfile.gettempdir())) >= 0, True)
+        leftovers = [d for d in os.listdir(tempfile.gettempdir())
+                     if d.startswith("claude-max-proxy-")
+                     and any(d in r["cwd"] for r in self.runs())]
+        self.assertEqual(leftovers, [])
+
+
+class MainTest(FakeClaudeMixin, unittest.TestCase):
+    def run_main(self, *args, env=None, timeout=20):
+        return subprocess.run([sys.executable, os.path.join(HERE, "claude_max_proxy.py")]
+                              + list(args), capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, **(env or {})))
+
+    def test_version_and_help(self):
+        out = self.run_main("--version")
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, "claude-max-api "
+                                                                + proxy.__version__))
+        out = self.run_main("--help")
+        for flag in ("--host", "--port", "--claude-bin", "--timeout", "--idle-timeout",
+                     "--log-level", "CLAUDE_MAX_API_PORT", "CLAUDE_BIN"):
+            self.assertIn(flag, out.stdout)
+
+    def test_bad_flags_are_one_line_and_nonzero(self):
+        for args in (["--port", "x"], ["--timeout", "-1"], ["--nope"], ["--port", "70000"]):
+            out = self.run_main(*args)
+            self.assertNotEqual(out.returncode, 0, args)
+            self.assertNotIn("Traceback", out.stderr)
+        out = self.run_main(env={"CLAUDE_MAX_API_PORT": "abc"})
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("CLAUDE_MAX_API_PORT", out.stderr)
+
+    def test_port_in_use_is_one_clear_line(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            out = self.run_main("--port", str(taken.getsockname()[1]))
+        self.assertEqual(out.returncode, 1)
+        self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
+        self.assertIn("cannot listen on 127.0.0.1", out.stderr)
+
+    def test_daemon_serves_logs_without_content_and_stops_on_sigterm(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        daemon = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", str(port)],
+            stderr=subprocess.PIPE, text=True, env=dict(os.environ, CLAUDE_BIN=self.fake_path))
+        try:
+            first = daemon.stderr.readline()
+            self.assertIn("serving http://127.0.0.1:%d/v1" % port, first)
+            self.assertIn(self.fake_path, first)
+            self.assertIn("2.1.331", first)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps({
+                "model": "opus", "messages": [{"role": "user", "content": "PRIVATE-WORDS"}]}),
+                headers={"Content-Type": "application/json"})
+            body = json.loads(conn.getresponse().read())
+            conn.close()
+            line = daemon.stderr.readline()
+            for part in ("POST /chat/completions 200", "model=opus", "tokens=12/9",
+                         "id=" + body["id"]):
+                self.assertIn(part, line)
+            daemon.send_signal(signal.SIGTERM)
+            self.assertEqual(daemon.wait(20), 0)
+            rest = daemon.stderr.read()
+            self.assertNotIn("PRIVATE-WORDS", first + line + rest)
+            self.assertNotIn("Hello from the fake API", first + line + rest)
+            self.assertNotIn("Traceback", rest)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            daemon.stderr.close()
+
+    def test_missing_cli_does_not_stop_the_daemon(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        daemon = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", str(port),
+             "--claude-bin", "/nonexistent/claude"], stderr=subprocess.PIPE, text=True)
+        try:
+            first = daemon.stderr.readline()
+            self.assertIn("WARNING", first)
+            self.assertIn("not found", first)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/health")
+            self.assertEqual(conn.getresponse().status, 503)
+            conn.close()
+        finally:
+            daemon.terminate()
+            self.assertEqual(daemon.wait(20), 0)
+            daemon.stderr.close()
+
+
+class PackagingTest(unittest.TestCase):
+    def test_plist_is_valid_and_keeps_the_daemon_alive(self):
+        with open(os.path.join(HERE, "com.claude-max-api.plist"), "rb") as f:
+            plist = plistlib.load(f)
+        self.assertEqual(plist["Label"], "com.claude-max-api")
+        self.assertTrue(plist["KeepAlive"])
+        self.assertTrue(plist["RunAtLoad"])
+        args = plist["ProgramArguments"]
+        self.assertTrue(all(os.path.isabs(a) for a in args[:2]), args)
+        self.assertTrue(args[1].endswith("claude_max_proxy.py"))
+        path = plist["EnvironmentVariables"]["PATH"].split(":")
+        self.assertIn("/opt/homebrew/bin", path)
+        self.assertIn("/usr/local/bin", path)
+        for key in ("StandardOutPath", "StandardErrorPath"):
+            self.assertTrue(os.path.isabs(plist[key]))
+
+    def test_module_imports_only_the_standard_library(self):
+        import ast
+        with open(os.path.join(HERE, "claude_max_proxy.py")) as f:
+            tree = ast.parse(f.read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                names.add(node.module.split(".")[0])
+        stdlib = getattr(sys, "stdlib_module_names", None)
+        if stdlib is None:
+            self.skipTest("needs Python 3.10+ to list the standard library")
+        self.assertEqual(sorted(n for n in names if n not in stdlib), [])
+
+    def test_readme_names_the_test_command_and_pyproject_the_script(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        self.assertIn("python3 -m unittest -v test_proxy", readme)
+        with open(os.path.join(HERE, "pyproject.toml")) as f:
+            pyproject = f.read()
+        self.assertIn('claude-max-api = "claude_max_proxy:main"', pyproject)
+        self.assertIn('py-modules = ["claude_max_proxy"]', pyproject)
+        with open(os.path.join(HERE, ".ci", "run")) as f:
+            self.assertIn("python3 -m unittest -v test_proxy", f.read())
+
+
+##############################################################################
+# The real CLI against a fake Anthropic Messages API
+##############################################################################
+
+def find_real_claude():
+    """The real CLI for the end-to-end tests: $CLAUDE_E2E_BIN, else the one CI installs."""
+    configured = os.environ.get("CLAUDE_E2E_BIN")
+    if configured:
+        return configured if os.access(configured, os.X_OK) else None
+    local = os.path.join(HERE, ".ci", ".tools", "node_modules", ".bin", "claude")
+    return local if os.access(local, os.X_OK) else None
+
+
+class FakeAnthropicAPI(ThreadingHTTPServer):
+    """Just enough of the Anthropic Messages API for the CLI: POST /v1/messages (streaming SSE)
+    and HEAD /. The last user message chooses the answer: [[api:err401]], [[api:toolong]],
+    [[api:err529]], [[api:hold]] (streams one word, then waits for `release`)."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.requests = []
+        self.release = threading.Event()
+        super().__init__(("127.0.0.1", 0), FakeAnthropicHandler)
+
+    def url(self):
+        return "http://127.0.0.1:%d" % self.server_address[1]
+
+
+class FakeAnthropicHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):
+        self.error(404, "not_found_error", "no such endpoint")
+
+    def error(self, status, kind, message):
+        data = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("request-id", "req_fake")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if not self.path.startswith("/v1/messages"):
+            return self.error(404, "not_found_error", "no such endpoint")
+        self.server.requests.append(body)
+        # 2.1.331 puts a role "system" message after the user's: read the last user message.
+        last = [m for m in body["messages"] if m.get("role") == "user"][-1]["content"]
+        text = last if isinstance(last, str) else " ".join(
+            b.get("text", "") for b in last if isinstance(b, dict))
+        if "[[api:err401]]" in text:
+            return self.error(401, "authentication_error", "invalid x-api-key")
+        if "[[api:toolong]]" in text:
+            return self.error(400, "invalid_request_error",
+                              "prompt is too long: 250000 tokens > 200000 maximum")
+        if "[[api:err529]]" in text:
+            return self.error(529, "overloaded_error", "Overloaded")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        model = body.get("model", "claude-test")
+        pieces = ["Hello", " from", " the", " fake", " API."]
+
+        def send(kind, data):
+            self.wfile.write(("event: %s\ndata: %s\n\n" % (kind, json.dumps(data))).encode())
+            self.wfile.flush()
+
+        send("message_start", {"type": "message_start", "message": {
+            "id": "msg_e2e", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 12, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 1}}})
+        send("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}})
+        for i, piece in enumerate(pieces):
+            send("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "text_delta", "text": piece}})
+            if i == 0 and "[[api:hold]]" in text:
+                self.server.release.wait(60)
+        send("content_block_stop", {"type": "content_block_stop", "index": 0})
+        send("message_delta", {"type": "message_delta",
+                               "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": 9}})
+        send("message_stop", {"type": "message_stop"})
+
+
+@unittest.skipUnless(find_real_claude() or REQUIRE_ALL, "the real claude CLI is not installed "
+                     "(npm install --prefix .ci/.tools @anthropic-ai/claude-code@2.1.331)")
+class EndToEndTest(unittest.TestCase):
+    """The proxy running the real claude CLI, which talks to FakeAnthropicAPI on 127.0.0.1."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.claude = find_real_claude()
+        if not cls.claude:
+            raise AssertionError("PROXY_REQUIRE_ALL=1 but the real claude CLI is not installed")
+        cls.api = FakeAnthropicAPI()
+        threading.Thread(target=cls.api.serve_forever, daemon=True).start()
+        cls.home = tempfile.mkdtemp(prefix="proxy-e2e-home-")
+        cls.env_patch = mock.patch.dict(os.environ, {
+            "HOME": cls.home, "ANTHROPIC_BASE_URL": cls.api.url(),
+            "ANTHROPIC_API_KEY": "sk-ant-dummy", "DISABLE_TELEMETRY": "1",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
+            "CLAUDE_CODE_MAX_RETRIES": "0", "CLAUDECODE": "1"})
+        cls.env_patch.start()
+        cls.proxy = Proxy(claude_bin=cls.claude, timeout=120.0, idle_timeout=60.0)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proxy.close()
+        cls.env_patch.stop()
+        cls.api.shutdown()
+        cls.api.server_close()
+        shutil.rmtree(cls.home, ignore_errors=True)
+
+    def setUp(self):
+        self.api.requests.clear()
+        self.api.release.clear()
+
+    def api_request(self, marker):
+        """(the Messages API request the CLI sent for `marker`, its last user message)."""
+        for body in self.api.requests:
+            users = [m for m in body["messages"] if m["role"] == "user"]
+            if users and marker in json.dumps(users[-1]):
+                return body, users[-1]
+        self.fail("no API request carried %r (saw %d)" % (marker, len(self.api.requests)))
+
+    def test_health_sees_the_real_cli(self):
+        status, _, body = self.proxy.request("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertTrue(body["claude"]["version"].startswith("2.1.331"))
+
+    def test_chat_through_the_real_cli(self):
+        status, _, body = self.proxy.chat("e2e-marker-1")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Hello from the fake API.")
+        sent, _ = self.api_request("e2e-marker-1")
+        self.assertEqual(body["model"], sent["model"])  # the model the CLI reported
+        self.assertIn("sonnet", sent["model"])
+        self.assertEqual(body["usage"]["prompt_tokens"], 12)
+        self.assertEqual(body["usage"]["completion_tokens"], 9)
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+
+    def test_streaming_through_the_real_cli(self):
+        status, _, events = self.proxy.stream("e2e-marker-2",
+                                              stream_options={"include_usage": True})
+        self.assertEqual(status, 200)
+        self.assertEqual(events[-1], "[DONE]")
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-2])
+        self.assertEqual(text, "Hello from the fake API.")
+        self.assertGreaterEqual(len([c for c in events[:-2]
+                                     if c["choices"][0]["delta"].get("content")]), 5)
+        self.assertEqual(events[-2]["usage"]["completion_tokens"], 9)
+
+    def test_the_model_gets_no_tools_and_the_prompt_arrives_intact(self):
+        status, _, _ = self.proxy.request("POST", "/v1/chat/completions", {
+            "model": "claude-opus-4", "max_tokens": 77, "messages": [
+                {"role": "system", "content": "-SYSTEM-MARKER\nsecond line"},
+                {"role": "user", "content": "--help /config e2e-marker-3"}]})
+        self.assertEqual(status, 200)
+        sent, user = self.api_request("e2e-marker-3")
+        self.assertEqual(sent.get("tools") or [], [], "no tool may be offered to the model")
+        self.assertEqual(sent["max_tokens"], 77)
+        self.assertIn("opus", sent["model"])
+        self.assertIn("-SYSTEM-MARKER\nsecond line", json.dumps(sent["system"]).replace(
+            "\\n", "\n"))
+        self.assertIn("--help /config e2e-marker-3", json.dumps(user))
+
+    def test_images_and_conversations_reach_the_api(self):
+        status, _, _ = self.proxy.request("POST", "/v1/chat/completions", {
+            "model": "haiku", "messages": [
+                {"role": "user", "content": "earlier turn"},
+                {"role": "assistant", "content": "earlier answer"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "e2e-marker-4"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}]}]})
+        self.assertEqual(status, 200)
+        _, user = self.api_request("e2e-marker-4")
+        blocks = user["content"]
+        images = [b for b in blocks if b.get("type") == "image"]
+        self.assertEqual(images[0]["source"], {"type": "base64", "media_type": "image/png",
+                                               "data": PNG_1PX})
+        self.assertIn("earlier answer", json.dumps(blocks))
+
+    def test_api_errors_become_http_errors(self):
+        for marker, status, code in [("[[api:err401]]", 401, "invalid_api_key"),
+                                     ("[[api:toolong]]", 400, "context_length_exceeded"),
+                                     ("[[api:err529]]", 503, "overloaded")]:
+            got, _, body = self.proxy.chat(marker)
+            self.assertEqual((got, body["error"]["code"]), (status, code), body)
+            got, _, body = self.proxy.stream(marker)
+            self.assertEqual(got, status, body)
+
+    def test_disconnect_ends_the_real_cli(self):
+        s = socket.create_connection(("127.0.0.1", self.proxy.port))
+        data = json.dumps({"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "[[api:hold]] e2e-marker-5"}]}).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        received = b""
+        while b'"Hello"' not in received:
+            received += s.recv(65536)
+        pids = [p.pid for p in self.proxy.server.processes]
+        self.assertEqual(len(pids), 1)
+        s.close()
+        wait_until(lambda: not alive(pids[0]), what="the real CLI to end")
+        self.api.release.set()
+        wait_until(lambda: not self.proxy.server.processes, what="the proxy to forget it")
+
+
+##############################################################################
+# The official OpenAI Python SDK as the client
+##############################################################################
+
+try:
+    import openai
+except ImportError:
+    openai = None
+
+
+@unittest.skipUnless(openai is not None or REQUIRE_ALL, "the openai package is not installed")
+class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
+    """What people actually run: openai.OpenAI(base_url=...) against the proxy."""
+
+    def setUp(self):
+        super().setUp()
+        if openai is None:
+            self.fail("PROXY_REQUIRE_ALL=1 but the openai package is not installed")
+        self.proxy = self.start_proxy()
+        self.client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.proxy.port,
+                                    api_key="not-needed", max_retries=0, timeout=30)
+        self.addCleanup(self.client.close)
+
+    def test_list_and_retrieve_models(self):
+        ids = [m.id for m in self.client.models.list()]
+        self.assertIn("claude-opus-4", ids)
+        self.assertEqual(self.client.models.retrieve("claude-haiku-4").id, "claude-haiku-4")
+
+    def test_chat(self):
+        completion = self.client.chat.completions.create(
+            model="claude-sonnet-4", messages=[{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "hi [[fake:cache]]"}],
+            max_tokens=100, temperature=0.3)
+        self.assertEqual(completion.choices[0].message.content, "Hello from the fake API.")
+        self.assertEqual(completion.choices[0].message.role, "assistant")
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+        self.assertEqual(completion.model, "claude-sonnet-5-5")
+        self.assertEqual((completion.usage.prompt_tokens, completion.usage.completion_tokens,
+                          completion.usage.prompt_tokens_details.cached_tokens), (20, 9, 5))
+        self.assertEqual(self.only_run()["system"], "Be brief.")
+
+    def test_streaming_with_usage(self):
+        stream = self.client.chat.completions.create(
+            model="openai/claude-opus-4", messages=[{"role": "user", "content": "hi"}],
+            stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertEqual(text, "Hello from the fake API.")
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
+        self.assertEqual(chunks[-1].choices, [])
+        self.assertEqual(chunks[-1].usage.total_tokens, 21)
+        self.assertEqual(len({c.id for c in chunks}), 1)
+
+    def test_stream_helper_accumulates(self):
+        with self.client.chat.completions.stream(
+                model="sonnet", messages=[{"role": "user", "content": "[[fake:reply:a b c]]"}]) as s:
+            final = s.get_final_completion()
+        self.assertEqual(final.choices[0].message.content, "a b c")
+
+    def test_error_statuses_raise_the_sdk_exceptions(self):
+        with self.assertRaises(openai.NotFoundError) as caught:
+            self.client.chat.completions.create(model="gpt-4o", messages=[
+                {"role": "user", "content": "hi"}])
+        self.assertEqual(caught.exception.code, "model_not_found")
+        with self.assertRaises(openai.AuthenticationError):
+            self.client.chat.completions.create(model="opus", messages=[
+                {"role": "user", "content": "[[fake:notloggedin]]"}])
+        with self.assertRaises(openai.AuthenticationError):
+            list(self.client.chat.completions.create(model="opus", stream=True, messages=[
+                {"role": "user", "content": "[[fake:notloggedin]]"}]))
+        with self.assertRaises(openai.RateLimitError):
+            self.client.chat.completions.create(model="opus", messages=[
+                {"role": "user", "content": "[[fake:ratelimit:30]]"}])
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.chat.completions.create(model="opus", n=2, messages=[
+                {"role": "user", "content": "hi"}])
+        self.assertEqual(caught.exception.param, "n")
+
+    def test_error_after_the_stream_started_raises_in_the_sdk(self):
+        stream = self.client.chat.completions.create(model="opus", stream=True, messages=[
+            {"role": "user", "content": "[[fake:diemid]]"}])
+        with self.assertRaises(openai.APIError) as caught:
+            for _ in stream:
+                pass
+        self.assertIn("mid-stream", str(caught.exception))
+
+
+##############################################################################
+# Benchmark (opt-in: PROXY_BENCH=1)
+##############################################################################
+
+@unittest.skipUnless(os.environ.get("PROXY_BENCH") == "1", "set PROXY_BENCH=1 to benchmark")
+class Benchmark(FakeClaudeMixin, unittest.TestCase):
+    """Prints medians of the proxy against running the same CLI directly, in the same run.
+    The difference is what the proxy costs: HTTP, JSON translation, process handling."""
+
+    ROUNDS = int(os.environ.get("PROXY_BENCH_ROUNDS", "30"))
+
+    def direct(self, claude, prompt, env=None):
+        """Run the CLI as the proxy does, without the proxy: (first token s, total s)."""
+        request = proxy.parse_chat_request({"model": "sonnet", "messages": [
+            {"role": "user", "content": prompt}]})
+        begun = time.perf_counter()
+        proc = subprocess.Popen(proxy.build_cli_command(claude, request, None),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env)
+        proc.stdin.write(proxy.stdin_line(prompt))
+        proc.stdin.close()
+        first = None
+        for line in proc.stdout:
+            if first is None and b"text_delta" in line:
+                first = time.perf_counter() - begun
+        proc.wait()
+        proc.stdout.close()
+        return first, time.perf_counter() - begun
+
+    def via_proxy(self, p, prompt, stream):
+        conn = p.connect()
+        begun = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({
+            "model": "sonnet", "stream": stream,
+            "messages": [{"role": "user", "content": prompt}]}),
+            headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        first = None
+        if stream:
+            while True:
+                line = response.fp.readline()
+                if first is None and b'"content": "' in line and b'"content": ""' not in line:
+                    first = time.perf_counter() - begun
+                if not line or line.startswith(b"data: [DONE]"):
+                    break
+        response.read()
+        total = time.perf_counter() - begun
+        self.assertEqual(response.status, 200)
+        conn.close()
+        return first, total
+
+    def report(self, label, claude, prompt, env=None):
+        p = self.start_proxy(claude_bin=claude)
+        rows = {"direct": [], "proxy": [], "proxy-stream": []}
+        for _ in range(self.ROUNDS):  # interleaved, so drift hits all three alike
+            rows["direct"].append(self.direct(claude, prompt, env))
+            rows["proxy"].append(self.via_proxy(p, prompt, False))
+            rows["proxy-stream"].append(self.via_proxy(p, prompt, True))
+        base = statistics.median(t for _, t in rows["direct"])
+        base_first = statistics.median(f for f, _ in rows["direct"])
+        print("\n%s, %d rounds, medians:" % (label, self.ROUNDS))
+        for name, values in rows.items():
+            total = statistics.median(t for _, t in values)
+            firsts = [f for f, _ in values if f is not None]
+            first = statistics.median(firsts) if firsts else None
+            print("  %-13s total %7.1f ms (x%.3f, %+6.1f ms)%s" % (
+                name, total * 1000, total / base, (total - base) * 1000,
+                "" if first is None else "  first token %7.1f ms (x%.3f)" % (
+                    first * 1000, first / base_first)))
+
+    def test_fake_cli(self):
+        self.report("fake claude (Python), 5 deltas", self.fake_path, "hi")
+        self.report("fake claude (Python), 2000 deltas", self.fake_path, "[[fake:words:2000]]")
+
+    def test_real_cli(self):
+        claude = find_real_claude()
+        if not claude:
+            self.skipTest("the real claude CLI is not installed")
+        api = FakeAnthropicAPI()
+        threading.Thread(target=api.serve_forever, daemon=True).start()
+        home = tempfile.mkdtemp(prefix="proxy-bench-home-")
+        env = {"HOME": home, "ANTHROPIC_BASE_URL": api.url(), "ANTHROPIC_API_KEY": "sk-ant-dummy",
+               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+               "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}
+        try:
+            with mock.patch.dict(os.environ, env):
+                self.report("real claude 2.1.331 + fake Messages API", claude, "hi",
+                            dict(os.environ))
+        finally:
+            api.shutdown()
+            api.server_close()
+            shutil.rmtree(home, ignore_errors=True)
