@@ -48,7 +48,8 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import (Any, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Tuple,
+                    Union)
 from urllib.parse import unquote
 
 __version__ = "0.1.0"
@@ -181,7 +182,7 @@ def resolve_model(name: Any) -> Tuple[str, str]:
     if key in MODEL_ALIASES:
         return model, MODEL_ALIASES[key]
     if FULL_MODEL_ID.fullmatch(key):
-        return model, key
+        return model, model
     raise APIError(
         404,
         "The model %r does not exist or is not served by this proxy. Use one of %s, or a full "
@@ -706,6 +707,14 @@ def find_claude(configured: Optional[str] = None) -> Optional[str]:
     return None
 
 
+def _stamp(path: str) -> Optional[Tuple[int, float]]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime
+
+
 class ClaudeCLI:
     """Finds the CLI and its version; looked up again while missing, so installing it later works."""
 
@@ -714,12 +723,13 @@ class ClaudeCLI:
         self._lock = threading.Lock()
         self._path: Optional[str] = None
         self._version: Optional[str] = None
+        self._stamp: Optional[Tuple[int, float]] = None
         self._problem = "not looked up yet"
 
     def status(self) -> Tuple[Optional[str], Optional[str], str]:
         """(path, version, problem); path is None when the CLI is not usable."""
         with self._lock:
-            if self._path and os.access(self._path, os.X_OK):
+            if self._path and self._stamp == _stamp(self._path):
                 return self._path, self._version, ""
             path = find_claude(self.configured)
             if not path:
@@ -742,6 +752,7 @@ class ClaudeCLI:
                     path, out.returncode)
                 return None, None, self._problem
             self._path, self._version, self._problem = path, version[0], ""
+            self._stamp = _stamp(path)  # an upgraded or removed CLI is looked at again
             return path, self._version, ""
 
     def require(self) -> str:
@@ -758,10 +769,14 @@ class ClaudeProcess:
 
     def __init__(self, argv_for: Any, stdin_data: bytes, env: Dict[str, str],
                  system: Optional[str] = None):
+        # <private dir>/cwd is the CLI's empty working directory; the system prompt file sits
+        # beside it, outside the tree the CLI works in.
         self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")
+        cwd = os.path.join(self.workdir, "cwd")
+        os.mkdir(cwd, 0o700)
         system_file = None
         if system:
-            system_file = os.path.join(self.workdir, ".system-prompt")
+            system_file = os.path.join(self.workdir, "system-prompt.txt")
             with open(os.open(system_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
                       "w", encoding="utf-8") as f:
                 f.write(system)
@@ -772,7 +787,7 @@ class ClaudeProcess:
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, cwd=self.workdir, env=env,
+                stderr=subprocess.PIPE, cwd=cwd, env=env,
                 start_new_session=True, close_fds=True)
         except OSError as e:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -1279,8 +1294,14 @@ def _positive(value: str) -> float:
     return number
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":
+        """A bad flag is one line, not a usage dump."""
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="claude-max-api",
         description="OpenAI-compatible API on top of the Claude Code CLI and your Claude "
                     "subscription. Every flag can also be set by the environment variable named.")
@@ -1334,6 +1355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.info("claude-max-proxy %s serving %s with %s (%s)", __version__, url, path, version)
     else:
         log.warning("claude-max-proxy %s serving %s, but %s", __version__, url, problem)
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        log.warning("ANTHROPIC_API_KEY is set: Claude Code will use that API key (billed per "
+                    "token) instead of your subscription login")
     try:
         server.serve_forever()
     finally:
