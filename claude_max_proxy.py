@@ -132,7 +132,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  code: Optional[str] = None, param: Optional[str] = None,
-                 retry_after: Optional[int] = None):
+                 retry_after: Optional[int] = None, headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -140,6 +140,9 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(retry_after)
 
     def body(self) -> Dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type,
@@ -817,7 +820,7 @@ class ClaudeProcess:
             sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
             if watch is not None:
                 sel.register(watch, selectors.EVENT_READ, "client")
-            buffer = b""
+            buffer = bytearray()  # an unfinished stdout line
             stdout_open = True
             while stdout_open:
                 now = time.monotonic()
@@ -844,31 +847,29 @@ class ClaudeProcess:
                         data = os.read(proc.stdout.fileno(), READ_CHUNK)
                         if not data:
                             stdout_open = False
-                            sel.unregister(proc.stdout)
                             break
                         idle_deadline = time.monotonic() + idle_timeout
-                        buffer += data
-                        *lines, buffer = buffer.split(b"\n")
+                        if b"\n" not in data:  # part of a long line: no need to rescan it
+                            buffer += data
+                        else:
+                            *lines, rest = (buffer + data).split(b"\n")
+                            buffer = bytearray(rest)
+                            for line in lines:
+                                event = parse_cli_line(line)
+                                if event is not None:
+                                    yield event
                         if len(buffer) > MAX_CLI_LINE_BYTES:
                             raise APIError(502, "Claude Code printed a line longer than %d bytes."
                                            % MAX_CLI_LINE_BYTES, type="server_error",
                                            code="claude_error")
-                        for line in lines:
-                            event = parse_cli_line(line)
-                            if event is not None:
-                                yield event
             # The rest of stderr, for error messages: the CLI writes it just before it exits.
+            for key in list(sel.get_map().values()):
+                if key.data != "stderr":
+                    sel.unregister(key.fileobj)
             drain_until = time.monotonic() + KILL_GRACE
-            while proc.stderr in (key.fileobj for key in sel.get_map().values()):
-                ready = sel.select(drain_until - time.monotonic())
-                if not ready:
-                    break
-                for key, _ in ready:
-                    if key.data == "stderr":
-                        self._read_stderr(sel)
-                    else:
-                        sel.unregister(key.fileobj)
-            event = parse_cli_line(buffer)
+            while sel.get_map() and sel.select(max(0.0, drain_until - time.monotonic())):
+                self._read_stderr(sel)
+            event = parse_cli_line(bytes(buffer))
             if event is not None:
                 yield event
 
@@ -951,7 +952,7 @@ class ClaudeProcess:
         return code
 
 
-def parse_cli_line(line: bytes) -> Optional[Dict[str, Any]]:
+def parse_cli_line(line: Union[bytes, bytearray]) -> Optional[Dict[str, Any]]:
     """One stdout line as an event dict; blank or non-JSON lines (warnings) are skipped."""
     line = line.strip()
     if not line:
@@ -1077,12 +1078,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _send_error(self, error: APIError) -> None:
-        headers = []
-        if error.retry_after is not None:
-            headers.append(("Retry-After", str(error.retry_after)))
-        if error.status == 405:
-            headers.append(("Allow", "GET, POST"))
-        self._send_json(error.status, error.body(), headers)
+        self._send_json(error.status, error.body(), error.headers.items())
 
     def _read_json(self) -> Any:
         content_type = self.headers.get("Content-Type", "")
@@ -1111,27 +1107,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- routing -------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch()
-
     def _dispatch(self) -> None:
         self._status = 0
         self._request_id = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -1156,6 +1131,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             log.info("%s %s %s %.2fs%s id=%s", self.command, path, self._status,
                      time.monotonic() - begun, note, self._request_id)
 
+    # Every method goes through _dispatch, so unknown ones get a JSON 405, not http.server's 501.
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
     def _route(self, method: str, path: str) -> None:
         allowed: Tuple[str, ...]
         if path == "/health":
@@ -1169,7 +1147,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            "/v1/models and /health." % path[:200], code="unknown_url")
         if method not in allowed:
             raise APIError(405, "%s is not allowed on %s." % (method, path[:200]),
-                           code="method_not_allowed")
+                           code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
         if path == "/health":
             self._health()
         elif path == "/models":

@@ -1065,10 +1065,9 @@ class EndpointTest(FakeClaudeMixin, unittest.TestCase):
         status, _, body = p.request("GET", "/v1/nothing")
         self.assertEqual((status, body["error"]["code"]), (404, "unknown_url"))
         status, response, body = p.request("GET", "/v1/chat/completions")
-        self.assertEqual(status, 405)
-        self.assertIn("POST", response.getheader("Allow"))
-        status, _, body = p.request("DELETE", "/v1/models")
-        self.assertEqual(status, 405)
+        self.assertEqual((status, response.getheader("Allow")), (405, "POST"))
+        status, response, body = p.request("DELETE", "/v1/models")
+        self.assertEqual((status, response.getheader("Allow")), (405, "GET, HEAD"))
         self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
 
     def test_an_upgraded_cli_is_looked_at_again(self):
@@ -1326,6 +1325,17 @@ class ErrorTest(FakeClaudeMixin, unittest.TestCase):
         self.assertIn("Hello", [e["choices"][0]["delta"].get("content") for e in events[:-1]])
         status, _, body = p.chat("[[fake:diemid]]")
         self.assertEqual(status, 502)
+        self.assert_no_cli_left(p)
+
+    def test_long_lines_pass_and_enormous_ones_end_the_cli(self):
+        p = self.start_proxy()
+        status, _, body = p.chat("[[fake:bigdelta:3000000]]")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["choices"][0]["message"]["content"], "x" * 3000000)
+        with mock.patch.object(proxy, "MAX_CLI_LINE_BYTES", 100000):
+            status, _, body = p.chat("[[fake:bigdelta:200000]]")
+        self.assertEqual((status, body["error"]["code"]), (502, "claude_error"))
+        self.assertIn("longer than 100000 bytes", body["error"]["message"])
         self.assert_no_cli_left(p)
 
     def test_idle_timeout_is_504(self):
