@@ -168,27 +168,51 @@ def full_usage(u):
     return u
 
 
+SUBAGENT_STATS = {"spawned": 0, "requested": {"background": 0, "foreground": 0, "unset": 0},
+                  "started_in_background": 0, "max_depth": 0, "spawned_by_subagents": 0,
+                  "completed": 0, "failed": 0, "killed": {"parent": 0, "user": 0, "system": 0},
+                  "refused": {"depth_limit": 0, "concurrency_limit": 0, "budget": 0},
+                  "by_type": {}}
+
+
+def model_usage(model, u):
+    return {model: {
+        "inputTokens": u["input_tokens"], "outputTokens": u["output_tokens"],
+        "cacheReadInputTokens": u["cache_read_input_tokens"],
+        "cacheCreationInputTokens": u["cache_creation_input_tokens"], "webSearchRequests": 0,
+        "costUSD": 0.000228, "contextWindow": 1000000, "maxOutputTokens": 128000,
+        "thinkingTokens": 0, "cacheCreationEphemeral5mInputTokens": 0,
+        "cacheCreationEphemeral1hInputTokens": 0, "canonicalModel": model,
+        "provider": "firstParty", "costBasis": "list"}}
+
+
 def result(model, text, u, stop_reason="end_turn", is_error=False, subtype="success",
-           api_status=None, terminal="completed", errors=None):
-    # Key order as the real CLI writes it: not "type" first.
-    r = {"duration_api_ms": 113, "stop_reason": stop_reason, "session_id": SESSION,
-         "total_cost_usd": 0.000228 if not is_error else 0, "usage": full_usage(u),
-         "modelUsage": {} if is_error else {model: {
-             "inputTokens": u["input_tokens"], "outputTokens": u["output_tokens"],
-             "cacheReadInputTokens": u["cache_read_input_tokens"],
-             "cacheCreationInputTokens": u["cache_creation_input_tokens"],
-             "webSearchRequests": 0, "costUSD": 0.000228, "contextWindow": 1000000,
-             "maxOutputTokens": 128000}},
-         "permission_denials": [], "terminal_reason": terminal, "fast_mode_state": "off",
-         "fast_mode_disabled_reason": "sdk_opt_in_required", "safety_stops": 0,
-         "is_error": is_error, "num_turns": 1, "subtype": subtype}
-    if subtype == "success":
-        r["api_error_status"] = api_status
-        r["result"] = text
-    else:
+           api_status=None, terminal="completed", errors=None, api_error_type=None):
+    """A result line with the keys, and in the order, that 2.1.331 writes: not "type" first.
+    Successful answers carry timing keys; API errors carry api_error_type; error subtypes
+    carry `errors` instead of `result`."""
+    usage_ = {} if is_error and subtype == "success" else model_usage(model, u)
+    r = {"duration_api_ms": 0 if is_error else 113, "stop_reason": stop_reason,
+         "session_id": SESSION, "total_cost_usd": 0 if usage_ == {} else 0.000228,
+         "usage": full_usage(u), "modelUsage": usage_, "permission_denials": [],
+         "terminal_reason": terminal, "fast_mode_state": "off",
+         "fast_mode_disabled_reason": "sdk_opt_in_required", "subagent_stats": SUBAGENT_STATS,
+         "safety_stops": 0, "is_error": is_error, "num_turns": 1, "subtype": subtype}
+    if subtype != "success":
         r["errors"] = errors or []
-    r.update({"type": "result", "duration_ms": 163, "uuid": str(uuid.uuid4()),
-              "queued_turn_count": 0, "result_index": 0})
+    else:
+        r["api_error_status"] = api_status
+        if api_error_type:
+            r["api_error_type"] = api_error_type
+        r["result"] = text
+        if not is_error:
+            r["ttft_ms"] = 155
+    r.update({"type": "result", "duration_ms": 163, "uuid": str(uuid.uuid4())})
+    if subtype == "success" and not is_error:
+        r.update({"begun_message_ids": ["msg_fake_" + uuid.uuid4().hex[:20]],
+                  "ttft_stream_ms": 54, "time_to_request_ms": 49, "first_content_frame_ms": 55})
+    r.update({"queued_turn_count": 0, "result_index": 0,
+              "model_usage_since_last_result": usage_})
     return r
 
 
@@ -203,11 +227,13 @@ def api_error(text, api_status, error, error_type=None, terminal="api_error", ex
         "parent_tool_use_id": None, "session_id": SESSION, "uuid": str(uuid.uuid4()),
         "timestamp": "2026-11-24T11:37:29.276Z", "error": error, "is_api_error_message": True}
     if api_status is not None:
-        line.update({"api_error_status": api_status, "api_error_type": error_type})
+        line.update({"request_id": "req_fake_" + uuid.uuid4().hex[:16],
+                     "is_api_error_message": True, "api_error_status": api_status,
+                     "api_error_type": error_type})
     r = result("<synthetic>", text, zero, stop_reason="stop_sequence", is_error=True,
-               api_status=api_status, terminal=terminal)
-    if api_status is not None:
-        r["api_error_type"] = error_type
+               api_status=api_status, terminal=terminal, api_error_type=error_type
+               if api_status is not None else None)
+    line.update(extra or {})
     r.update(extra or {})
     return [line, r]
 
@@ -226,8 +252,9 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
     for index, (kind, pieces) in enumerate(blocks):
         empty = {"type": "text", "text": ""} if kind == "text" else {
             "type": "thinking", "thinking": "", "signature": ""}
+        thinking = {"thinking_display": "updates"} if kind == "thinking" else {}
         yield stream({"type": "content_block_start", "index": index, "content_block": empty},
-                     message_id)
+                     message_id, **thinking)
         n = 0
         while True:
             for piece in pieces:
@@ -236,7 +263,7 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
                 delta = ({"type": "text_delta", "text": piece} if kind == "text"
                          else {"type": "thinking_delta", "thinking": piece})
                 yield stream({"type": "content_block_delta", "index": index, "delta": delta},
-                             message_id)
+                             message_id, **thinking)
                 n += 1
             if not forever:
                 break
@@ -247,7 +274,10 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
             block = {"type": "thinking", "thinking": "".join(pieces), "signature": "fakesig=="}
         else:
             block = {"type": "text", "text": "".join(pieces)}
-        yield assistant(message_id, model, block, start)
+        line = assistant(message_id, model, block, start)
+        if kind == "thinking":
+            line.update({"thinking_duration_ms": 1, "thinking_display": "updates"})
+        yield line
         yield stream({"type": "content_block_stop", "index": index}, message_id)
     yield stream({"type": "message_delta", "delta": {"stop_reason": stop_reason,
                                                      "stop_sequence": None},
@@ -1346,7 +1376,7 @@ class ErrorTest(FakeClaudeMixin, unittest.TestCase):
         self.assert_no_cli_left(p)
 
     def test_whole_request_timeout_is_504_or_a_final_error_event(self):
-        p = self.start_proxy(timeout=1.0)
+        p = self.start_proxy(timeout=2.0)
         status, _, body = p.chat("[[fake:drip:0.05]]")
         self.assertEqual((status, body["error"]["code"]), (504, "timeout"))
         status, _, events = p.stream("[[fake:drip:0.05]]")
@@ -1365,8 +1395,9 @@ class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                   b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
         run = wait_until(lambda: self.runs(), what="the CLI to start")[0]
-        if read_first:
-            self.assertIn(b"data: ", s.recv(65536) + s.recv(65536))
+        received = b""
+        while read_first and b"data: " not in received:
+            received += s.recv(65536)
         self.assertTrue(alive(run["pid"]))
         s.close()
         return run
@@ -1969,3 +2000,77 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
             api.shutdown()
             api.server_close()
             shutil.rmtree(home, ignore_errors=True)
+
+
+##############################################################################
+# The fake against the recordings (when shared/claude-cli/ is beside the repo)
+##############################################################################
+
+RECORDINGS = os.environ.get("CLAUDE_CLI_RECORDINGS") or os.path.join(
+    os.path.dirname(HERE), "shared", "claude-cli")
+
+
+def line_shape(line):
+    """What identifies a stream-json line's kind, and the keys it and its payload carry."""
+    kind = line.get("type")
+    inner = line.get("event") or line.get("message") or {}
+    sub = line.get("subtype") or (inner.get("type") if kind == "stream_event" else None)
+    if kind == "assistant":
+        sub = "api_error_%s" % ("status" if "api_error_status" in line else "nostatus") \
+            if line.get("is_api_error_message") else inner["content"][0]["type"]
+    if kind == "stream_event" and sub == "content_block_start":
+        sub += "/" + inner["content_block"]["type"]
+    if kind == "stream_event" and sub == "content_block_delta":
+        sub += "/" + inner["delta"]["type"]
+    if kind == "result":
+        sub = "%s/%s" % (sub, "error" if line.get("is_error") else "ok")
+    return (kind, sub), (frozenset(line), frozenset(inner) if isinstance(inner, dict) else None)
+
+
+@unittest.skipUnless(os.path.isdir(RECORDINGS), "the recorded CLI output is not beside the repo")
+class FakeFidelityTest(unittest.TestCase):
+    """Every kind of line the fake prints has exactly the keys the real CLI's line of that kind
+    has in the recordings. This is what keeps the fake honest when the recordings change."""
+
+    CASES = [("c-streamjson-partial", "hi"), ("j1-thinking-partial", "[[fake:thinking]]"),
+             ("e1-err401-streamjson", "[[fake:err401]]"),
+             ("e2-err529-streamjson-default", "[[fake:err529]]"),
+             ("e5-err400-streamjson", "[[fake:toolong]]"),
+             ("nocred-new-streamjson", "[[fake:notloggedin]]"),
+             ("e3-err529-retry2-streamjson", "[[fake:retry]][[fake:err529]]"),
+             ("g1-maxturns1", "[[fake:maxturns]]")]
+    # Recorded without --include-partial-messages, so only its rate_limit_event is comparable.
+    RATE_LIMIT = ("o-auth-CLAUDE_CODE_OAUTH_TOKEN", "[[fake:ratelimit_info]]")
+
+    def recorded(self, name):
+        with open(os.path.join(RECORDINGS, name + ".stdout")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def test_fake_lines_have_the_recorded_keys(self):
+        for name, prompt in self.CASES + [self.RATE_LIMIT]:
+            real = {}
+            for line in self.recorded(name):
+                shape, keys = line_shape(line)
+                real.setdefault(shape, keys)
+            opts = {"--tools": "", "--disable-slash-commands": True}
+            ours = [fake.init(opts, "claude-opus-5-5")] + fake_lines(prompt)
+            for line in ours:
+                shape, keys = line_shape(line)
+                if shape not in real or (name, prompt) == self.RATE_LIMIT and \
+                        shape[0] != "rate_limit_event":
+                    continue  # a kind this recording does not show (another case covers it)
+                self.assertEqual(keys[0] ^ real[shape][0], frozenset(),
+                                 "%s %s: top-level keys differ" % (name, shape))
+                if real[shape][1] is not None and keys[1] is not None:
+                    self.assertEqual(keys[1] ^ real[shape][1], frozenset(),
+                                     "%s %s: payload keys differ" % (name, shape))
+
+    def test_every_kind_the_fake_prints_was_recorded(self):
+        real = set()
+        for name, _ in self.CASES + [self.RATE_LIMIT]:
+            real.update(line_shape(line)[0] for line in self.recorded(name))
+        for _, prompt in self.CASES + [self.RATE_LIMIT, ("", "[[fake:twoturns]]"),
+                                       ("", "[[fake:connrefused]][[fake:cache]]")]:
+            for line in fake_lines(prompt):
+                self.assertIn(line_shape(line)[0], real,
+                              "the fake prints a kind of line never recorded")
