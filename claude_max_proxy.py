@@ -48,8 +48,8 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import (Any, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Tuple,
-                    Union)
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional,
+                    Tuple, Union)
 from urllib.parse import unquote
 
 __version__ = "0.1.0"
@@ -770,8 +770,9 @@ class ClaudeProcess:
     """One `claude -p` run: its own process group, a private empty working directory, the
     prompt on stdin, stdout read as stream-json events, stderr drained for its tail."""
 
-    def __init__(self, argv_for: Any, stdin_data: bytes, env: Dict[str, str],
-                 system: Optional[str] = None):
+    def __init__(self, argv_for: Callable[[Optional[str]], List[str]], stdin_data: bytes,
+                 env: Dict[str, str], system: Optional[str] = None):
+        """`argv_for(system_prompt_file)` gives the command line once that file exists."""
         # <private dir>/cwd is the CLI's empty working directory; the system prompt file sits
         # beside it, outside the tree the CLI works in.
         self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")
@@ -1036,11 +1037,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streaming
     server_version = "claude-max-proxy/" + __version__
-    sys_version = ""
     timeout = 60  # seconds a client may take to send a request; idle keep-alive ends after it
     server: ProxyServer
 
     # -- plumbing ------------------------------------------------------------
+
+    def version_string(self) -> str:
+        return self.server_version  # not Python's version: no need to tell every client
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         pass  # one line per request is written by _dispatch, with model, tokens and timing

@@ -1069,8 +1069,9 @@ class RenderTest(unittest.TestCase):
 class EndpointTest(FakeClaudeMixin, unittest.TestCase):
     def test_health_reports_the_cli(self):
         p = self.start_proxy()
-        status, _, body = p.request("GET", "/health")
+        status, response, body = p.request("GET", "/health")
         self.assertEqual(status, 200)
+        self.assertEqual(response.getheader("Server"), "claude-max-proxy/" + proxy.__version__)
         self.assertEqual((body["status"], body["claude"]["path"], body["claude"]["version"]),
                          ("ok", self.fake_path, "2.1.331 (Claude Code)"))
         self.assertEqual(body["requests_in_flight"], 0)
