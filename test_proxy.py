@@ -614,6 +614,15 @@ class Proxy:
             conn.close()
 
 
+def send_chat(port, body):
+    """A chat request on a raw socket, left open: the test decides when the client hangs up."""
+    s = socket.create_connection(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    return s
+
+
 def parse_sse(data):
     events = []
     for block in data.decode("utf-8").split("\n\n"):
@@ -1391,10 +1400,7 @@ class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
     """A client that goes away gets its CLI process group ended, in both modes."""
 
     def hang_up_after(self, p, body, read_first=False):
-        s = socket.create_connection(("127.0.0.1", p.port))
-        data = json.dumps(body).encode()
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        s = send_chat(p.port, body)
         run = wait_until(lambda: self.runs(), what="the CLI to start")[0]
         received = b""
         while read_first and b"data: " not in received:
@@ -1425,12 +1431,8 @@ class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
 
     def test_shutdown_ends_every_cli(self):
         p = Proxy(claude_bin=self.fake_path)
-        sockets = [socket.create_connection(("127.0.0.1", p.port)) for _ in range(3)]
-        for s in sockets:
-            data = json.dumps({"model": "opus", "messages": [
-                {"role": "user", "content": "[[fake:silent]][[fake:child]]"}]}).encode()
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        sockets = [send_chat(p.port, {"model": "opus", "messages": [
+            {"role": "user", "content": "[[fake:silent]][[fake:child]]"}]}) for _ in range(3)]
         runs = wait_until(lambda: len(self.runs()) == 3 and self.runs(), what="3 CLIs")
         p.close()
         self.assert_no_cli_left(p, runs)
@@ -1804,11 +1806,8 @@ class EndToEndTest(unittest.TestCase):
             self.assertEqual(got, status, body)
 
     def test_disconnect_ends_the_real_cli(self):
-        s = socket.create_connection(("127.0.0.1", self.proxy.port))
-        data = json.dumps({"model": "sonnet", "stream": True, "messages": [
-            {"role": "user", "content": "[[api:hold]] e2e-marker-5"}]}).encode()
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        s = send_chat(self.proxy.port, {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "[[api:hold]] e2e-marker-5"}]})
         received = b""
         while b'"Hello"' not in received:
             received += s.recv(65536)
