@@ -586,8 +586,10 @@ def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any
     status = status if isinstance(status, int) and not isinstance(status, bool) else None
     lowered = text.lower()
     said = " Claude Code said: " + text
-    if status == 401 or "not logged in" in lowered or "/login" in lowered \
-            or "invalid api key" in lowered:
+    # The HTTP status decides when the CLI gives one; the text only when it does not.
+    limit_text = re.search(r"rate limit|usage limit|hit your limit", lowered) is not None
+    auth_text = re.search(r"not logged in|/login|invalid api key", lowered) is not None
+    if status == 401 or (status is None and auth_text and not limit_text):
         return APIError(401, "Claude Code is not logged in or its credentials were refused: run "
                         "`claude` in a terminal and log in." + said,
                         type="authentication_error", code="invalid_api_key")
@@ -595,7 +597,7 @@ def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any
         return APIError(400, "The conversation is too long for the model's context window." + said,
                         code="context_length_exceeded", param="messages")
     limited = (rate_limit or {}).get("status") == "rejected"
-    if status == 429 or limited or re.search(r"rate limit|usage limit|hit your limit", lowered):
+    if status == 429 or limited or (status is None and limit_text):
         return APIError(429, "Your Claude subscription's rate or usage limit was reached." + said,
                         type="rate_limit_error", code="rate_limit_exceeded",
                         retry_after=retry_after_seconds(

@@ -1019,6 +1019,16 @@ class CompletionEventsTest(unittest.TestCase):
         self.assertIn("log in", self.error_for("[[fake:notloggedin]]").message)
         self.assertIn("Reached maximum number of turns", self.error_for("[[fake:maxturns]]").message)
 
+    def test_the_status_outranks_the_text(self):
+        def error(status, text):
+            return proxy.error_from_result({"type": "result", "subtype": "success",
+                                            "is_error": True, "api_error_status": status,
+                                            "result": text}).status
+        self.assertEqual(error(429, "Usage limit reached; /login to switch account"), 429)
+        self.assertEqual(error(None, "Usage limit reached; /login to switch account"), 429)
+        self.assertEqual(error(500, "rate limit of the gateway"), 502)
+        self.assertEqual(error(None, "Not logged in \u00b7 Please run /login"), 401)
+
     def test_real_recorded_401_result(self):
         error = proxy.error_from_result(json.loads(REAL_401_RESULT))
         self.assertEqual((error.status, error.type), (401, "authentication_error"))
