@@ -991,6 +991,9 @@ class ProxyServer(ThreadingHTTPServer):
     """The listening socket, the settings and the CLI processes alive right now."""
 
     daemon_threads = True  # a hung client must not keep the daemon from exiting
+    # Keep no list of request threads to join at close: some 3.7-3.9 releases grew that list
+    # for as long as the server ran (https://bugs.python.org/issue37193).
+    block_on_close = False
 
     def __init__(self, address: Tuple[str, int], settings: argparse.Namespace):
         self.settings = settings
