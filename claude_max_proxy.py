@@ -438,7 +438,7 @@ class Text(NamedTuple):
 class Finish(NamedTuple):
     stop_reason: Optional[str]  # Anthropic's
     usage: Dict[str, Any]  # Anthropic-style token counts
-    cut_short: bool = False  # a stop sequence ended it: the CLI is still running
+    cut_short: bool = False  # the proxy ended it (stop sequence, max_tokens): the CLI still runs
 
 
 Event = Union[Start, Text, Finish]
@@ -480,11 +480,18 @@ class StopSequences:
 
 
 def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] = (),
+                      max_tokens_ends: bool = False,
                       now: Optional[float] = None) -> Iterator[Event]:
     """Fold the CLI's stream-json events into Start, Text... and one Finish.
 
-    Raises APIError for a result with `is_error`, and CLIEndedWithoutResult when the stream ends
-    with no result. Key order and line order are never relied on; unknown events are skipped.
+    When a message stops at its output limit, the CLI asks the model to go on ("Output token
+    limit hit. Resume directly...") up to three times, then gives up with an error result
+    (api_error "max_output_tokens"). With `max_tokens_ends` (the client set max_tokens) the first
+    such stop is the end, as in OpenAI's API; otherwise the continuations are joined
+    seamlessly, and a CLI that gives up still answers, with the text so far and reason length.
+
+    Raises APIError for other results with `is_error`, and CLIEndedWithoutResult when the stream
+    ends with no result. Key order and line order are never relied on; unknown events are skipped.
     """
     stops = StopSequences(stop)
     started = False
@@ -507,7 +514,8 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
                 message = inner.get("message") or {}
                 model = message.get("model") or model
                 usage = dict(message.get("usage") or {})
-                separate = wrote_text
+                separate = wrote_text and stop_reason != "max_tokens"  # a resumed answer joins
+                stop_reason = None
                 if not started:
                     started = True
                     yield Start(model or "claude")
@@ -525,7 +533,19 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
             elif inner_kind == "message_delta":
                 stop_reason = (inner.get("delta") or {}).get("stop_reason") or stop_reason
                 usage.update(inner.get("usage") or {})
+                if stop_reason == "max_tokens" and max_tokens_ends:
+                    rest = stops.flush()
+                    if rest:
+                        yield Text(rest)
+                    yield Finish("max_tokens", usage, cut_short=True)
+                    return
         elif kind == "result":
+            if started and event.get("api_error") == "max_output_tokens":
+                rest = stops.flush()
+                if rest:
+                    yield Text(rest)
+                yield Finish("max_tokens", event.get("usage") or usage)
+                return
             if event.get("is_error") or event.get("subtype") != "success":
                 raise error_from_result(event, rate_limit, now)
             if not started:  # no partial messages came: answer from the result alone
@@ -1192,7 +1212,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             cli_events = process.events(settings.timeout, settings.idle_timeout,
                                         watch=self.connection)
-            events = self._checked(completion_events(cli_events, request.stop), process, done)
+            events = self._checked(completion_events(
+                cli_events, request.stop, max_tokens_ends=request.max_tokens is not None),
+                process, done)
             created = int(time.time())
             if request.stream:
                 self._stream(request, created, events)

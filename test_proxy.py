@@ -130,6 +130,13 @@ def init(opts, model):
             "view_mode": "default"}
 
 
+def init_line(opts, model):
+    line = init(opts, model)
+    if opts.get("--disable-slash-commands"):
+        del line["terminal_slash_commands"]  # as 2.1.331 does (seen in the end-to-end test)
+    return line
+
+
 def status():
     return {"type": "system", "subtype": "status", "status": "requesting",
             "session_id": SESSION, "uuid": str(uuid.uuid4())}
@@ -233,6 +240,8 @@ def api_error(text, api_status, error, error_type=None, terminal="api_error", ex
     r = result("<synthetic>", text, zero, stop_reason="stop_sequence", is_error=True,
                api_status=api_status, terminal=terminal, api_error_type=error_type
                if api_status is not None else None)
+    # With the prompt on stdin (the proxy's way) the CLI adds this; with it on argv it does not.
+    r = dict(list(r.items())[:-3] + [("begun_message_ids", [])] + list(r.items())[-3:])
     line.update(extra or {})
     r.update(extra or {})
     return [line, r]
@@ -315,6 +324,9 @@ def scenario(text, model, opts=None):
                     "rateLimitType": "five_hour", "isUsingOverage": False}
         lines.append({"type": "rate_limit_event", "rate_limit_info": info,
                       "uuid": str(uuid.uuid4()), "session_id": SESSION})
+    if any(k in d for k in ("err401", "notloggedin", "err529", "err500", "toolong", "ratelimit",
+                            "connrefused")):
+        lines.append(status())  # in stream-json input mode a status line comes first
     if "err401" in d:
         return lines + api_error("Invalid API key \u00b7 Fix external API key", 401,
                                  "authentication_failed", "authentication_error")
@@ -347,8 +359,10 @@ def scenario(text, model, opts=None):
     blocks = [("text", reply)]
     if "thinking" in d:
         blocks.insert(0, ("thinking", ["Let me think briefly."]))
-    stop_reason = d.get("stop_reason") or "end_turn"
     lines.append(status())
+    if "max_tokens" in d or "always_max_tokens" in d:
+        return lines + resumed_answer(model, blocks, u, gives_up="always_max_tokens" in d)
+    stop_reason = "refusal" if "refusal" in d else "end_turn"
     if "garbage" in d:
         lines += ["this is not json", "[1, 2, 3]", "", "{\"type\": \"something_new\"}",
                   "{\"truncated\": "]
@@ -357,6 +371,40 @@ def scenario(text, model, opts=None):
     lines.append(("MESSAGE", model, blocks, stop_reason, u))
     lines.append(result(model, "".join(reply), u, stop_reason=stop_reason))
     return lines
+
+
+RESUME = ("Output token limit hit. Resume directly \u2014 no apology, no recap of what you were "
+          "doing. Pick up mid-thought if that is where the cut happened. Break remaining work "
+          "into smaller pieces.")
+CONTINUATION = [" And", " the", " rest."]
+
+
+def resumed_answer(model, blocks, u, gives_up):
+    """What 2.1.331 does when a message stops at max_tokens (seen in the end-to-end test): a
+    synthetic user line asks the model to resume, up to three times; then it gives up with an
+    error result whose api_error is "max_output_tokens"."""
+    lines = []
+    for attempt in range(4 if gives_up else 2):
+        if attempt:
+            lines.append({"type": "user", "message": {"role": "user", "content": [
+                {"type": "text", "text": RESUME}]}, "parent_tool_use_id": None,
+                "session_id": SESSION, "uuid": str(uuid.uuid4()),
+                "timestamp": "2026-11-25T10:41:41.261Z", "isSynthetic": True})
+            lines.append(status())
+        last = attempt == 1 and not gives_up
+        lines.append(("MESSAGE", model, [("text", CONTINUATION)] if last else blocks,
+                      "end_turn" if last else "max_tokens", u))
+    if not gives_up:
+        return lines + [result(model, "".join(CONTINUATION), u)]
+    limit = os.environ.get("CLAUDE_CODE_MAX_OUTPUT_TOKENS", "32000")
+    text = ("API Error: Claude's response exceeded the %s output token maximum. To configure "
+            "this behavior, set the CLAUDE_CODE_MAX_OUTPUT_TOKENS environment variable." % limit)
+    assistant_line, _ = api_error(text, None, "max_output_tokens", extra={
+        "api_error": "max_output_tokens", "api_error_params": {"cut": "output_limit"}})
+    r = result(model, text, u, stop_reason="stop_sequence", terminal="api_error")
+    del r["ttft_ms"], r["ttft_stream_ms"], r["time_to_request_ms"], r["first_content_frame_ms"]
+    r.update({"is_error": True, "num_turns": 4, "api_error": "max_output_tokens"})
+    return lines + [assistant_line, r]
 
 
 def emit(line, pause=0.0, forever=False):
@@ -429,7 +477,7 @@ def main():
         sys.stderr.write("fake claude: something broke before answering\n")
         return int(d["exit"] or 2)
     model = resolve(opts.get("--model"))
-    out(init(opts, model))
+    out(init_line(opts, model))
     if "silent" in d:
         time.sleep(3600)
     pause = float(d.get("drip") or d.get("slow") or 0)
@@ -982,9 +1030,25 @@ class CompletionEventsTest(unittest.TestCase):
         self.assertTrue(events[-1].cut_short)
         self.assertEqual(proxy.finish_reason(events[-1].stop_reason), "stop")
 
+    def test_max_tokens_with_a_client_limit_ends_at_the_first_cut(self):
+        events = list(proxy.completion_events(fake_lines("[[fake:max_tokens]]"),
+                                              max_tokens_ends=True))
+        self.assertEqual("".join(e.text for e in events if isinstance(e, proxy.Text)),
+                         "Hello from the fake API.")
+        self.assertEqual((events[-1].stop_reason, events[-1].cut_short), ("max_tokens", True))
+
+    def test_max_tokens_without_a_client_limit_joins_the_resumed_answer(self):
+        events = self.events("[[fake:max_tokens]]")
+        self.assertEqual("".join(e.text for e in events if isinstance(e, proxy.Text)),
+                         "Hello from the fake API. And the rest.")
+        self.assertEqual(proxy.finish_reason(events[-1].stop_reason), "stop")
+        events = self.events("[[fake:always_max_tokens]]")
+        self.assertEqual("".join(e.text for e in events if isinstance(e, proxy.Text)),
+                         "Hello from the fake API." * 4)
+        self.assertEqual(proxy.finish_reason(events[-1].stop_reason), "length")
+
     def test_finish_reasons(self):
-        self.assertEqual(self.events("[[fake:stop_reason:max_tokens]]")[-1].stop_reason,
-                         "max_tokens")
+        self.assertEqual(self.events("[[fake:refusal]]")[-1].stop_reason, "refusal")
         for anthropic, openai in [("end_turn", "stop"), ("stop_sequence", "stop"),
                                   ("max_tokens", "length"), ("refusal", "content_filter"),
                                   (None, "stop")]:
@@ -1269,10 +1333,21 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(events[-2]["choices"][0]["finish_reason"], "stop")
         self.assert_no_cli_left(p)
 
-    def test_max_tokens_stop_is_length(self):
+    def test_max_tokens_is_honoured(self):
         p = self.start_proxy()
-        _, _, body = p.chat("[[fake:stop_reason:max_tokens]]", max_tokens=5)
+        _, _, body = p.chat("[[fake:max_tokens]][[fake:slow:0.01]]", max_tokens=5)
+        self.assertEqual((body["choices"][0]["message"]["content"],
+                          body["choices"][0]["finish_reason"]), ("Hello from the fake API.",
+                                                                 "length"))
+        _, _, events = p.stream("[[fake:max_tokens]]", max_tokens=5)
+        self.assertEqual(events[-2]["choices"][0]["finish_reason"], "length")
+        _, _, body = p.chat("[[fake:max_tokens]]")  # no client limit: the whole answer
+        self.assertEqual((body["choices"][0]["message"]["content"],
+                          body["choices"][0]["finish_reason"]),
+                         ("Hello from the fake API. And the rest.", "stop"))
+        _, _, body = p.chat("[[fake:always_max_tokens]]")
         self.assertEqual(body["choices"][0]["finish_reason"], "length")
+        self.assert_no_cli_left(p)
 
     def test_noise_from_the_cli_is_skipped(self):
         p = self.start_proxy()
@@ -1677,6 +1752,7 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         if "[[api:err529]]" in text:
             return self.error(529, "overloaded_error", "Overloaded")
         self.send_response(200)
+        self.send_header("request-id", "req_fake_e2e")
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
@@ -1702,8 +1778,11 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             if i == 0 and "[[api:hold]]" in text:
                 self.server.release.wait(60)
         send("content_block_stop", {"type": "content_block_stop", "index": 0})
+        # [[api:max_tokens]] cuts the first answer short; the CLI then asks for the rest.
+        stop = "max_tokens" if "[[api:max_tokens]]" in text or "[[api:always_max_tokens]]" in \
+            json.dumps(body["messages"]) else "end_turn"
         send("message_delta", {"type": "message_delta",
-                               "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "delta": {"stop_reason": stop, "stop_sequence": None},
                                "usage": {"output_tokens": 9}})
         send("message_stop", {"type": "message_stop"})
 
@@ -1814,6 +1893,59 @@ class EndToEndTest(unittest.TestCase):
             self.assertEqual((got, body["error"]["code"]), (status, code), body)
             got, _, body = self.proxy.stream(marker)
             self.assertEqual(got, status, body)
+
+    def run_real_cli(self, prompt, **env):
+        """The real CLI run exactly as the proxy runs it, without the proxy: its stdout lines."""
+        request = proxy.parse_chat_request({"model": "sonnet", "messages": [
+            {"role": "user", "content": prompt}]})
+        run_env = {k: v for k, v in os.environ.items() if k not in env or env[k] is not None}
+        run_env.update({k: v for k, v in env.items() if v is not None})
+        done = subprocess.run(proxy.build_cli_command(self.claude, request, None),
+                              input=proxy.stdin_line(prompt), capture_output=True, env=run_env,
+                              cwd=self.home, timeout=120)
+        return [json.loads(line) for line in done.stdout.decode().splitlines() if line.strip()]
+
+    def test_the_fake_speaks_like_the_real_cli(self):
+        """The fake claude, line kind for line kind and key for key, against the live CLI in
+        the proxy's own mode. When a new CLI changes its output, this is the test that says so."""
+        def shapes(lines):
+            collapsed = []
+            for line in lines:
+                shape = line_shape(line)
+                if not collapsed or collapsed[-1][0] != shape[0]:  # runs of deltas: once
+                    collapsed.append(shape)
+            return collapsed
+        cases = [("e2e hi", "hi", {}), ("[[api:max_tokens]]", "[[fake:max_tokens]]", {}),
+                 ("[[api:always_max_tokens]]", "[[fake:always_max_tokens]]", {}),
+                 ("[[api:err401]]", "[[fake:err401]]", {}),
+                 ("[[api:toolong]]", "[[fake:toolong]]", {}),
+                 ("[[api:err529]]", "[[fake:err529]]", {}),
+                 ("no key", "[[fake:notloggedin]]", {"ANTHROPIC_API_KEY": None})]
+        opts = {"--tools": "", "--disable-slash-commands": True}
+        for api_prompt, fake_prompt, env in cases:
+            real = shapes(self.run_real_cli(api_prompt, **env))
+            ours = shapes([fake.init_line(opts, "claude-sonnet-5-5")] + fake_lines(fake_prompt))
+            self.assertEqual([k for k, _ in ours], [k for k, _ in real],
+                             "%s: the kinds of lines differ" % api_prompt)
+            for (kind, real_keys), (_, our_keys) in zip(real, ours):
+                self.assertEqual(our_keys, real_keys, "%s %s: keys differ" % (api_prompt, kind))
+
+    def test_max_tokens_through_the_real_cli(self):
+        # The API stops at max_tokens; the CLI would ask for the rest, but a client limit ends it.
+        status, _, body = self.proxy.chat("[[api:max_tokens]] e2e-marker-6", max_tokens=5)
+        self.assertEqual(status, 200, body)
+        self.assertEqual((body["choices"][0]["message"]["content"],
+                          body["choices"][0]["finish_reason"]), ("Hello from the fake API.",
+                                                                 "length"))
+        # Without a client limit the resumed answer is joined, and if the CLI gives up after
+        # resuming three times, the client still gets the text, with finish_reason length.
+        status, _, body = self.proxy.chat("[[api:max_tokens]] e2e-marker-7")
+        self.assertEqual((body["choices"][0]["message"]["content"],
+                          body["choices"][0]["finish_reason"]),
+                         ("Hello from the fake API." * 2, "stop"))
+        status, _, body = self.proxy.chat("[[api:always_max_tokens]] e2e-marker-8")
+        self.assertEqual((status, body["choices"][0]["finish_reason"]), (200, "length"))
+        self.assertEqual(body["choices"][0]["message"]["content"], "Hello from the fake API." * 4)
 
     def test_disconnect_ends_the_real_cli(self):
         s = send_chat(self.proxy.port, {"model": "sonnet", "stream": True, "messages": [
@@ -2049,6 +2181,10 @@ class FakeFidelityTest(unittest.TestCase):
              ("nocred-new-streamjson", "[[fake:notloggedin]]"),
              ("e3-err529-retry2-streamjson", "[[fake:retry]][[fake:err529]]"),
              ("g1-maxturns1", "[[fake:maxturns]]")]
+    # Keys the CLI writes in the proxy's mode (prompt on stdin as stream-json) but not in the
+    # recordings' (prompt on argv); EndToEndTest.test_the_fake_speaks_like_the_real_cli checks
+    # those against the live CLI.
+    PROXY_MODE_ONLY = frozenset({"begun_message_ids"})
     # Recorded without --include-partial-messages, so only its rate_limit_event is comparable.
     RATE_LIMIT = ("o-auth-CLAUDE_CODE_OAUTH_TOKEN", "[[fake:ratelimit_info]]")
 
@@ -2062,14 +2198,13 @@ class FakeFidelityTest(unittest.TestCase):
             for line in self.recorded(name):
                 shape, keys = line_shape(line)
                 real.setdefault(shape, keys)
-            opts = {"--tools": "", "--disable-slash-commands": True}
-            ours = [fake.init(opts, "claude-opus-5-5")] + fake_lines(prompt)
+            ours = [fake.init_line({"--tools": ""}, "claude-opus-5-5")] + fake_lines(prompt)
             for line in ours:
                 shape, keys = line_shape(line)
                 if shape not in real or (name, prompt) == self.RATE_LIMIT and \
                         shape[0] != "rate_limit_event":
                     continue  # a kind this recording does not show (another case covers it)
-                self.assertEqual(keys[0] ^ real[shape][0], frozenset(),
+                self.assertEqual((keys[0] ^ real[shape][0]) - self.PROXY_MODE_ONLY, frozenset(),
                                  "%s %s: top-level keys differ" % (name, shape))
                 if real[shape][1] is not None and keys[1] is not None:
                     self.assertEqual(keys[1] ^ real[shape][1], frozenset(),
