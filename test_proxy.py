@@ -1869,6 +1869,15 @@ class EndToEndTest(unittest.TestCase):
             "\\n", "\n"))
         self.assertIn("--help /config e2e-marker-3", json.dumps(user))
 
+    def test_a_system_prompt_beyond_the_argument_limit_arrives(self):
+        big = "S" * 300000  # Linux refuses a single argument over 128 KiB
+        status, _, body = self.proxy.request("POST", "/v1/chat/completions", {
+            "model": "sonnet", "messages": [{"role": "system", "content": big + " end"},
+                                            {"role": "user", "content": "e2e-marker-9"}]})
+        self.assertEqual(status, 200, body)
+        sent, _ = self.api_request("e2e-marker-9")
+        self.assertIn(big + " end", json.dumps(sent["system"]))
+
     def test_images_and_conversations_reach_the_api(self):
         status, _, _ = self.proxy.request("POST", "/v1/chat/completions", {
             "model": "haiku", "messages": [
@@ -1876,13 +1885,15 @@ class EndToEndTest(unittest.TestCase):
                 {"role": "assistant", "content": "earlier answer"},
                 {"role": "user", "content": [
                     {"type": "text", "text": "e2e-marker-4"},
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}]}]})
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
         self.assertEqual(status, 200)
         _, user = self.api_request("e2e-marker-4")
         blocks = user["content"]
         images = [b for b in blocks if b.get("type") == "image"]
         self.assertEqual(images[0]["source"], {"type": "base64", "media_type": "image/png",
                                                "data": PNG_1PX})
+        self.assertEqual(images[1]["source"], {"type": "url", "url": "https://example.com/a.png"})
         self.assertIn("earlier answer", json.dumps(blocks))
 
     def test_api_errors_become_http_errors(self):
