@@ -294,6 +294,11 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
     yield stream({"type": "message_stop"}, message_id)
 
 
+def rate_limit_event(info):
+    return {"type": "rate_limit_event", "rate_limit_info": info, "uuid": str(uuid.uuid4()),
+            "session_id": SESSION}
+
+
 def directives(text):
     found = {}
     for name, arg in re.findall(r"\[\[fake:([a-z0-9_]+)(?::([^\]]*))?\]\]", text):
@@ -317,16 +322,12 @@ def scenario(text, model, opts=None):
         lines.append({"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
                       "retry_delay_ms": 606, "error_status": 529, "error": "overloaded",
                       "session_id": SESSION, "uuid": str(uuid.uuid4())})
-    if "ratelimit_info" in d or "ratelimit" in d:
-        info = {"status": "allowed", "isUsingOverage": False}
-        if "ratelimit" in d:
-            info = {"status": "rejected", "resetsAt": int(time.time()) + int(d["ratelimit"] or 0),
-                    "rateLimitType": "five_hour", "isUsingOverage": False}
-        lines.append({"type": "rate_limit_event", "rate_limit_info": info,
-                      "uuid": str(uuid.uuid4()), "session_id": SESSION})
     if any(k in d for k in ("err401", "notloggedin", "err529", "err500", "toolong", "ratelimit",
                             "connrefused")):
         lines.append(status())  # in stream-json input mode a status line comes first
+    if "ratelimit" in d:  # with subscription (OAuth) credentials, before the error
+        lines.append(rate_limit_event({"status": "rejected", "resetsAt": int(time.time()) + int(
+            d["ratelimit"] or 0), "isUsingOverage": False}))
     if "err401" in d:
         return lines + api_error("Invalid API key \u00b7 Fix external API key", 401,
                                  "authentication_failed", "authentication_error")
@@ -346,8 +347,8 @@ def scenario(text, model, opts=None):
                                  "exchange and cannot be compacted", 400, "invalid_request",
                                  "invalid_request_error", terminal="prompt_too_long")
     if "ratelimit" in d:
-        return lines + api_error("You've hit your limit \u00b7 resets 5pm", 429, "rate_limit",
-                                 "rate_limit_error")
+        return lines + api_error("API Error: Request rejected (429) \u00b7 Rate limited", 429,
+                                 "rate_limit", "rate_limit_error")
     if "connrefused" in d:
         return lines + api_error("API Error: Connection refused \u2014 a firewall or proxy may be "
                                  "blocking it (ECONNREFUSED)", None, "server_error",
@@ -369,6 +370,8 @@ def scenario(text, model, opts=None):
     lines += list(message_events(model, [("text", ["Let me look."])], stop_reason="tool_use",
                                  u=usage(12, 4))) if "twoturns" in d else []
     lines.append(("MESSAGE", model, blocks, stop_reason, u))
+    if "ratelimit_info" in d:  # with subscription (OAuth) credentials, before the result
+        lines.append(rate_limit_event({"status": "allowed", "isUsingOverage": False}))
     lines.append(result(model, "".join(reply), u, stop_reason=stop_reason))
     return lines
 
@@ -1726,9 +1729,11 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.error(404, "not_found_error", "no such endpoint")
 
-    def error(self, status, kind, message):
+    def error(self, status, kind, message, headers=()):
         data = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
         self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("request-id", "req_fake")
@@ -1749,6 +1754,11 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         if "[[api:toolong]]" in text:
             return self.error(400, "invalid_request_error",
                               "prompt is too long: 250000 tokens > 200000 maximum")
+        if "[[api:err429]]" in text:
+            # A subscription at its limit: the unified rate-limit headers say when it resets.
+            return self.error(429, "rate_limit_error", "Rate limited", headers=[
+                ("retry-after", "300"), ("anthropic-ratelimit-unified-status", "rejected"),
+                ("anthropic-ratelimit-unified-reset", str(int(time.time()) + 300))])
         if "[[api:err529]]" in text:
             return self.error(529, "overloaded_error", "Overloaded")
         self.send_response(200)
@@ -1905,6 +1915,20 @@ class EndToEndTest(unittest.TestCase):
             got, _, body = self.proxy.stream(marker)
             self.assertEqual(got, status, body)
 
+    # Credentials as a subscription login presents them: the CLI then reports rate limits.
+    SUBSCRIPTION = {"ANTHROPIC_API_KEY": None, "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-dummy"}
+
+    def test_a_subscription_at_its_limit_is_429_with_retry_after(self):
+        with mock.patch.dict(os.environ, {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-dummy"}):
+            del os.environ["ANTHROPIC_API_KEY"]
+            status, response, body = self.proxy.chat("[[api:err429]]")
+            self.assertEqual((status, body["error"]["code"]), (429, "rate_limit_exceeded"))
+            self.assertTrue(250 <= int(response.getheader("Retry-After")) <= 300)
+            status, _, body = self.proxy.stream("[[api:err429]]")
+            self.assertEqual(status, 429)
+            status, _, body = self.proxy.chat("e2e-marker-10")
+            self.assertEqual(status, 200)
+
     def run_real_cli(self, prompt, **env):
         """The real CLI run exactly as the proxy runs it, without the proxy: its stdout lines."""
         request = proxy.parse_chat_request({"model": "sonnet", "messages": [
@@ -1931,7 +1955,9 @@ class EndToEndTest(unittest.TestCase):
                  ("[[api:err401]]", "[[fake:err401]]", {}),
                  ("[[api:toolong]]", "[[fake:toolong]]", {}),
                  ("[[api:err529]]", "[[fake:err529]]", {}),
-                 ("no key", "[[fake:notloggedin]]", {"ANTHROPIC_API_KEY": None})]
+                 ("no key", "[[fake:notloggedin]]", {"ANTHROPIC_API_KEY": None}),
+                 ("e2e hi", "[[fake:ratelimit_info]]", self.SUBSCRIPTION),
+                 ("[[api:err429]]", "[[fake:ratelimit:300]]", self.SUBSCRIPTION)]
         opts = {"--tools": "", "--disable-slash-commands": True}
         for api_prompt, fake_prompt, env in cases:
             real = shapes(self.run_real_cli(api_prompt, **env))
