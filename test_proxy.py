@@ -2100,10 +2100,12 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
         """Run the CLI as the proxy does, without the proxy: (first token s, result line s)."""
         request = proxy.parse_chat_request({"model": "sonnet", "messages": [
             {"role": "user", "content": prompt}]})
+        cwd = tempfile.mkdtemp(prefix="proxy-bench-")  # as the proxy does: not in a git repo
+        self.addCleanup(shutil.rmtree, cwd, True)
         begun = time.perf_counter()
         proc = subprocess.Popen(proxy.build_cli_command(claude, request, None),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, env=env)
+                                stderr=subprocess.DEVNULL, env=env, cwd=cwd)
         proc.stdin.write(proxy.stdin_line(prompt))
         proc.stdin.close()
         first = answered = None
