@@ -501,6 +501,14 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
     rate_limit: Optional[Dict[str, Any]] = None
     wrote_text = False
     separate = False  # a new message after text: keep turns apart
+
+    def finish(reason: Optional[str], usage: Dict[str, Any], cut_short: bool = False
+               ) -> Iterator[Event]:
+        rest = stops.flush()  # text held back in case it began a stop sequence
+        if rest:
+            yield Text(rest)
+        yield Finish("stop_sequence" if stops.hit else reason, usage, cut_short)
+
     for event in cli_events:
         kind = event.get("type")
         if kind == "system" and event.get("subtype") == "init":
@@ -528,38 +536,26 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
                     if safe:
                         yield Text(safe)
                     if stops.hit:
-                        yield Finish("stop_sequence", usage, cut_short=True)
+                        yield from finish("stop_sequence", usage, cut_short=True)
                         return
             elif inner_kind == "message_delta":
                 stop_reason = (inner.get("delta") or {}).get("stop_reason") or stop_reason
                 usage.update(inner.get("usage") or {})
                 if stop_reason == "max_tokens" and max_tokens_ends:
-                    rest = stops.flush()
-                    if rest:
-                        yield Text(rest)
-                    yield Finish("max_tokens", usage, cut_short=True)
+                    yield from finish("max_tokens", usage, cut_short=True)
                     return
         elif kind == "result":
             if started and event.get("api_error") == "max_output_tokens":
-                rest = stops.flush()
-                if rest:
-                    yield Text(rest)
-                yield Finish("max_tokens", event.get("usage") or usage)
+                yield from finish("max_tokens", event.get("usage") or usage)
                 return
             if event.get("is_error") or event.get("subtype") != "success":
                 raise error_from_result(event, rate_limit, now)
             if not started:  # no partial messages came: answer from the result alone
                 yield Start(model or "claude")
-                if event.get("result"):
-                    wrote_text = True
-                    safe = stops.feed(event["result"])
-                    if safe:
-                        yield Text(safe)
-            rest = stops.flush()
-            if rest:
-                yield Text(rest)
-            yield Finish("stop_sequence" if stops.hit else event.get("stop_reason") or stop_reason,
-                         event.get("usage") or usage)
+                safe = stops.feed(event.get("result") or "")
+                if safe:
+                    yield Text(safe)
+            yield from finish(event.get("stop_reason") or stop_reason, event.get("usage") or usage)
             return
     raise CLIEndedWithoutResult()
 
