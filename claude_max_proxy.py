@@ -1155,33 +1155,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
             log.info("%s %s %s %.2fs%s id=%s", self.command, path, self._status,
                      time.monotonic() - begun, note, self._request_id)
 
-    # Every method goes through _dispatch, so unknown ones get a JSON 405, not http.server's 501.
+    # The usual methods all go through _dispatch, so a wrong one gets a JSON 405 with Allow.
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
     def _route(self, method: str, path: str) -> None:
+        handler: Callable[[], None]
         allowed: Tuple[str, ...]
         if path == "/health":
-            allowed = ("GET", "HEAD")
-        elif path == "/models" or path.startswith("/models/"):
-            allowed = ("GET", "HEAD")
+            allowed, handler = ("GET", "HEAD"), self._health
+        elif path == "/models":
+            allowed, handler = ("GET", "HEAD"), lambda: self._send_json(200, model_list())
+        elif path.startswith("/models/"):
+            allowed, handler = ("GET", "HEAD"), lambda: self._model(path[len("/models/"):])
         elif path == "/chat/completions":
-            allowed = ("POST",)
+            allowed, handler = ("POST",), self._chat_completions
         else:
             raise APIError(404, "Unknown path %r. This proxy serves /v1/chat/completions, "
                            "/v1/models and /health." % path[:200], code="unknown_url")
         if method not in allowed:
             raise APIError(405, "%s is not allowed on %s." % (method, path[:200]),
                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
-        if path == "/health":
-            self._health()
-        elif path == "/models":
-            self._send_json(200, model_list())
-        elif path.startswith("/models/"):
-            name = unquote(path[len("/models/"):])
-            model, _ = resolve_model(name)
-            self._send_json(200, model_object(model))
-        else:
-            self._chat_completions()
+        handler()
 
     # -- endpoints -----------------------------------------------------------
 
@@ -1194,6 +1188,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not path:
             body["reason"] = problem
         self._send_json(200 if path else 503, body)
+
+    def _model(self, quoted_name: str) -> None:
+        model, _ = resolve_model(unquote(quoted_name))
+        self._send_json(200, model_object(model))
 
     def _chat_completions(self) -> None:
         request = parse_chat_request(self._read_json())
