@@ -728,7 +728,7 @@ def find_claude(configured: Optional[str] = None) -> Optional[str]:
     return None
 
 
-def _stamp(path: str) -> Optional[Tuple[int, float]]:
+def file_identity(path: str) -> Optional[Tuple[int, float]]:
     try:
         info = os.stat(path)
     except OSError:
@@ -744,13 +744,13 @@ class ClaudeCLI:
         self._lock = threading.Lock()
         self._path: Optional[str] = None
         self._version: Optional[str] = None
-        self._stamp: Optional[Tuple[int, float]] = None
+        self._identity: Optional[Tuple[int, float]] = None
         self._problem = "not looked up yet"
 
     def status(self) -> Tuple[Optional[str], Optional[str], str]:
         """(path, version, problem); path is None when the CLI is not usable."""
         with self._lock:
-            if self._path and self._stamp == _stamp(self._path):
+            if self._path and self._identity == file_identity(self._path):
                 return self._path, self._version, ""
             path = find_claude(self.configured)
             if not path:
@@ -773,7 +773,7 @@ class ClaudeCLI:
                     path, out.returncode)
                 return None, None, self._problem
             self._path, self._version, self._problem = path, version[0], ""
-            self._stamp = _stamp(path)  # an upgraded or removed CLI is looked at again
+            self._identity = file_identity(path)  # an upgraded or removed CLI is looked at again
             return path, self._version, ""
 
     def require(self) -> str:
