@@ -32,10 +32,16 @@ See README.md for configuration, the launchd agent, and the exact translation ru
 import argparse
 import base64
 import binascii
+import collections
+import contextlib
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -48,8 +54,8 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional,
-                    Tuple, Union)
+from typing import (Any, Callable, Dict, Generator, Iterable, Iterator, List, NamedTuple, NoReturn,
+                    Optional, Tuple, Union)
 from urllib.parse import unquote
 
 __version__ = "0.1.0"
@@ -73,7 +79,24 @@ KILL_GRACE = 2.0
 # `claude --version` at start and on /health: the native binary answers in ~0.1-0.4 s.
 VERSION_TIMEOUT = 15.0
 
-MAX_BODY_BYTES = 32 * 1024 * 1024  # larger request bodies get a 413 without being read
+# Who may connect and how much they may ask for; each has a flag (see parse_args).
+DEFAULT_MAX_CONCURRENCY = 4  # CLI processes at once; each is a few hundred MB of memory
+DEFAULT_MAX_QUEUE = 64  # chat requests waiting for a CLI slot; more get a 429 at once
+DEFAULT_QUEUE_TIMEOUT = 60.0  # seconds a request may wait for a slot before its 429
+DEFAULT_MAX_BODY = 32 * 1024 * 1024  # larger request bodies get a 413 without being read
+DEFAULT_CLIENT_TIMEOUT = 60.0  # seconds a client may stay silent while sending its request
+# After SIGTERM, seconds the requests in flight get to finish; launchd's ExitTimeOut in the
+# plist (20 s) leaves room for this plus KILL_GRACE.
+DEFAULT_SHUTDOWN_GRACE = 10.0
+
+MAX_CONNECTIONS = 256  # open client connections; past it new ones get a 503 and are closed
+QUEUE_RETRY_AFTER = 5  # Retry-After (seconds) on a 429 from a full or slow queue
+CLIENT_CHECK_INTERVAL = 0.25  # seconds between hang-up checks of a client waiting in the queue
+# A refused request body is still read and dropped, this long and this much at most, before the
+# connection closes: closing with it unread resets the connection, which can destroy the answer
+# (a 413, say) before the client has read it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024 * 1024
 MAX_CLI_LINE_BYTES = 64 * 1024 * 1024  # one stream-json line from the CLI; past it the CLI is ended
 STDERR_TAIL_BYTES = 4096  # the end of the CLI's stderr, kept for error messages
 READ_CHUNK = 65536
@@ -112,6 +135,10 @@ IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 IGNORED_FIELDS = (
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "user", "logit_bias",
 )
+# The ranges OpenAI's API accepts for the numbers among them; others are a 400 there too.
+NUMBER_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2),
+                 "frequency_penalty": (-2, 2)}
+MAX_TOKENS_LIMIT = 2 ** 31 - 1  # the CLI reads CLAUDE_CODE_MAX_OUTPUT_TOKENS as an int32
 
 # Anthropic stop_reason -> OpenAI finish_reason.
 FINISH_REASONS = {
@@ -316,19 +343,22 @@ def messages_to_prompt(messages: Any) -> Tuple[Optional[str], Union[str, List[Di
     return system, join_blocks(blocks)
 
 
-def _optional_int(body: Dict[str, Any], field: str, minimum: int) -> Optional[int]:
+def _optional_int(body: Dict[str, Any], field: str, minimum: int, maximum: int) -> Optional[int]:
     value = body.get(field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(field, "`%s` must be an integer of at least %d." % (field, minimum))
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise invalid(field, "`%s` must be a whole number from %d to %d." % (
+            field, minimum, maximum))
     return value
 
 
-def _check_number(body: Dict[str, Any], field: str) -> None:
+def _check_number(body: Dict[str, Any], field: str, low: float, high: float) -> None:
     value = body.get(field)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise invalid(field, "`%s` must be a number." % field)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise invalid(field, "`%s` must be a number from %g to %g." % (field, low, high))
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -348,9 +378,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(include_usage, bool):
         raise invalid("stream_options.include_usage", "`include_usage` must be true or false.")
 
-    max_tokens = _optional_int(body, "max_completion_tokens", 1)
+    max_tokens = _optional_int(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
     if max_tokens is None:
-        max_tokens = _optional_int(body, "max_tokens", 1)
+        max_tokens = _optional_int(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
 
     stop = body.get("stop")
     if stop is None:
@@ -367,8 +397,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise invalid("n", "Only `n: 1` is supported: the CLI gives one answer per request.")
-    for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        _check_number(body, field)
+    for field, (low, high) in NUMBER_RANGES.items():
+        _check_number(body, field, low, high)
     if body.get("logprobs") not in (None, False):
         raise invalid("logprobs", "`logprobs` are not available through Claude Code.")
 
@@ -608,7 +638,7 @@ def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any
     if status == 401 or (status is None and auth_text and not limit_text):
         return APIError(401, "Claude Code is not logged in or its credentials were refused: run "
                         "`claude` in a terminal and log in." + said,
-                        type="authentication_error", code="invalid_api_key")
+                        type="authentication_error", code="claude_not_logged_in")
     if result.get("terminal_reason") == "prompt_too_long" or "prompt is too long" in lowered:
         return APIError(400, "The conversation is too long for the model's context window." + said,
                         code="context_length_exceeded", param="messages")
@@ -705,6 +735,99 @@ def model_object(model_id: str) -> Dict[str, Any]:
 
 def model_list() -> Dict[str, Any]:
     return {"object": "list", "data": [model_object(m) for m in MODEL_ALIASES]}
+
+
+##############################################################################
+# Who may use it: keys, browsers, host names (pure functions)
+##############################################################################
+
+def split_list(value: Optional[str]) -> List[str]:
+    """A comma-separated setting ("a, b,,c") as its non-empty items."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def key_digest(key: str) -> bytes:
+    # Keys are compared as digests: equal lengths, so the comparison time tells nothing.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def presented_key(authorization: Optional[str], x_api_key: Optional[str]) -> Optional[str]:
+    """The key a client sent: `Authorization: Bearer KEY` (OpenAI SDKs) or `x-api-key: KEY`."""
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    if x_api_key and x_api_key.strip():
+        return x_api_key.strip()
+    return None
+
+
+def key_accepted(key: Optional[str], digests: Iterable[bytes]) -> bool:
+    """Whether `key` is one of the configured keys; every key is compared, in constant time."""
+    if key is None:
+        return False
+    given = key_digest(key)
+    accepted = False
+    for digest in digests:
+        accepted |= hmac.compare_digest(given, digest)
+    return accepted
+
+
+def normalize_origin(origin: str) -> str:
+    """An Origin as browsers send it: lower-case scheme://host[:port], no trailing slash."""
+    return origin.strip().rstrip("/").lower()
+
+
+def is_loopback(host: str) -> bool:
+    """A name or address that can only mean this machine: localhost, *.localhost (RFC 6761;
+    browsers resolve it themselves), 127.0.0.0/8, ::1 (also as ::ffff:127.x)."""
+    host = host.strip().strip("[]").split("%", 1)[0].rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def host_name(header: str) -> Optional[str]:
+    """The host part of a Host header ("[::1]:3456" -> "::1"); None when it is malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, bracket, port = header[1:].partition("]")
+        port = port[1:] if port.startswith(":") else port
+    else:
+        name, _, port = header.partition(":")
+        bracket = "]"
+    if not name or not bracket or (port and not port.isdigit()):
+        return None
+    if not re.fullmatch(r"[a-z0-9._:%-]+", name):
+        return None
+    return name.rstrip(".")
+
+
+def host_allowed(header: Optional[str], names: Iterable[str], any_address: bool) -> bool:
+    """Whether a request's Host header names this server, which defeats DNS rebinding: a page
+    whose own name the attacker points at 127.0.0.1 still sends that name as Host.
+
+    Accepted: loopback names and addresses, the names configured (`names`), and, when the
+    server listens on every address, any IP address (an address cannot be rebound).
+    """
+    name = host_name(header or "")
+    if name is None:
+        return False
+    if is_loopback(name) or name in names:
+        return True
+    if any_address:
+        try:
+            ipaddress.ip_address(name.split("%", 1)[0])
+            return True
+        except ValueError:
+            return False
+    return False
 
 
 ##############################################################################
@@ -817,6 +940,8 @@ class ClaudeProcess:
                            type="server_error", code="claude_unavailable") from None
         self.pid = self.proc.pid
         self._closed = False
+        self.sequence = 0  # set by the server: its count of CLI processes started, with this one
+        self.peers_at_start = 0  # other CLI processes alive when this one started
 
     def stderr_tail(self) -> str:
         return self._stderr.decode("utf-8", "replace").strip()
@@ -859,7 +984,7 @@ class ClaudeProcess:
                         self._read_stderr(sel)
                     elif name == "client":
                         assert watch is not None
-                        if self._client_gone(watch):
+                        if client_gone(watch):
                             raise ClientDisconnected()
                         sel.unregister(watch)  # the client sent more (pipelining): stop watching
                     else:
@@ -912,15 +1037,6 @@ class ClaudeProcess:
         self._stdin_data = self._stdin_data[written:]
         return not self._stdin_data
 
-    @staticmethod
-    def _client_gone(sock: socket.socket) -> bool:
-        try:
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-
     def _exited(self) -> bool:
         """Whether the group leader has exited, without reaping it: while it is an unreaped
         zombie its pid, the group's id, cannot be reused, so signalling the group stays safe."""
@@ -971,6 +1087,100 @@ class ClaudeProcess:
         return code
 
 
+def client_gone(sock: socket.socket) -> bool:
+    """Whether the client has closed its side of the connection. Never blocks."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return False
+    except OSError:
+        return True
+
+
+class ProcessSlots:
+    """At most `limit` CLI processes at once. Later requests wait their turn in arrival order,
+    at most `max_waiting` of them and each for at most its timeout; the rest get a 429."""
+
+    def __init__(self, limit: int, max_waiting: int):
+        self.limit = limit
+        self.max_waiting = max_waiting
+        self.running = 0
+        self._waiting: "collections.deque[object]" = collections.deque()
+        self._changed = threading.Condition()
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @contextlib.contextmanager
+    def taken(self, timeout: float,
+              client_gone: Callable[[], bool] = lambda: False) -> Iterator[float]:
+        """Hold a slot for the `with` block; yields the seconds spent waiting for it.
+
+        Raises APIError(429) when the queue is full or `timeout` runs out, APIError(503) once
+        closed, and ClientDisconnected when `client_gone()` says the client left meanwhile.
+        """
+        waited = self._acquire(timeout, client_gone)
+        try:
+            yield waited
+        finally:
+            with self._changed:
+                self.running -= 1
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        """At shutdown: nobody waits any more, and no new slot is given."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def _acquire(self, timeout: float, client_gone: Callable[[], bool]) -> float:
+        begun = time.monotonic()
+        ticket = object()
+        with self._changed:
+            self._check_open()
+            if self.running < self.limit and not self._waiting:
+                self.running += 1
+                return 0.0
+            if len(self._waiting) >= self.max_waiting:
+                raise self._busy("%d requests are running and %d more are waiting, as many as "
+                                 "--max-queue allows" % (self.running, len(self._waiting)),
+                                 "queue_full")
+            self._waiting.append(ticket)
+            try:
+                while not (self._waiting[0] is ticket and self.running < self.limit):
+                    self._check_open()
+                    remaining = begun + timeout - time.monotonic()
+                    if remaining <= 0:
+                        raise self._busy("no Claude Code slot (--max-concurrency %d) came free "
+                                         "within %g s" % (self.limit, timeout), "queue_timeout")
+                    self._changed.wait(min(remaining, CLIENT_CHECK_INTERVAL))
+                    if client_gone():
+                        raise ClientDisconnected()
+                self._waiting.popleft()
+                self.running += 1
+                return time.monotonic() - begun
+            finally:
+                if ticket in self._waiting:  # gave up: the next in line may be able to go
+                    self._waiting.remove(ticket)
+                self._changed.notify_all()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise APIError(503, "claude-max-proxy is shutting down.", type="server_error",
+                           code="shutting_down")
+
+    @staticmethod
+    def _busy(why: str, code: str) -> APIError:
+        return APIError(429, "claude-max-proxy is busy: %s. Try again shortly." % why,
+                        type="rate_limit_error", code=code, retry_after=QUEUE_RETRY_AFTER)
+
+
 def parse_cli_line(line: Union[bytes, bytearray]) -> Optional[Dict[str, Any]]:
     """One stdout line as an event dict; blank or non-JSON lines (warnings) are skipped."""
     line = line.strip()
@@ -992,34 +1202,92 @@ def _reject_constant(name: str) -> Any:
     raise ValueError("%s is not valid JSON" % name)
 
 
+# A \uD800-\uDFFF escape: only valid in a high-low pair, which has to be checked.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def parse_json_body(raw: bytes) -> Any:
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant)
+        if SURROGATE_ESCAPE.search(raw):
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # unpaired ones cannot be sent on
     except RecursionError:
         raise invalid("", "The request body is nested too deeply.") from None
-    except UnicodeDecodeError:
-        raise invalid("", "The request body is not valid UTF-8.") from None
+    except UnicodeError:
+        raise invalid("", "The request body is not valid UTF-8 or holds an unpaired surrogate "
+                          "(\\uD800-\\uDFFF).") from None
     except ValueError as e:
         raise invalid("", "The request body is not valid JSON: %s" % e) from None
+    return body
 
 
 class ProxyServer(ThreadingHTTPServer):
-    """The listening socket, the settings and the CLI processes alive right now."""
+    """The listening socket, the settings, who may use it, and the CLI processes alive now."""
 
     daemon_threads = True  # a hung client must not keep the daemon from exiting
     # Keep no list of request threads to join at close: some 3.7-3.9 releases grew that list
     # for as long as the server ran (https://bugs.python.org/issue37193).
     block_on_close = False
+    request_queue_size = 64  # connections the kernel holds while the accept loop is busy
 
     def __init__(self, address: Tuple[str, int], settings: argparse.Namespace):
         self.settings = settings
         self.claude = ClaudeCLI(settings.claude_bin)
         self.started = time.time()
-        self.changed = threading.Condition()  # guards `processes`; notified when one ends
+        self.key_digests = [key_digest(key) for key in settings.api_keys]
+        self.cors_origins = {normalize_origin(o) for o in settings.cors_origins}
+        self.host_names = {name.lower().strip("[]") for name in settings.allowed_hosts}
+        self.any_address = address[0] in ("", "0.0.0.0", "::")
+        if not self.any_address:
+            self.host_names.add(address[0].lower().strip("[]"))
+        self.slots = ProcessSlots(settings.max_concurrency, settings.max_queue)
+        self.changed = threading.Condition()  # guards the fields below; notified on changes
         self.processes: "set[ClaudeProcess]" = set()
+        self.processes_started = 0
+        self.chats = 0  # chat requests being served, waiting for a slot included
+        self.connections = 0
+        self.stopping = threading.Event()
+        self.hurry = threading.Event()  # a second signal: end everything without grace
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ProxyHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection, up to MAX_CONNECTIONS; past it a 503 and the door."""
+        with self.changed:
+            full = self.connections >= MAX_CONNECTIONS
+            if not full:
+                self.connections += 1
+        if full:
+            log.warning("refused a connection from %s: %d connections are open",
+                        client_address[0], MAX_CONNECTIONS)
+            body = json.dumps(APIError(503, "Too many open connections.", type="server_error",
+                                       code="too_many_connections").body()).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                b"application/json\r\nContent-Length: %d\r\nConnection: close"
+                                b"\r\nRetry-After: %d\r\n\r\n%s"
+                                % (len(body), QUEUE_RETRY_AFTER, body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        with self.changed:
+            self.connections -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Client hang-ups are normal here; anything else is a bug and keeps its traceback."""
@@ -1032,8 +1300,17 @@ class ProxyServer(ThreadingHTTPServer):
     def start_process(self, *args: Any) -> "ClaudeProcess":
         process = ClaudeProcess(*args)
         with self.changed:
+            process.peers_at_start = len(self.processes)
+            self.processes_started += 1
+            process.sequence = self.processes_started
             self.processes.add(process)
         return process
+
+    def overlapped(self, process: "ClaudeProcess") -> bool:
+        """Whether another CLI ran while `process` started or started after it: one of them
+        may have been refreshing the subscription's login token at the time."""
+        with self.changed:
+            return process.peers_at_start > 0 or self.processes_started > process.sequence
 
     def end_process(self, process: "ClaudeProcess", finished: bool) -> Optional[int]:
         try:
@@ -1044,7 +1321,7 @@ class ProxyServer(ThreadingHTTPServer):
                 self.changed.notify_all()
 
     def end_all_processes(self, grace: float = KILL_GRACE) -> None:
-        """At shutdown: ask every CLI to stop, give the requests a moment to end, then kill."""
+        """Ask every CLI to stop, give their requests a moment to end, then kill the rest."""
         with self.changed:
             for process in self.processes:
                 process.signal(signal.SIGTERM)
@@ -1052,16 +1329,61 @@ class ProxyServer(ThreadingHTTPServer):
             for process in self.processes:
                 process.signal(signal.SIGKILL)
 
+    def finish_requests(self, grace: float) -> None:
+        """At shutdown, once no connection is accepted any more: requests waiting for a slot
+        are refused, those with a CLI get `grace` seconds to finish (unless `hurry` is set),
+        then every CLI process group is ended and their clients are told so."""
+        self.stopping.set()
+        self.slots.close()
+        with self.changed:
+            busy = self.chats
+            if busy:
+                log.info("waiting up to %g s for %d request(s) to finish", grace, busy)
+            self.changed.wait_for(lambda: not self.chats or self.hurry.is_set(), timeout=grace)
+        self.end_all_processes()
+        with self.changed:  # let their handlers write the error to the clients
+            self.changed.wait_for(lambda: not self.chats, timeout=KILL_GRACE)
+
+    def hurry_up(self) -> None:
+        self.hurry.set()
+        with self.changed:
+            self.changed.notify_all()
+
 
 class ProxyHandler(BaseHTTPRequestHandler):
-    """Routes requests and turns completion events into HTTP responses."""
+    """Checks who is asking, routes requests, turns completion events into HTTP responses."""
 
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streaming
     server_version = "claude-max-proxy/" + __version__
-    timeout = 60  # seconds a client may take to send a request; idle keep-alive ends after it
+    # Errors on a request line too short to carry a version still get a status line.
+    default_request_version = "HTTP/1.0"
     server: ProxyServer
+    _cors_origin: Optional[str] = None  # the request's Origin, when it is an allowed one
+    _linger = False  # a request body was left unread: drop it before closing (see finish)
 
     # -- plumbing ------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        # Seconds a client may stay silent while it sends a request (or while it should be
+        # reading the answer); then it is dropped. Idle keep-alive connections end after it too.
+        self.connection.settimeout(self.server.settings.client_timeout)
+
+    def finish(self) -> None:
+        super().finish()
+        if not self._linger:
+            return
+        try:
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: FIN after it
+            deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+            while dropped < LINGER_BYTES and time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.connection.recv(READ_CHUNK)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
 
     def version_string(self) -> str:
         return self.server_version  # not Python's version: no need to tell every client
@@ -1076,6 +1398,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     _control_table = {c: r"\x%02x" % c for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if len(self.requestline.split()) < 3:
+            self.send_error(400, "HTTP/0.9 requests are not served; send HTTP/1.1.")
+            return False
+        # A line that is no header ends the headers for the email parser, which would take the
+        # rest for a body; a folded line (obs-fold) is refused as RFC 9112 allows.
+        if self.headers.defects or self.headers.get_payload() or any(
+                "\n" in value for value in self.headers.values()):
+            self.send_error(400, "Malformed header lines.")
+            return False
+        if not hasattr(self, "do_" + self.command):  # BREW, PROPFIND...: a 405 with Allow
+            self._dispatch()
+            return False
+        return True
+
+    def handle_expect_100(self) -> bool:
+        # `Expect: 100-continue` is answered only once the request has passed every check,
+        # just before its body is read (_read_json): a refused one never sends its body.
+        return True
+
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         self._status = code
         super().send_response(code, message)
@@ -1087,6 +1431,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
         text = message or HTTPStatus(code).phrase
         self._send_json(code, APIError(code, text).body())
 
+    def end_headers(self) -> None:
+        if self._body_unread():
+            self.close_connection = True  # left unread, it would be taken for the next request
+            self._linger = True
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        origin = getattr(self, "_cors_origin", None)
+        if origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Access-Control-Expose-Headers", "Retry-After, X-Request-Id")
+        if self.server.cors_origins:
+            self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def _body_unread(self) -> bool:
+        headers = getattr(self, "headers", None)
+        if headers is None or getattr(self, "_body_read", True):
+            return False
+        return bool(headers.get("Transfer-Encoding")
+                    or headers.get("Content-Length", "0").strip() not in ("", "0"))
+
     def _send_json(self, status: int, body: Any, headers: Iterable[Tuple[str, str]] = ()) -> None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
@@ -1095,8 +1460,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_header("X-Request-Id", getattr(self, "_request_id", "-"))
         for name, value in headers:
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -1105,29 +1468,94 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._send_json(error.status, error.body(), error.headers.items())
 
     def _read_json(self) -> Any:
+        """The request body as JSON: application/json, a Content-Length within --max-body, and
+        all of it within --client-timeout. Anything else is refused before it is read."""
+        try:
+            return parse_json_body(self._read_body())
+        except APIError:
+            self.close_connection = True  # where a body that was not read ends is unknown
+            raise
+
+    def _read_body(self) -> bytes:
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
-            self.close_connection = True
             raise APIError(415, "POST bodies must be sent with Content-Type: application/json.",
                            code="unsupported_media_type")
         if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
             raise APIError(411, "Chunked request bodies are not supported; send Content-Length.",
                            code="length_required")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise APIError(411, "A valid Content-Length header is required.",
-                           code="length_required")
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True  # the body stays unread
-            raise APIError(413, "The request body is larger than %d bytes." % MAX_BODY_BYTES,
-                           code="request_too_large")
-        raw = self.rfile.read(int(length))
-        if len(raw) < int(length):
-            self.close_connection = True
-            raise APIError(400, "The request body ended early.")
-        return parse_json_body(raw)
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            raise APIError(400, "Send one Content-Length header, not %d." % len(lengths),
+                           code="invalid_content_length")
+        length = lengths[0].strip() if lengths else None
+        if length is None:
+            raise APIError(411, "A Content-Length header is required.", code="length_required")
+        if not (length.isdigit() and length.isascii()):
+            raise APIError(400, "Content-Length must be a number of bytes.",
+                           code="invalid_content_length")
+        size, limit = int(length), self.server.settings.max_body
+        if size > limit:
+            raise APIError(413, "The request body (%d bytes) is larger than the %d bytes this "
+                           "proxy accepts (--max-body)." % (size, limit), code="request_too_large")
+        if self.headers.get("Expect", "").strip().lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        raw = bytearray()
+        deadline = time.monotonic() + self.server.settings.client_timeout
+        try:
+            while len(raw) < size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout()
+                self.connection.settimeout(left)
+                data = self.rfile.read1(min(size - len(raw), READ_CHUNK))
+                if not data:
+                    raise APIError(400, "The request body ended early.")
+                raw += data
+        except socket.timeout:
+            raise APIError(408, "The request body did not arrive within %g s."
+                           % self.server.settings.client_timeout, code="request_timeout") from None
+        finally:
+            self.connection.settimeout(self.server.settings.client_timeout)
+        self._body_read = True
+        return bytes(raw)
+
+    # -- who may ask ---------------------------------------------------------
+
+    def _check_access(self, path: str) -> None:
+        """Refuse browsers from other sites, unknown Host names, and callers without a key.
+
+        A web page can make a browser send requests to 127.0.0.1; it always sends an Origin (or
+        at least Sec-Fetch-Site) then, and after a DNS rebinding its own name as Host.
+        """
+        server = self.server
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1 or (not hosts and self.request_version != "HTTP/1.0"):
+            raise APIError(400, "Send one Host header.", code="invalid_host")
+        if hosts and not host_allowed(hosts[0], server.host_names, server.any_address):
+            raise APIError(403, "The Host header %r does not name this server. Use 127.0.0.1 "
+                           "or localhost, or allow the name with --allowed-host." % hosts[0][:100],
+                           type="permission_error", code="host_not_allowed")
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            if normalize_origin(origin) not in server.cors_origins:
+                raise APIError(403, "Requests from web pages are refused: the origin %r is not "
+                               "allowed (--cors-origin)." % origin[:100],
+                               type="permission_error", code="origin_not_allowed")
+            self._cors_origin = origin.strip()
+        elif self.headers.get("Sec-Fetch-Site", "none").strip().lower() not in (
+                "none", "same-origin"):
+            raise APIError(403, "Requests from web pages are refused.",
+                           type="permission_error", code="origin_not_allowed")
+        self._authorized = not server.key_digests or key_accepted(
+            presented_key(self.headers.get("Authorization"), self.headers.get("x-api-key")),
+            server.key_digests)
+        if not self._authorized and self.command != "OPTIONS" and path != "/health":
+            given = self.headers.get("Authorization") or self.headers.get("x-api-key")
+            raise APIError(401, "Incorrect API key provided." if given else
+                           "This proxy needs an API key: send `Authorization: Bearer KEY`.",
+                           code="invalid_api_key",
+                           headers={"WWW-Authenticate": 'Bearer realm="claude-max-proxy"'})
 
     # -- routing -------------------------------------------------------------
 
@@ -1135,12 +1563,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._status = 0
         self._request_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         self._note: Dict[str, Any] = {}
+        self._cors_origin = None
+        self._body_read = False
+        self._authorized = False
         begun = time.monotonic()
         path = self.path.split("?", 1)[0]
         if path.startswith("/v1/"):
             path = path[3:]
         try:
             try:
+                self._check_access(path)
                 self._route(self.command, path)
             except APIError as error:
                 self._send_error(error)
@@ -1152,8 +1584,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._status = self._status or 499
         finally:
             note = "".join(" %s=%s" % item for item in self._note.items())
-            log.info("%s %s %s %.2fs%s id=%s", self.command, path, self._status,
-                     time.monotonic() - begun, note, self._request_id)
+            log.info("%s %s %s %.2fs%s id=%s", self.command, path.translate(
+                self._control_table)[:200], self._status, time.monotonic() - begun, note,
+                self._request_id)
 
     # The usual methods all go through _dispatch, so a wrong one gets a JSON 405 with Allow.
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
@@ -1172,22 +1605,57 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             raise APIError(404, "Unknown path %r. This proxy serves /v1/chat/completions, "
                            "/v1/models and /health." % path[:200], code="unknown_url")
-        if method not in allowed:
+        if method == "OPTIONS":
+            self._options(allowed)
+        elif method not in allowed:
             raise APIError(405, "%s is not allowed on %s." % (method, path[:200]),
-                           code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
-        handler()
+                           code="method_not_allowed",
+                           headers={"Allow": ", ".join(allowed + ("OPTIONS",))})
+        else:
+            handler()
+
+    def _options(self, allowed: Tuple[str, ...]) -> None:
+        """OPTIONS: the methods of a path, and for an allowed origin a CORS preflight answer."""
+        self.send_response(204)
+        self.send_header("Allow", ", ".join(allowed + ("OPTIONS",)))
+        if self._cors_origin and self.headers.get("Access-Control-Request-Method"):
+            self.send_header("Access-Control-Allow-Methods", ", ".join(allowed))
+            # The origin is trusted, so whatever headers its client sends (the OpenAI JS SDK
+            # sends several x-stainless-* ones) are allowed, if they are header names at all.
+            asked = self.headers.get("Access-Control-Request-Headers", "").strip()
+            if re.fullmatch(r"[!#$%&'*+.^_`|~\w-]+(?:\s*,\s*[!#$%&'*+.^_`|~\w-]+)*", asked,
+                            re.ASCII):
+                self.send_header("Access-Control-Allow-Headers", asked)
+            self.send_header("Access-Control-Max-Age", "600")
+            # Chrome's Private Network Access: a public page asking for a loopback address.
+            if self.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+                self.send_header("Access-Control-Allow-Private-Network", "true")
+        self.send_header("Content-Length", "0")
+        self.send_header("X-Request-Id", self._request_id)
+        self.end_headers()
 
     # -- endpoints -----------------------------------------------------------
 
     def _health(self) -> None:
-        path, version, problem = self.server.claude.status()
-        body = {"status": "ok" if path else "unavailable", "version": __version__,
-                "claude": {"path": path, "version": version},
-                "uptime_seconds": round(time.time() - self.server.started, 1),
-                "requests_in_flight": len(self.server.processes)}
+        """Never waits behind chat requests. Without a valid key (when keys are set) it leaves
+        out where the CLI is installed, which names the user."""
+        server = self.server
+        path, version, problem = server.claude.status()
+        healthy = bool(path) and not server.stopping.is_set()
+        body: Dict[str, Any] = {
+            "status": "ok" if healthy else "stopping" if path else "unavailable",
+            "version": __version__,
+            "claude": {"path": path, "version": version},
+            "uptime_seconds": round(time.time() - server.started, 1),
+            "requests_in_flight": len(server.processes),
+            "requests_waiting": server.slots.waiting,
+            "max_concurrency": server.slots.limit}
         if not path:
             body["reason"] = problem
-        self._send_json(200 if path else 503, body)
+        if not self._authorized:
+            del body["claude"]["path"]
+            body.pop("reason", None)
+        self._send_json(200 if healthy else 503, body)
 
     def _model(self, quoted_name: str) -> None:
         model, _ = resolve_model(unquote(quoted_name))
@@ -1197,42 +1665,76 @@ class ProxyHandler(BaseHTTPRequestHandler):
         request = parse_chat_request(self._read_json())
         self._note["model"] = request.model
         claude = self.server.claude.require()
-        settings = self.server.settings
-        process = self.server.start_process(
-            lambda system_file: build_cli_command(claude, request, system_file),
-            stdin_line(request.content), cli_environment(dict(os.environ), request.max_tokens),
-            request.system)
-        done = [False]  # set when the CLI has given its result and is exiting by itself
+        server = self.server
+        self._process: Optional[ClaudeProcess] = None
+        self._finished = False  # the CLI gave its result and is exiting by itself
+        with server.changed:
+            server.chats += 1
         try:
-            cli_events = process.events(settings.timeout, settings.idle_timeout,
-                                        watch=self.connection)
-            events = self._checked(completion_events(
-                cli_events, request.stop, max_tokens_ends=request.max_tokens is not None),
-                process, done)
-            created = int(time.time())
-            if request.stream:
-                self._stream(request, created, events)
-            else:
-                body = chat_completion(self._request_id, created, events)
-                self._note_usage(body["usage"])
-                self._send_json(200, body)
+            with server.slots.taken(server.settings.queue_timeout,
+                                    lambda: client_gone(self.connection)) as waited:
+                if waited:
+                    self._note["queued"] = "%.2fs" % waited
+                try:
+                    with contextlib.closing(self._completion(request, claude)) as events:
+                        created = int(time.time())
+                        if request.stream:
+                            self._stream(request, created, events)
+                        else:
+                            body = chat_completion(self._request_id, created, events)
+                            self._note_usage(body["usage"])
+                            self._send_json(200, body)
+                finally:
+                    self._end_cli()
         finally:
-            self._note["cli_exit"] = self.server.end_process(process, finished=done[0])
+            with server.changed:
+                server.chats -= 1
+                server.changed.notify_all()
 
-    def _checked(self, events: Iterator[Event], process: "ClaudeProcess",
-                 done: List[bool]) -> Iterator[Event]:
-        """Completion events, with a CLI that ended without a result turned into a 502."""
-        try:
-            for event in events:
-                if isinstance(event, Finish):
-                    done[0] = not event.cut_short
-                yield event
-        except CLIEndedWithoutResult:
-            code = process.close()
-            tail = process.stderr_tail()
-            raise APIError(502, "Claude Code exited (code %s) without an answer. %s" % (
-                code, ("Its last output: " + tail[-1000:]) if tail else "It printed nothing."),
-                type="server_error", code="claude_error") from None
+    def _completion(self, request: ChatRequest, claude: str) -> Generator[Event, None, None]:
+        """Completion events from a CLI run (self._process, ended by the caller).
+
+        An authentication failure while other CLI processes were starting is retried once with
+        a fresh CLI: when several start together, one may be refreshing the subscription's
+        login token while another reads the old one.
+        """
+        settings = self.server.settings
+        for attempt in (1, 2):
+            self._process = process = self.server.start_process(
+                lambda system_file: build_cli_command(claude, request, system_file),
+                stdin_line(request.content), cli_environment(dict(os.environ), request.max_tokens),
+                request.system)
+            answered = False
+            try:
+                for event in completion_events(
+                        process.events(settings.timeout, settings.idle_timeout,
+                                       watch=self.connection),
+                        request.stop, max_tokens_ends=request.max_tokens is not None):
+                    if isinstance(event, Finish):
+                        self._finished = not event.cut_short
+                    answered = True
+                    yield event
+                return
+            except CLIEndedWithoutResult:
+                code = process.close()
+                if self.server.stopping.is_set():
+                    raise APIError(503, "claude-max-proxy is shutting down; the request was "
+                                   "ended.", type="server_error", code="shutting_down") from None
+                tail = process.stderr_tail()
+                raise APIError(502, "Claude Code exited (code %s) without an answer. %s" % (
+                    code, ("Its last output: " + tail[-1000:]) if tail else "It printed nothing."),
+                    type="server_error", code="claude_error") from None
+            except APIError as error:
+                if (error.status != 401 or answered or attempt > 1
+                        or not self.server.overlapped(process)):
+                    raise
+                self._note["retried"] = 401
+                self._end_cli()
+
+    def _end_cli(self) -> None:
+        if self._process is not None:
+            self._note["cli_exit"] = self.server.end_process(self._process, self._finished)
+            self._process = None
 
     def _stream(self, request: ChatRequest, created: int, events: Iterator[Event]) -> None:
         """Relay events as SSE. Headers go out with the first model event, so a failure before
@@ -1296,6 +1798,24 @@ def _positive(value: str) -> float:
     return number
 
 
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % value) from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _size(value: str) -> int:
+    """A byte count: 1048576, 1024k, 32m or 1g (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", value, re.IGNORECASE)
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError("%r is not a size such as 33554432 or 32m" % value)
+    return int(match.group(1)) * int(1024 ** " kmg".index(match.group(2).lower() or " "))
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> "NoReturn":
         """A bad flag is one line, not a usage dump."""
@@ -1303,41 +1823,112 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    env = os.environ.get
     parser = _ArgumentParser(
         prog="claude-max-api",
         description="OpenAI-compatible API on top of the Claude Code CLI and your Claude "
                     "subscription. Every flag can also be set by the environment variable named.")
-    parser.add_argument("--host", default=os.environ.get("CLAUDE_MAX_API_HOST", DEFAULT_HOST),
-                        help="address to listen on (CLAUDE_MAX_API_HOST; default %(default)s)")
-    parser.add_argument("--port", type=int,
-                        default=_env_number("CLAUDE_MAX_API_PORT", DEFAULT_PORT, int),
-                        help="port to listen on (CLAUDE_MAX_API_PORT; default %(default)s)")
-    parser.add_argument("--claude-bin", default=os.environ.get("CLAUDE_BIN") or None,
-                        help="the claude CLI to run (CLAUDE_BIN; default: found on PATH or in "
-                             "the usual install locations)")
-    parser.add_argument("--timeout", type=_positive,
-                        default=_env_number("CLAUDE_MAX_API_TIMEOUT", DEFAULT_TIMEOUT),
-                        help="seconds a whole request may take (CLAUDE_MAX_API_TIMEOUT; "
-                             "default %(default)s)")
-    parser.add_argument("--idle-timeout", type=_positive,
-                        default=_env_number("CLAUDE_MAX_API_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
-                        help="seconds the CLI may print nothing before it is ended "
-                             "(CLAUDE_MAX_API_IDLE_TIMEOUT; default %(default)s)")
-    parser.add_argument("--log-level", type=str.upper,
-                        default=os.environ.get("CLAUDE_MAX_API_LOG_LEVEL", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log verbosity (CLAUDE_MAX_API_LOG_LEVEL; default %(default)s)")
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    add = parser.add_argument
+    add("--host", default=env("CLAUDE_MAX_API_HOST", DEFAULT_HOST),
+        help="address to listen on (CLAUDE_MAX_API_HOST; default %(default)s). Anything but a "
+             "loopback address needs --api-key")
+    add("--port", type=int, default=_env_number("CLAUDE_MAX_API_PORT", DEFAULT_PORT, int),
+        help="port to listen on (CLAUDE_MAX_API_PORT; default %(default)s)")
+    add("--api-key", default=env("CLAUDE_MAX_API_KEY", ""), metavar="KEY[,KEY...]",
+        help="require one of these keys, as `Authorization: Bearer KEY` or `x-api-key: KEY`, on "
+             "every endpoint but /health (CLAUDE_MAX_API_KEY; default: no key)")
+    add("--api-key-file", default=env("CLAUDE_MAX_API_KEY_FILE") or None, metavar="FILE",
+        help="read more keys from FILE, one per line or comma-separated, which keeps them out "
+             "of the process list (CLAUDE_MAX_API_KEY_FILE)")
+    add("--cors-origin", default=env("CLAUDE_MAX_API_CORS_ORIGINS", ""),
+        metavar="ORIGIN[,ORIGIN...]",
+        help="web page origins allowed to call the API from a browser, such as "
+             "http://localhost:3000 (CLAUDE_MAX_API_CORS_ORIGINS; default: none)")
+    add("--allowed-host", default=env("CLAUDE_MAX_API_ALLOWED_HOSTS", ""),
+        metavar="NAME[,NAME...]",
+        help="host names clients may use besides localhost and loopback addresses, checked "
+             "against the Host header (CLAUDE_MAX_API_ALLOWED_HOSTS)")
+    add("--claude-bin", default=env("CLAUDE_BIN") or None,
+        help="the claude CLI to run (CLAUDE_BIN; default: found on PATH or in the usual install "
+             "locations)")
+    add("--max-concurrency", type=_count,
+        default=_env_number("CLAUDE_MAX_API_MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY, int),
+        help="CLI processes at once; more requests wait in line (CLAUDE_MAX_API_MAX_CONCURRENCY; "
+             "default %(default)s)")
+    add("--max-queue", type=_count,
+        default=_env_number("CLAUDE_MAX_API_MAX_QUEUE", DEFAULT_MAX_QUEUE, int),
+        help="requests that may wait for a CLI; more get 429 (CLAUDE_MAX_API_MAX_QUEUE; default "
+             "%(default)s)")
+    add("--queue-timeout", type=_positive,
+        default=_env_number("CLAUDE_MAX_API_QUEUE_TIMEOUT", DEFAULT_QUEUE_TIMEOUT),
+        help="seconds a request may wait for a CLI before its 429 (CLAUDE_MAX_API_QUEUE_TIMEOUT; "
+             "default %(default)s)")
+    add("--timeout", type=_positive,
+        default=_env_number("CLAUDE_MAX_API_TIMEOUT", DEFAULT_TIMEOUT),
+        help="seconds a whole request may take (CLAUDE_MAX_API_TIMEOUT; default %(default)s)")
+    add("--idle-timeout", type=_positive,
+        default=_env_number("CLAUDE_MAX_API_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+        help="seconds the CLI may print nothing before it is ended (CLAUDE_MAX_API_IDLE_TIMEOUT; "
+             "default %(default)s)")
+    add("--client-timeout", type=_positive,
+        default=_env_number("CLAUDE_MAX_API_CLIENT_TIMEOUT", DEFAULT_CLIENT_TIMEOUT),
+        help="seconds a client may stay silent while sending a request, or not read its answer "
+             "(CLAUDE_MAX_API_CLIENT_TIMEOUT; default %(default)s)")
+    add("--max-body", type=_size, default=env("CLAUDE_MAX_API_MAX_BODY") or DEFAULT_MAX_BODY,
+        help="largest request body in bytes, k, m or g (CLAUDE_MAX_API_MAX_BODY; default "
+             "%(default)s)")
+    add("--shutdown-grace", type=_positive,
+        default=_env_number("CLAUDE_MAX_API_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE),
+        help="seconds requests in flight may finish after SIGTERM or Ctrl-C "
+             "(CLAUDE_MAX_API_SHUTDOWN_GRACE; default %(default)s)")
+    add("--log-level", type=str.upper, default=env("CLAUDE_MAX_API_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (CLAUDE_MAX_API_LOG_LEVEL; default %(default)s)")
+    add("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if isinstance(args.max_body, str):  # the environment's value; argparse converts only flags
+        try:
+            args.max_body = _size(args.max_body)
+        except argparse.ArgumentTypeError as e:
+            parser.error("CLAUDE_MAX_API_MAX_BODY: %s" % e)
+    for name in ("max_concurrency", "max_queue"):
+        if getattr(args, name) < 1:
+            parser.error("--%s must be at least 1" % name.replace("_", "-"))
+    args.api_keys = split_list(args.api_key)
+    if args.api_key_file:
+        try:
+            with open(os.path.expanduser(args.api_key_file), encoding="utf-8") as f:
+                args.api_keys += split_list(",".join(f.read().split()))
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error("cannot read --api-key-file: %s" % e)
+        if not args.api_keys:
+            parser.error("--api-key-file %s holds no key" % args.api_key_file)
+    args.cors_origins = split_list(args.cors_origin)
+    args.allowed_hosts = split_list(args.allowed_host)
     return args
+
+
+def listens_on_loopback_only(host: str) -> bool:
+    """Whether every address `host` stands for is a loopback one ("" and 0.0.0.0 are not)."""
+    if not host:
+        return False
+    try:
+        addresses = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return is_loopback(host)
+    return all(is_loopback(str(address[4][0])) for address in addresses)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if not args.api_keys and not listens_on_loopback_only(args.host):
+        raise SystemExit("claude-max-proxy: refusing to listen on %s without an API key: anyone "
+                         "who can reach it could use your subscription. Set --api-key (or "
+                         "CLAUDE_MAX_API_KEY), or listen on 127.0.0.1." % (args.host or "*"))
     try:
         server = ProxyServer((args.host, args.port), args)
     except OSError as e:
@@ -1345,26 +1936,37 @@ def main(argv: Optional[List[str]] = None) -> int:
                          % (args.host, args.port, e.strerror or e)) from None
 
     def stop(signum: int, frame: Any) -> None:
+        if server.stopping.is_set():  # a second Ctrl-C: no more grace
+            log.info("%s: ending the requests in flight now", signal.Signals(signum).name)
+            threading.Thread(target=server.hurry_up, daemon=True).start()
+            return
         log.info("%s: shutting down", signal.Signals(signum).name)
+        server.stopping.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = str(server.server_address[0]), server.server_address[1]
     url = "http://%s:%d/v1" % ("[%s]" % host if ":" in host else host, port)
+    access = "%s, browser origins: %s, up to %d CLI processes at once" % (
+        "%d API key(s) required" % len(args.api_keys) if args.api_keys else "no API key",
+        ", ".join(args.cors_origins) or "none", args.max_concurrency)
     path, version, problem = server.claude.status()
     if path:
-        log.info("claude-max-proxy %s serving %s with %s (%s)", __version__, url, path, version)
+        log.info("claude-max-proxy %s serving %s with %s (%s); %s", __version__, url, path,
+                 version, access)
     else:
-        log.warning("claude-max-proxy %s serving %s, but %s", __version__, url, problem)
+        log.warning("claude-max-proxy %s serving %s, but %s; %s", __version__, url, problem,
+                    access)
     if os.environ.get("ANTHROPIC_API_KEY"):
         log.warning("ANTHROPIC_API_KEY is set: Claude Code will use that API key (billed per "
                     "token) instead of your subscription login")
     try:
         server.serve_forever()
     finally:
-        server.server_close()
-        server.end_all_processes()
+        server.server_close()  # no new connections from here on
+        server.finish_requests(args.shutdown_grace)
+    log.info("stopped")
     return 0
 
 

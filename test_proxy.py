@@ -299,6 +299,35 @@ def rate_limit_event(info):
             "session_id": SESSION}
 
 
+def first_time(name):
+    """True for the first run (of a test) that asks; a file in the log dir remembers it."""
+    try:
+        os.close(os.open(os.path.join(os.environ["FAKE_CLAUDE_LOG"], name),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def alive_peers(log_dir):
+    """Other fake runs still running now (they wrote a record and have not exited)."""
+    peers = []
+    for name in os.listdir(log_dir):
+        if name.endswith(".json") and name[:-5] != str(os.getpid()):
+            try:
+                os.kill(int(name[:-5]), 0)
+            except (OSError, ValueError):
+                continue
+            try:  # an exited, unreaped run is not running
+                with open("/proc/%s/stat" % name[:-5]) as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                        continue
+            except OSError:
+                pass
+            peers.append(int(name[:-5]))
+    return peers
+
+
 def directives(text):
     found = {}
     for name, arg in re.findall(r"\[\[fake:([a-z0-9_]+)(?::([^\]]*))?\]\]", text):
@@ -322,13 +351,13 @@ def scenario(text, model, opts=None):
         lines.append({"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
                       "retry_delay_ms": 606, "error_status": 529, "error": "overloaded",
                       "session_id": SESSION, "uuid": str(uuid.uuid4())})
-    if any(k in d for k in ("err401", "notloggedin", "err529", "err500", "toolong", "ratelimit",
+    if any(k in d for k in ("err401", "err401once", "notloggedin", "err529", "err500", "toolong", "ratelimit",
                             "connrefused")):
         lines.append(status())  # in stream-json input mode a status line comes first
     if "ratelimit" in d:  # with subscription (OAuth) credentials, before the error
         lines.append(rate_limit_event({"status": "rejected", "resetsAt": int(time.time()) + int(
             d["ratelimit"] or 0), "isUsingOverage": False}))
-    if "err401" in d:
+    if "err401" in d or ("err401once" in d and first_time("auth-refreshed")):
         return lines + api_error("Invalid API key \u00b7 Fix external API key", 401,
                                  "authentication_failed", "authentication_error")
     if "notloggedin" in d:
@@ -454,7 +483,10 @@ def main():
         fail("Error: Input must be provided either through stdin or as a prompt argument "
              "when using --print")
     system_file = opts.get("--append-system-prompt-file")
-    record = {"pid": os.getpid(), "argv": argv, "cwd": os.getcwd(),
+    log_dir = os.environ.get("FAKE_CLAUDE_LOG")
+    record = {"pid": os.getpid(), "started": time.time(),
+              "peers": alive_peers(log_dir) if log_dir else [],
+              "argv": argv, "cwd": os.getcwd(),
               "cwd_entries": sorted(os.listdir(".")), "stdin": turns,
               "system": open(system_file, encoding="utf-8").read() if system_file else None,
               "env": {k: os.environ.get(k) for k in ("CLAUDE_CODE_MAX_OUTPUT_TOKENS",
@@ -468,7 +500,6 @@ def main():
     if "child" in d:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         record["child"] = child.pid
-    log_dir = os.environ.get("FAKE_CLAUDE_LOG")
     if log_dir:
         path = os.path.join(log_dir, "%d.json" % os.getpid())
         with open(path + ".tmp", "w") as f:
@@ -483,6 +514,9 @@ def main():
     out(init_line(opts, model))
     if "silent" in d:
         time.sleep(3600)
+    if "gate" in d:  # answer once the test creates $FAKE_CLAUDE_LOG/<name>
+        while not os.path.exists(os.path.join(log_dir, d["gate"])):
+            time.sleep(0.01)
     pause = float(d.get("drip") or d.get("slow") or 0)
     for text in texts:
         lines = scenario(text, model, opts)
@@ -600,10 +634,14 @@ def open_fds():
 
 
 def settings(**overrides):
-    values = dict(host="127.0.0.1", port=0, claude_bin=None, timeout=30.0, idle_timeout=30.0,
-                  log_level="WARNING")
-    values.update(overrides)
-    return argparse.Namespace(**values)
+    """The daemon's defaults, as parse_args gives them, with `overrides`."""
+    with mock.patch.dict(os.environ, {k: "" for k in os.environ if k.startswith("CLAUDE_MAX_API")}):
+        values = proxy.parse_args(["--port", "0", "--timeout", "30", "--idle-timeout", "30",
+                                   "--log-level", "WARNING"])
+    for name, value in overrides.items():
+        assert hasattr(values, name), name
+        setattr(values, name, value)
+    return values
 
 
 class Proxy:
@@ -669,9 +707,41 @@ def send_chat(port, body):
     """A chat request on a raw socket, left open: the test decides when the client hangs up."""
     s = socket.create_connection(("127.0.0.1", port))
     data = json.dumps(body).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
               b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
     return s
+
+
+def read_response(sock):
+    """(status, response, body parsed as JSON when it is JSON) of the answer on `sock`, which
+    is closed afterwards."""
+    with sock:
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+    try:
+        return response.status, response, json.loads(body)
+    except ValueError:
+        return response.status, response, body
+
+
+def raw_request(port, method="GET", path="/v1/models", headers=(("Host", "127.0.0.1"),),
+                body=b"", version="HTTP/1.1", data=None):
+    """Send exactly these bytes (or `data`), then read the answer: (status, response, body)."""
+    if data is None:
+        data = b"%s %s %s\r\n%s\r\n%s" % (
+            method.encode("latin-1"), path.encode("latin-1"), version.encode(),
+            b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
+                     for k, v in headers), body)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        return read_response(s)
+
+
+def chat_body(content="hi", **fields):
+    body = {"model": "opus", "messages": [{"role": "user", "content": content}]}
+    body.update(fields)
+    return body
 
 
 def parse_sse(data):
@@ -722,7 +792,7 @@ class FakeClaudeMixin:
             if name.endswith(".json"):
                 with open(os.path.join(self.log_dir, name)) as f:
                     records.append(json.load(f))
-        return sorted(records, key=lambda r: r["pid"])
+        return sorted(records, key=lambda r: r["started"])
 
     def only_run(self):
         runs = self.runs()
@@ -1073,8 +1143,8 @@ class CompletionEventsTest(unittest.TestCase):
         return caught.exception
 
     def test_errors_are_mapped(self):
-        cases = [("[[fake:err401]]", 401, "invalid_api_key"),
-                 ("[[fake:notloggedin]]", 401, "invalid_api_key"),
+        cases = [("[[fake:err401]]", 401, "claude_not_logged_in"),
+                 ("[[fake:notloggedin]]", 401, "claude_not_logged_in"),
                  ("[[fake:toolong]]", 400, "context_length_exceeded"),
                  ("[[fake:err529]]", 503, "overloaded"),
                  ("[[fake:err500]]", 502, "upstream_error"),
@@ -1182,9 +1252,9 @@ class EndpointTest(FakeClaudeMixin, unittest.TestCase):
         status, _, body = p.request("GET", "/v1/nothing")
         self.assertEqual((status, body["error"]["code"]), (404, "unknown_url"))
         status, response, body = p.request("GET", "/v1/chat/completions")
-        self.assertEqual((status, response.getheader("Allow")), (405, "POST"))
+        self.assertEqual((status, response.getheader("Allow")), (405, "POST, OPTIONS"))
         status, response, body = p.request("DELETE", "/v1/models")
-        self.assertEqual((status, response.getheader("Allow")), (405, "GET, HEAD"))
+        self.assertEqual((status, response.getheader("Allow")), (405, "GET, HEAD, OPTIONS"))
         self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
 
     def test_an_upgraded_cli_is_looked_at_again(self):
@@ -1376,42 +1446,6 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual((status, body["error"]["param"]), (400, "tools"))
         self.assertEqual(self.runs(), [], "no CLI is started for a bad request")
 
-    def test_body_limits(self):
-        p = self.start_proxy()
-        conn = p.connect()
-        conn.putrequest("POST", "/v1/chat/completions")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", str(proxy.MAX_BODY_BYTES + 1))
-        conn.endheaders()
-        response = conn.getresponse()
-        self.assertEqual(response.status, 413)
-        self.assertEqual(response.getheader("Connection"), "close")
-        conn.close()
-        for headers in ({"Content-Type": "application/json"},
-                        {"Content-Type": "application/json", "Content-Length": "x"},
-                        {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}):
-            with socket.create_connection(("127.0.0.1", p.port)) as s:
-                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + b"".join(
-                    b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
-                    + b"\r\n")
-                reply = s.makefile("rb").readline()
-                self.assertIn(b" 411 ", reply, headers)
-
-    def test_protocol_garbage_gets_a_json_error(self):
-        p = self.start_proxy()
-        with socket.create_connection(("127.0.0.1", p.port)) as s:
-            s.sendall(b"NONSENSE\r\n\r\n")  # HTTP/0.9-shaped: the answer has no status line
-            self.assertEqual(json.loads(s.makefile("rb").read())["error"]["type"],
-                             "invalid_request_error")
-        with socket.create_connection(("127.0.0.1", p.port)) as s:
-            s.sendall(b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n")
-            data = s.makefile("rb").read()
-        self.assertIn(b" 431 ", data.split(b"\r\n")[0])
-        self.assertIn(b'"error"', data)
-        status, _, _ = p.request("GET", "/health")
-        self.assertEqual(status, 200)
-
-
 class ErrorTest(FakeClaudeMixin, unittest.TestCase):
     def test_cli_errors_become_http_errors(self):
         p = self.start_proxy()
@@ -1543,6 +1577,382 @@ class LeakTest(FakeClaudeMixin, unittest.TestCase):
                      if d.startswith("claude-max-proxy-")
                      and any(os.sep + d + os.sep in r["cwd"] for r in self.runs())]
         self.assertEqual(leftovers, [])
+
+
+class LoadTest(FakeClaudeMixin, unittest.TestCase):
+    """What load it holds: CLI processes capped, a fair and bounded queue, bodies and clients."""
+
+    def gated(self, p, name, **fields):
+        """A chat request whose CLI answers only once open_gate(name) is called."""
+        return send_chat(p.port, chat_body("[[fake:gate:%s]] %s" % (name, name), **fields))
+
+    def open_gate(self, name):
+        open(os.path.join(self.log_dir, name), "w").close()
+
+    def prompts(self):
+        return [run["stdin"][0]["message"]["content"].split()[-1] for run in self.runs()]
+
+    def test_cli_processes_are_capped_and_requests_wait_in_arrival_order(self):
+        p = self.start_proxy(max_concurrency=2)
+        sockets = {}
+        for i, name in enumerate("AB"):
+            sockets[name] = self.gated(p, name)
+            wait_until(lambda: len(self.runs()) == i + 1, what=name + "'s CLI")
+        for i, name in enumerate("CDE"):
+            sockets[name] = self.gated(p, name)
+            wait_until(lambda: p.server.slots.waiting == i + 1, what=name + " to wait")
+        self.assertEqual(sorted(self.prompts()), ["A", "B"])
+        for release, starts in (("A", "C"), ("C", "D"), ("B", "E")):
+            self.open_gate(release)
+            self.assertEqual(read_response(sockets.pop(release))[0], 200)
+            wait_until(lambda: self.prompts()[-1:] == [starts], what=starts + " to start")
+        for name in "DE":
+            self.open_gate(name)
+            self.assertEqual(read_response(sockets.pop(name))[0], 200)
+        self.assertEqual(self.prompts(), list("ABCDE"))
+        self.assertLessEqual(max(len(run["peers"]) for run in self.runs()), 1,
+                             "never more than two CLIs at once")
+        self.assert_no_cli_left(p)
+
+    def test_a_slow_queue_is_429_with_retry_after(self):
+        p = self.start_proxy(max_concurrency=1, queue_timeout=0.3)
+        held = self.gated(p, "A")
+        wait_until(lambda: self.runs(), what="the first CLI")
+        status, response, body = p.chat("B")
+        self.assertEqual((status, body["error"]["code"]), (429, "queue_timeout"))
+        self.assertEqual(response.getheader("Retry-After"), str(proxy.QUEUE_RETRY_AFTER))
+        self.open_gate("A")
+        self.assertEqual(read_response(held)[0], 200)
+        self.assertEqual(self.prompts(), ["A"], "no CLI for the refused request")
+
+    def test_a_full_queue_is_429_at_once(self):
+        p = self.start_proxy(max_concurrency=1, max_queue=1)
+        held = self.gated(p, "A")
+        wait_until(lambda: self.runs(), what="A's CLI")
+        queued = self.gated(p, "B")
+        wait_until(lambda: p.server.slots.waiting == 1, what="B to wait")
+        status, response, body = p.chat("C")
+        self.assertEqual((status, body["error"]["code"]), (429, "queue_full"))
+        self.assertEqual(body["error"]["type"], "rate_limit_error")
+        self.assertEqual(response.getheader("Retry-After"), str(proxy.QUEUE_RETRY_AFTER))
+        for name, sock in (("A", held), ("B", queued)):
+            self.open_gate(name)
+            self.assertEqual(read_response(sock)[0], 200)
+        self.assertEqual(self.prompts(), ["A", "B"])
+
+    def test_health_and_models_never_wait(self):
+        p = self.start_proxy(max_concurrency=1)
+        held = self.gated(p, "A")
+        wait_until(lambda: self.runs(), what="A's CLI")
+        queued = self.gated(p, "B")
+        wait_until(lambda: p.server.slots.waiting == 1, what="B to wait")
+        status, _, body = p.request("GET", "/health")
+        self.assertEqual((status, body["requests_in_flight"], body["requests_waiting"],
+                          body["max_concurrency"]), (200, 1, 1, 1))
+        self.assertEqual(p.request("GET", "/v1/models")[0], 200)
+        self.assertEqual(p.request("GET", "/v1/models/opus")[0], 200)
+        for name, sock in (("A", held), ("B", queued)):
+            self.open_gate(name)
+            self.assertEqual(read_response(sock)[0], 200)
+
+    def test_bodies_over_the_limit_are_refused_unread(self):
+        p = self.start_proxy(max_body=1024 * 1024)
+        with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: 104857600\r\n\r\n{")
+            status, response, body = read_response(s)  # answered with the body never sent
+        self.assertEqual((status, body["error"]["code"]), (413, "request_too_large"))
+        self.assertEqual(response.getheader("Connection"), "close")
+        # A client that sends its whole (too big) body before reading still gets the 413.
+        conn = p.connect()
+        conn.request("POST", "/v1/chat/completions", body=b" " * (24 * 1024 * 1024),
+                     headers={"Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().status, 413)
+        conn.close()
+        # `Expect: 100-continue` is not answered with 100 for a body that will be refused.
+        status, _, _ = raw_request(p.port, "POST", "/v1/chat/completions", headers=(
+            ("Host", "127.0.0.1"), ("Content-Type", "application/json"),
+            ("Content-Length", "2000000"), ("Expect", "100-continue")))
+        self.assertEqual(status, 413)
+        self.assertEqual(p.chat()[0], 200)
+
+    def test_body_framing_must_be_clear(self):
+        p = self.start_proxy()
+        json_type = ("Content-Type", "application/json")
+        for headers, status, code in [
+                ((), 411, "length_required"),
+                ((("Content-Length", "x"),), 400, "invalid_content_length"),
+                ((("Content-Length", "-1"),), 400, "invalid_content_length"),
+                ((("Content-Length", "1, 1"),), 400, "invalid_content_length"),
+                ((("Content-Length", "\u00b2"),), 400, "invalid_content_length"),  # "2" to isdigit
+                ((("Content-Length", "2"), ("Content-Length", "2")), 400,
+                 "invalid_content_length"),
+                ((("Transfer-Encoding", "chunked"),), 411, "length_required"),
+                ((("Transfer-Encoding", "chunked"), ("Content-Length", "2")), 411,
+                 "length_required")]:
+            got, response, body = raw_request(
+                p.port, "POST", "/v1/chat/completions",
+                headers=(("Host", "127.0.0.1"), json_type) + headers, body=b"2\r\n{}\r\n0\r\n\r\n")
+            self.assertEqual((got, body["error"]["code"]), (status, code), headers)
+            self.assertEqual(response.getheader("Connection"), "close", headers)
+        with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:  # body cut short
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+            s.shutdown(socket.SHUT_WR)
+            self.assertEqual(read_response(s)[0], 400)
+        # A GET with a body: the body is not taken for a next request on the connection.
+        status, response, _ = raw_request(p.port, headers=(
+            ("Host", "127.0.0.1"), ("Content-Length", "40")),
+            body=b"DELETE /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((status, response.getheader("Connection")), (200, "close"))
+        self.assertEqual(self.runs(), [])
+
+    def test_slow_and_silent_clients_are_dropped(self):
+        p = self.start_proxy(client_timeout=0.3)
+        p.chat()
+        before = open_fds()
+        runs = len(self.runs())
+        for sent in (b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"):
+            with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+                s.sendall(sent)
+                self.assertEqual(s.recv(100), b"", "the server closes a silent connection")
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                b"application/json\r\nContent-Length: 1000\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+            s.sendall(head + b"{")
+            status, _, body = read_response(s)
+            self.assertEqual((status, body["error"]["code"]), (408, "request_timeout"))
+        with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+            s.sendall(head)
+            answer = []
+            reader = threading.Thread(target=lambda: answer.append(read_response(s)))
+            reader.start()
+            try:  # never silent for long, but never done either: the whole body has a deadline
+                while reader.is_alive():
+                    s.sendall(b" ")
+                    reader.join(0.05)
+            except OSError:
+                pass
+            reader.join()
+            self.assertEqual(answer[0][0], 408)
+        self.assertEqual(len(self.runs()), runs, "no CLI for a request that never arrived")
+        if before is not None:
+            wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
+        self.assertEqual(p.chat()[0], 200)
+
+    def test_connections_past_the_cap_get_503(self):
+        p = self.start_proxy()
+        with mock.patch.object(proxy, "MAX_CONNECTIONS", 3):
+            idle = [socket.create_connection(("127.0.0.1", p.port)) for _ in range(3)]
+            wait_until(lambda: p.server.connections == 3, what="3 connections")
+            status, response, body = raw_request(p.port)
+            self.assertEqual((status, body["error"]["code"]), (503, "too_many_connections"))
+            idle.pop().close()
+            wait_until(lambda: p.server.connections == 2, what="a connection to close")
+            self.assertEqual(raw_request(p.port)[0], 200)
+            for s in idle:
+                s.close()
+            wait_until(lambda: p.server.connections == 0, what="all connections to close")
+
+
+class RetryTest(FakeClaudeMixin, unittest.TestCase):
+    """An authentication failure while other CLIs start is retried once."""
+
+    def hold_one(self, p):
+        sock = send_chat(p.port, chat_body("[[fake:gate:held]]"))
+        wait_until(lambda: self.runs(), what="the first CLI")
+        return sock
+
+    def release(self, sock):
+        open(os.path.join(self.log_dir, "held"), "w").close()
+        self.assertEqual(read_response(sock)[0], 200)
+
+    def test_an_auth_failure_beside_another_cli_is_retried_once(self):
+        p = self.start_proxy()
+        held = self.hold_one(p)
+        status, _, body = p.chat("[[fake:err401once]]")
+        self.assertEqual((status, body["choices"][0]["message"]["content"]),
+                         (200, "Hello from the fake API."))
+        self.assertEqual(len(self.runs()), 3, "the held CLI, the failed one and its retry")
+        os.unlink(os.path.join(self.log_dir, "auth-refreshed"))
+        status, _, events = p.stream("[[fake:err401once]]")
+        self.assertEqual((status, events[-1]), (200, "[DONE]"))
+        self.release(held)
+        self.assert_no_cli_left(p)
+
+    def test_a_lone_auth_failure_is_reported_at_once(self):
+        p = self.start_proxy()
+        status, _, body = p.chat("[[fake:err401once]]")
+        self.assertEqual((status, body["error"]["code"]), (401, "claude_not_logged_in"))
+        self.assertEqual(len(self.runs()), 1)
+
+    def test_a_second_auth_failure_is_reported(self):
+        p = self.start_proxy()
+        held = self.hold_one(p)
+        status, _, body = p.chat("[[fake:err401]]")
+        self.assertEqual((status, body["error"]["code"]), (401, "claude_not_logged_in"))
+        self.assertEqual(len(self.runs()), 3, "one retry, not more")
+        self.release(held)
+
+
+class AccessTest(FakeClaudeMixin, unittest.TestCase):
+    """Who may use it: callers with a key, pages from allowed origins, requests to this host."""
+
+    CHAT = json.dumps(chat_body()).encode()
+
+    def test_keys_are_required_everywhere_but_health(self):
+        p = self.start_proxy(api_keys=["key-one", "key-two"])
+        for method, path in [("GET", "/v1/models"), ("GET", "/v1/models/opus"), ("GET", "/models"),
+                             ("POST", "/v1/chat/completions"), ("GET", "/v1/nowhere"),
+                             ("DELETE", "/v1/models")]:
+            for headers, says in [({}, "needs an API key"),
+                                  ({"Authorization": "Bearer key-three"}, "Incorrect"),
+                                  ({"x-api-key": "key-one "[:-2]}, "Incorrect"),
+                                  ({"Authorization": "Basic a2V5LW9uZQ=="}, "Incorrect"),
+                                  ({"Authorization": "Bearer"}, "Incorrect")]:
+                status, response, body = p.request(method, path, headers=headers, raw=self.CHAT)
+                self.assertEqual(status, 401, (method, path, headers))
+                self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+                self.assertEqual(body["error"]["code"], "invalid_api_key")
+                self.assertIn(says, body["error"]["message"])
+                self.assertEqual(response.getheader("WWW-Authenticate"),
+                                 'Bearer realm="claude-max-proxy"')
+        self.assertEqual(self.runs(), [], "no CLI runs for a caller without the key")
+        for headers in ({"Authorization": "Bearer key-one"}, {"authorization": "bearer  key-two "},
+                        {"x-api-key": "key-two"}):
+            self.assertEqual(p.request("GET", "/v1/models", headers=headers)[0], 200, headers)
+        status, _, body = p.request("POST", "/v1/chat/completions", raw=self.CHAT,
+                                    headers={"Authorization": "Bearer key-two"})
+        self.assertEqual((status, body["choices"][0]["message"]["content"]),
+                         (200, "Hello from the fake API."))
+        # /health is open, but only a caller with a key learns where the CLI is installed.
+        status, _, body = p.request("GET", "/health")
+        self.assertEqual((status, body["status"], body["claude"]["version"]),
+                         (200, "ok", "2.1.331 (Claude Code)"))
+        self.assertNotIn(self.fake_path, json.dumps(body))
+        _, _, body = p.request("GET", "/health", headers={"x-api-key": "key-one"})
+        self.assertEqual(body["claude"]["path"], self.fake_path)
+
+    def test_every_key_is_compared_in_constant_time(self):
+        p = self.start_proxy(api_keys=["a" * 64, "b", "c" * 3])
+        for key, status in (("b", 200), ("a", 401), ("", 401)):
+            with mock.patch.object(proxy.hmac, "compare_digest",
+                                   wraps=proxy.hmac.compare_digest) as compare:
+                got, _, _ = p.request("GET", "/v1/models", headers={"x-api-key": key} if key
+                                      else {"Authorization": "Bearer x"})
+            self.assertEqual(got, status, key)
+            self.assertEqual(compare.call_count, 3, "every key is compared, even after a match")
+            for (given, expected), _ in compare.call_args_list:
+                self.assertEqual(len(given), len(expected), "digests of equal length")
+
+    def test_keys_come_from_the_flag_the_environment_or_a_file(self):
+        clean = {k: "" for k in os.environ if k.startswith("CLAUDE_MAX_API")}
+        with mock.patch.dict(os.environ, clean):
+            self.assertEqual(proxy.parse_args(["--api-key", " k1, ,k2 "]).api_keys, ["k1", "k2"])
+            self.assertEqual(proxy.parse_args([]).api_keys, [])
+            with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_KEY": "e1,e2"}):
+                self.assertEqual(proxy.parse_args([]).api_keys, ["e1", "e2"])
+            path = os.path.join(self.tmp, "keys")
+            with open(path, "w") as f:
+                f.write("f1\nf2, f3\n\n")
+            self.assertEqual(proxy.parse_args(["--api-key", "k", "--api-key-file", path]).api_keys,
+                             ["k", "f1", "f2", "f3"])
+            for bad in (os.path.join(self.tmp, "missing"), os.devnull):
+                with self.assertRaises(SystemExit), mock.patch("sys.stderr"):
+                    proxy.parse_args(["--api-key-file", bad])
+
+    def test_pages_from_other_origins_are_refused(self):
+        p = self.start_proxy()
+        for method, path, headers in [
+                ("POST", "/v1/chat/completions", {"Origin": "https://evil.example"}),
+                ("GET", "/v1/models", {"Origin": "null"}),
+                ("GET", "/health", {"Origin": "http://127.0.0.1:%d" % p.port}),
+                ("OPTIONS", "/v1/chat/completions", {
+                    "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type"}),
+                ("GET", "/v1/models", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"})]:
+            status, response, body = p.request(method, path, headers=headers,
+                                               raw=self.CHAT if method == "POST" else None)
+            self.assertEqual((status, body["error"]["code"]), (403, "origin_not_allowed"), headers)
+            self.assertEqual([h for h in response.headers if h.lower().startswith("access-control")],
+                             [], "a refused origin gets no CORS headers")
+        # A form post, which a page may send anywhere without asking: not JSON, so refused.
+        status, _, _ = p.request("POST", "/v1/chat/completions", raw=b"model=opus",
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 415)
+        self.assertEqual(self.runs(), [])
+
+    def test_allowed_origins_get_cors_and_preflight(self):
+        origin = "http://localhost:3000"
+        p = self.start_proxy(cors_origins=["HTTP://LocalHost:3000/"], api_keys=["k"])
+        status, response, _ = p.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+            "Access-Control-Request-Private-Network": "true"})
+        self.assertEqual(status, 204)  # no key needed: browsers send none with a preflight
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), origin)
+        self.assertEqual(response.getheader("Access-Control-Allow-Methods"), "POST")
+        self.assertEqual(response.getheader("Access-Control-Allow-Headers"),
+                         "authorization, content-type, x-stainless-os")
+        self.assertEqual(response.getheader("Access-Control-Allow-Private-Network"), "true")
+        self.assertGreater(int(response.getheader("Access-Control-Max-Age")), 0)
+        self.assertIn("Origin", response.getheader("Vary"))
+        _, response, _ = p.request("OPTIONS", "/v1/models", headers={
+            "Origin": origin, "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "x-ok, not a header name"})
+        self.assertEqual(response.getheader("Access-Control-Allow-Methods"), "GET, HEAD")
+        self.assertIsNone(response.getheader("Access-Control-Allow-Headers"))
+        # The requests themselves: the key is still needed, and every answer is readable.
+        for headers, expected in (({"Origin": origin}, 401),
+                                  ({"Origin": origin, "Authorization": "Bearer k"}, 200)):
+            status, response, _ = p.request("POST", "/v1/chat/completions", raw=self.CHAT,
+                                            headers=headers)
+            self.assertEqual(status, expected)
+            self.assertEqual(response.getheader("Access-Control-Allow-Origin"), origin)
+            self.assertIn("X-Request-Id", response.getheader("Access-Control-Expose-Headers"))
+        stream = json.dumps(chat_body(stream=True)).encode()
+        status, response, body = raw_request(p.port, "POST", "/v1/chat/completions", headers=(
+            ("Host", "localhost"), ("Origin", origin), ("Authorization", "Bearer k"),
+            ("Content-Type", "application/json"), ("Content-Length", str(len(stream)))),
+            body=stream)
+        self.assertEqual((status, response.getheader("Access-Control-Allow-Origin")),
+                         (200, origin))
+        self.assertEqual(parse_sse(body)[-1], "[DONE]")
+
+    def test_the_host_header_must_name_this_server(self):
+        p = self.start_proxy(allowed_hosts=["proxy.lan"])
+        port = p.port
+        for host in ("127.0.0.1:%d" % port, "localhost:%d" % port, "LOCALHOST", "localhost.",
+                     "[::1]:%d" % port, "127.5.6.7", "app.localhost:%d" % port,
+                     "proxy.lan:%d" % port):
+            self.assertEqual(raw_request(port, headers=[("Host", host)])[0], 200, host)
+        for host in ("evil.example", "evil.example:%d" % port, "127.0.0.1.evil.example",
+                     "localhost.evil.example", "192.168.1.10:%d" % port, "[::1", "[::1]x",
+                     "127.0.0.1:http", "", "a b", "l\u00f6calhost"):
+            status, _, body = raw_request(port, headers=[("Host", host)])
+            self.assertEqual((status, body["error"]["code"]), (403, "host_not_allowed"), host)
+        status, _, body = raw_request(p.port, "POST", "/v1/chat/completions", headers=(
+            ("Host", "evil.example"), ("Content-Type", "application/json"),
+            ("Content-Length", str(len(self.CHAT)))), body=self.CHAT)
+        self.assertEqual(status, 403)
+        self.assertEqual(self.runs(), [], "no CLI runs for a rebound name")
+        for headers in ((), (("Host", "127.0.0.1"), ("Host", "evil.example"))):
+            status, _, body = raw_request(port, headers=headers)
+            self.assertEqual((status, body["error"]["code"]), (400, "invalid_host"), headers)
+        self.assertEqual(raw_request(port, headers=(), version="HTTP/1.0")[0], 200)
+
+    def test_host_names_pure(self):
+        allowed = proxy.host_allowed
+        self.assertTrue(allowed("192.168.1.10:3456", set(), any_address=True))
+        self.assertTrue(allowed("[fe80::1%25en0]:3456", set(), any_address=True))
+        self.assertFalse(allowed("evil.example", set(), any_address=True))
+        self.assertFalse(allowed("192.168.1.10", set(), any_address=False))
+        self.assertTrue(allowed("[::ffff:127.0.0.1]", set(), any_address=False))
+        self.assertTrue(allowed("Proxy.Lan:80", {"proxy.lan"}, any_address=False))
+        for name, loopback in (("127.0.0.1", True), ("localhost", True), ("::1", True),
+                               ("0.0.0.0", False), ("", False), ("::", False),
+                               ("localhost.evil", False), ("10.0.0.1", False)):
+            self.assertEqual(proxy.listens_on_loopback_only(name), loopback, name)
 
 
 class MainTest(FakeClaudeMixin, unittest.TestCase):
@@ -1907,7 +2317,7 @@ class EndToEndTest(unittest.TestCase):
         self.assertIn("earlier answer", json.dumps(blocks))
 
     def test_api_errors_become_http_errors(self):
-        for marker, status, code in [("[[api:err401]]", 401, "invalid_api_key"),
+        for marker, status, code in [("[[api:err401]]", 401, "claude_not_logged_in"),
                                      ("[[api:toolong]]", 400, "context_length_exceeded"),
                                      ("[[api:err529]]", 503, "overloaded")]:
             got, _, body = self.proxy.chat(marker)
