@@ -34,6 +34,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import email.errors
 import hashlib
 import hmac
 import ipaddress
@@ -331,6 +332,9 @@ def messages_to_prompt(messages: Any) -> Tuple[Optional[str], Union[str, List[Di
                       "role `user`.")
     system = "\n\n".join(p for p in system_parts if p) or None
     *earlier, (_, last) = turns
+    if not any(b["type"] != "text" or b["text"].strip() for b in last):
+        # The Messages API refuses empty text; say so before starting a CLI for it.
+        raise invalid("messages", "The last user message is empty.")
     if not earlier:
         return system, join_blocks(last)
     blocks = [{"type": "text", "text": TRANSCRIPT_HEAD}]
@@ -1350,6 +1354,9 @@ class ProxyServer(ThreadingHTTPServer):
             self.changed.notify_all()
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110, 5.1)
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     """Checks who is asking, routes requests, turns completion events into HTTP responses."""
 
@@ -1401,13 +1408,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         if not super().parse_request():
             return False
-        if len(self.requestline.split()) < 3:
+        if len(self.requestline.split()) < 3 or self.request_version < "HTTP/1.0":
+            self.request_version = "HTTP/1.0"  # so that the error has a status line
             self.send_error(400, "HTTP/0.9 requests are not served; send HTTP/1.1.")
             return False
-        # A line that is no header ends the headers for the email parser, which would take the
-        # rest for a body; a folded line (obs-fold) is refused as RFC 9112 allows.
-        if self.headers.defects or self.headers.get_payload() or any(
-                "\n" in value for value in self.headers.values()):
+        # The email parser behind self.headers drops a line with no name and takes a line
+        # that is no header for the start of a body, with every header after it: both are
+        # refused, as are folded lines (obs-fold, which RFC 9112 lets a server refuse).
+        if any(isinstance(defect, (email.errors.MissingHeaderBodySeparatorDefect,
+                                   email.errors.InvalidHeaderDefect))
+               for defect in self.headers.defects) or any(
+                not HEADER_NAME.fullmatch(name) or "\n" in value
+                for name, value in self.headers.items()):
             self.send_error(400, "Malformed header lines.")
             return False
         if not hasattr(self, "do_" + self.command):  # BREW, PROPFIND...: a 405 with Allow

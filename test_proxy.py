@@ -1562,7 +1562,63 @@ class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
             s.close()
 
 
+    def test_client_that_leaves_while_waiting_frees_its_place(self):
+        p = self.start_proxy(max_concurrency=1)
+        held = send_chat(p.port, chat_body("[[fake:gate:held]]"))
+        wait_until(lambda: self.runs(), what="the first CLI")
+        for stream in (False, True):
+            waiting = send_chat(p.port, chat_body("left", stream=stream))
+            wait_until(lambda: p.server.slots.waiting == 1, what="a request to wait")
+            waiting.close()
+            wait_until(lambda: p.server.slots.waiting == 0, what="its place to be freed")
+        open(os.path.join(self.log_dir, "held"), "w").close()
+        self.assertEqual(read_response(held)[0], 200)
+        self.assertEqual(len(self.runs()), 1, "no CLI for the clients that left")
+        self.assertEqual(p.chat()[0], 200)
+        self.assert_no_cli_left(p)
+
+    def test_client_that_leaves_while_sending_its_body(self):
+        p = self.start_proxy()
+        with socket.create_connection(("127.0.0.1", p.port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+            wait_until(lambda: p.server.connections == 1, what="the connection")
+        wait_until(lambda: p.server.connections == 0, what="the server to let it go")
+        self.assertEqual(self.runs(), [])
+        self.assertEqual(p.chat()[0], 200)
+
+
 class LeakTest(FakeClaudeMixin, unittest.TestCase):
+    def test_cli_faults_leave_the_daemon_healthy_and_leak_nothing(self):
+        p = self.start_proxy(idle_timeout=0.5)
+        p.chat()  # warm up lazily created state
+        before, threads = open_fds(), threading.active_count()
+        # (prompt, status, status when streamed, last streamed event)
+        cases = [("[[fake:diemid]]", 502, 200, "error"),  # crashes mid-answer
+                 ("[[fake:exit:7]]", 502, 502, None),  # exits before answering
+                 ("[[fake:hang]]", 504, 504, None),  # hangs before printing anything
+                 ("[[fake:silent]]", 504, 504, None),  # starts, then hangs
+                 ("[[fake:drip]]", 504, 200, "error"),  # answers forever (whole-request timeout)
+                 ("[[fake:garbage]]", 200, 200, "[DONE]"),  # noise between its lines
+                 ("[[fake:bigdelta:3000000]]", 502, 200, "error")]  # a line over the limit
+        with mock.patch.object(proxy, "MAX_CLI_LINE_BYTES", 1 << 20):
+            for content, status, stream_status, last in cases:
+                p.server.settings.timeout = 2.0 if "drip" in content else 30.0
+                got, _, body = p.chat(content)
+                self.assertEqual(got, status, content)
+                self.assertEqual("error" in body, status != 200, content)
+                got, _, events = p.stream(content)
+                self.assertEqual(got, stream_status, content)
+                if got == 200:
+                    self.assertEqual("[DONE]" if events[-1] == "[DONE]" else "error" if "error"
+                                     in events[-1] else events[-1], last, content)
+                self.assertEqual(p.request("GET", "/health")[0], 200)
+        self.assert_no_cli_left(p)
+        if before is not None:
+            wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
+        wait_until(lambda: threading.active_count() <= threads, what="threads to end")
+
+
     def test_no_descriptors_or_processes_leak(self):
         p = self.start_proxy()
         p.chat()  # warm up lazily created state
@@ -1577,6 +1633,173 @@ class LeakTest(FakeClaudeMixin, unittest.TestCase):
                      if d.startswith("claude-max-proxy-")
                      and any(os.sep + d + os.sep in r["cwd"] for r in self.runs())]
         self.assertEqual(leftovers, [])
+
+
+class MalformedInputTest(FakeClaudeMixin, unittest.TestCase):
+    """Generated bad requests against one live server: every one gets a 4xx JSON error (the
+    two HTTP/2 request lines get the 505 RFC 9110 prescribes), none starts a CLI, and the
+    server is healthy and holds no more descriptors or threads afterwards."""
+
+    KEY = (("Host", "127.0.0.1"), ("Authorization", "Bearer fuzz"))
+    JSON = KEY + (("Content-Type", "application/json"),)
+    # Wrong values for each request field, by kind; every one must be refused.
+    NOT_A_STRING = [None, True, 0, -1, 1.5, 10 ** 400, 1e308, [], ["x"], {}, {"x": "y"}]
+    NOT_A_BOOL = [0, 1, -1, 1.5, 10 ** 400, "", "true", [], {}]
+    NOT_A_COUNT = [True, False, 0, -1, 1.5, 10 ** 400, -10 ** 400, 1e308, 2 ** 31, "", "10",
+                   [], [1], {}]
+    OUT_OF_RANGE = [True, -0.01, 10 ** 400, -10 ** 400, 1e308, float("inf"), "", "1", [], {}]
+    FIELDS = {
+        "model": NOT_A_STRING + ["", "   ", "gpt-4o", "x" * 100000, "claude-sonnet-4\x00",
+                                 "\ud800", "openai/", "claude-9-giant"],
+        "messages": NOT_A_STRING[:-2] + ["hi", [None], [[]], [{}], ["hi"], [1]] + [
+            [{"role": "user"}], [{"role": "user", "content": None}],
+            [{"role": "user", "content": ""}], [{"role": "user", "content": "  \n"}],
+            [{"role": "user", "content": []}], [{"role": "user", "content": 5}],
+            [{"role": "wizard", "content": "x"}], [{"role": None, "content": "x"}],
+            [{"role": ["user"], "content": "x"}], [{"role": "assistant", "content": "x"}],
+            [{"role": "system", "content": "only instructions"}],
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            [{"role": "tool", "content": "x", "tool_call_id": "1"}],
+            [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}],
+            [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+             {"role": "user", "content": "x"}],
+            [{"role": "user", "content": [{"type": "audio", "input_audio": {}}]}],
+            [{"role": "user", "content": [{"type": "text"}]}],
+            [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+            [{"role": "user", "content": [{"text": "no type"}]}],
+            [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}],
+            [{"role": "user", "content": [{"type": "image_url",
+                                           "image_url": {"url": "ftp://example.com/a.png"}}]}],
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": "data:image/png;base64,!!!not base64!!!"}}]}],
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": "data:text/html;base64,PGgxPg=="}}]}],
+            [{"role": "user", "content": [None] * 100000}],  # oversized and wrong
+            [{"role": "user", "content": "x"}] * 50000 + [{"role": "tool", "content": "x"}],
+            [{"role": "user", "content": "\ud800 unpaired"}]],
+        "stream": NOT_A_BOOL,
+        "stream_options": [True, 0, "x", [], {"include_usage": "yes"}, {"include_usage": 1}],
+        "max_tokens": NOT_A_COUNT,
+        "max_completion_tokens": NOT_A_COUNT,
+        "stop": [True, 0, 1.5, "", [None], [[]], {}, [""], [1], ["a"] * 5, ["a"] * 100000],
+        "n": [True, False, 0, -1, 2, 1.5, 10 ** 400, "1", [], {}],
+        "temperature": OUT_OF_RANGE + [2.01],
+        "top_p": OUT_OF_RANGE + [1.01],
+        "presence_penalty": OUT_OF_RANGE[:1] + OUT_OF_RANGE[2:] + [-2.01, 2.01],
+        "frequency_penalty": OUT_OF_RANGE[:1] + OUT_OF_RANGE[2:] + [-2.01, 2.01],
+        "logprobs": [True, 1, "yes", [1], {"a": 1}],
+        "tools": [[{"type": "function", "function": {"name": "f"}}], "x", {"a": 1}, 1],
+        "functions": [[{"name": "f"}], 1],
+        "tool_choice": ["auto", "required", {}, 1, True],
+        "function_call": ["auto", {"name": "f"}],
+        "response_format": ["json", 1, [], {}, {"type": "json_object"}, {"type": 5}],
+    }
+
+    def bad_bodies(self):
+        """(what, raw body) for every bad JSON body."""
+        for field, values in self.FIELDS.items():
+            for value in values:
+                body = chat_body()
+                body[field] = value
+                raw = json.dumps(body).encode("utf-8", "surrogatepass")
+                yield "%s=%.60r" % (field, value), raw
+        for body in ([], "x", 1, None, True, [chat_body()]):
+            yield "body %r" % (body,), json.dumps(body).encode()
+        deep = 5000
+        for what, raw in [
+                ("empty", b""), ("truncated", b'{"model": "opus"'), ("single quotes", b"{'a': 1}"),
+                ("NaN", b'{"model": "opus", "temperature": NaN}'),
+                ("Infinity", b'{"model": "opus", "temperature": -Infinity}'),
+                ("huge exponent", json.dumps(chat_body()).encode()[:-1] + b', "top_p": 1e99999}'),
+                ("deep arrays", b"[" * deep + b"]" * deep),
+                ("deep objects", b'{"a":' * deep + b"1" + b"}" * deep),
+                ("deep in a field", json.dumps(chat_body()).encode()[:-1] + b', "user": '
+                 + b"[" * deep + b"]" * deep + b"}"),
+                ("invalid UTF-8", b'{"model": "opus", "messages": [{"role": "user", '
+                                  b'"content": "\xff\xfe"}]}'),
+                ("overlong UTF-8", b'{"model": "\xc0\xaf"}'),
+                ("NUL bytes", b"\x00" * 100),
+                ("trailing data", json.dumps(chat_body()).encode() + b" {}"),
+                ("lone surrogate escape", json.dumps(chat_body()).encode().replace(
+                    b'"hi"', b'"\\udc00"'))]:
+            yield what, raw
+
+    def bad_requests(self, port):
+        """(what, raw request, expected status or None for any 4xx)."""
+        body = json.dumps(chat_body()).encode()
+
+        def post(headers, data=body):
+            return b"POST /v1/chat/completions HTTP/1.1\r\n" + b"".join(
+                b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers
+            ) + b"\r\n" + data
+
+        length = (("Content-Length", str(len(body))),)
+        for what, raw in self.bad_bodies():
+            yield what, post(self.JSON + (("Content-Length", str(len(raw))),), raw), None
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; "
+                     "boundary=x", "application/jsonx", "json", ""):
+            yield "Content-Type " + kind, post(self.KEY + (("Content-Type", kind),) + length), 415
+        yield "no Content-Type", post(self.KEY + length), 415
+        for value in ("", "x", "-1", "1e3", "0x10", "1, 1", " 12 3", "\u00b2",
+                      "99999999999999999999999999"):
+            yield "Content-Length %r" % value, post(self.JSON + (("Content-Length", value),)), None
+        yield "Transfer-Encoding", post(self.JSON + (("Transfer-Encoding", "gzip, chunked"),)
+                                        + length), 411
+        for line in (b"Bad header line", b"X Foo: bar", b" folded onto the line above",
+                     b":no name", b"\x00\x01\x02"):
+            request_line, rest = post(self.JSON + length).split(b"\r\n", 1)
+            yield "header line %r" % line, request_line + b"\r\nX-A: 1\r\n" + line + b"\r\n" + rest, 400
+        yield "101 headers", post(self.JSON + length + tuple(
+            ("X-%d" % i, "x") for i in range(101))), 431
+        yield "a 70 kB header", post(self.JSON + length + (("X-Big", "x" * 70000),)), 431
+        for host in ("evil.example", "127.0.0.1\x00.evil", "localhost:3456:1", "[::1"):
+            yield "Host %r" % host, post((("Host", host),) + self.JSON[1:] + length), None
+        for origin in ("https://evil.example", "null", "\x00", "http://127.0.0.1:%d" % port):
+            yield "Origin %r" % origin, post(self.JSON + length + (("Origin", origin),)), 403
+        for auth in ("Bearer", "Bearer fuzz2", "Bearer fuzz fuzz", "Basic ZnV6eg==", "fuzz",
+                     "Bearer \u00e9", "x" * 60000):
+            yield "Authorization %.20r" % auth, post(self.JSON[:1] + self.JSON[2:] + length + (
+                ("Authorization", auth),)), 401
+        for line in (b"NONSENSE", b"GET", b"GET /health", b"GET /health HTTP/1.1 extra",
+                     b"GET /health HTTP/1.x", b"GET /health FTP/1.1", b"GET /health HTTP/1",
+                     b"GET /health HTTP/0.9", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+                     b"GET /" + b"a" * 70000 + b" HTTP/1.1", b"BREW /v1/models HTTP/1.1",
+                     b"get /v1/models HTTP/1.1", b"CONNECT 127.0.0.1:443 HTTP/1.1",
+                     b"GET http://evil.example/v1/models HTTP/1.1", b"GET /v1/mod\x00els HTTP/1.1",
+                     b"DELETE /v1/chat/completions HTTP/1.1", b"GET /v1/../../etc/passwd HTTP/1.1",
+                     b"OPTIONS /nowhere HTTP/1.1"):
+            yield "request line %.40r" % line, line + b"\r\nHost: 127.0.0.1\r\nAuthorization: " \
+                b"Bearer fuzz\r\n\r\n", None
+        for line in (b"GET /health HTTP/2.0", b"PRI * HTTP/2.0"):
+            yield "request line %r" % line, line + b"\r\n\r\nSM\r\n\r\n", 505
+
+    def test_every_bad_request_is_a_4xx_json_error_and_the_server_stays_healthy(self):
+        p = self.start_proxy(api_keys=["fuzz"])
+        p.request("GET", "/health")  # warm up lazily created state
+        before, threads = open_fds(), threading.active_count()
+        count = 0
+        for what, data, expected in self.bad_requests(p.port):
+            count += 1
+            with self.subTest(what):
+                status, response, body = raw_request(p.port, data=data)
+                if expected is None:
+                    self.assertTrue(400 <= status < 500, "%s: %d" % (what, status))
+                else:
+                    self.assertEqual(status, expected, what)
+                self.assertEqual(response.getheader("Content-Type"), "application/json", what)
+                self.assertIsInstance(body["error"]["message"], str, what)
+        self.assertGreater(count, 250)
+        self.assertEqual(self.runs(), [], "no bad request started a CLI")
+        self.assertEqual(p.request("GET", "/health")[0], 200)
+        status, _, body = p.request("POST", "/v1/chat/completions", chat_body(),
+                                    headers={"Authorization": "Bearer fuzz"})
+        self.assertEqual((status, body["choices"][0]["message"]["content"]),
+                         (200, "Hello from the fake API."))
+        wait_until(lambda: p.server.connections == 0, what="every connection to close")
+        if before is not None:
+            wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
+        wait_until(lambda: threading.active_count() <= threads, what="threads to end")
 
 
 class LoadTest(FakeClaudeMixin, unittest.TestCase):
@@ -2051,6 +2274,97 @@ class MainTest(FakeClaudeMixin, unittest.TestCase):
             daemon.terminate()
             self.assertEqual(daemon.wait(20), 0)
             daemon.stderr.close()
+
+
+class ShutdownTest(FakeClaudeMixin, unittest.TestCase):
+    """SIGTERM and SIGINT: stop accepting, a grace period for requests in flight, then every CLI
+    process group ended and exit 0, never an orphan `claude`."""
+
+    def start_daemon(self, *args):
+        daemon = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0",
+             "--claude-bin", self.fake_path] + list(args),
+            stderr=subprocess.PIPE, text=True, env=MainTest.daemon_env())
+        self.addCleanup(self.stop, daemon)
+        port = int(re.search(r"serving http://127.0.0.1:(\d+)/v1", daemon.stderr.readline())[1])
+        return daemon, port
+
+    @staticmethod
+    def stop(daemon):
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        daemon.stderr.close()
+
+    @staticmethod
+    def refused(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return False
+        except (ConnectionRefusedError, ConnectionResetError):  # reset: left in the backlog
+            return True
+
+    def test_requests_in_flight_finish_then_it_exits_0(self):
+        daemon, port = self.start_daemon("--shutdown-grace", "60")
+        sockets = [send_chat(port, chat_body("[[fake:gate:go]]")),
+                   send_chat(port, chat_body("[[fake:gate:go]]", stream=True))]
+        wait_until(lambda: len(self.runs()) == 2, what="two CLIs")
+        daemon.send_signal(signal.SIGTERM)
+        wait_until(lambda: self.refused(port), what="the daemon to stop accepting")
+        self.assertIsNone(daemon.poll(), "it waits for the requests in flight")
+        open(os.path.join(self.log_dir, "go"), "w").close()
+        status, _, body = read_response(sockets[0])
+        self.assertEqual((status, body["choices"][0]["message"]["content"]),
+                         (200, "Hello from the fake API."))
+        status, _, data = read_response(sockets[1])
+        self.assertEqual((status, parse_sse(data)[-1]), (200, "[DONE]"))
+        self.assertEqual(daemon.wait(20), 0)
+        log = daemon.stderr.read()
+        self.assertIn("SIGTERM: shutting down", log)
+        self.assertNotIn("Traceback", log)
+        self.assert_runs_ended()
+
+    def test_past_the_grace_every_cli_is_ended_and_its_client_told(self):
+        daemon, port = self.start_daemon("--shutdown-grace", "0.5", "--max-concurrency", "1")
+        running = send_chat(port, chat_body("[[fake:silent]][[fake:child]]"))
+        wait_until(lambda: self.runs(), what="the CLI")
+        queued = send_chat(port, chat_body("never runs"))
+        wait_until(lambda: json.loads(http_get(port, "/health"))["requests_waiting"] == 1,
+                   what="a request to wait")
+        daemon.send_signal(signal.SIGINT)
+        for sock in (queued, running):
+            status, _, body = read_response(sock)
+            self.assertEqual((status, body["error"]["code"]), (503, "shutting_down"))
+        self.assertEqual(daemon.wait(20), 0)
+        self.assertEqual(len(self.runs()), 1, "the waiting request never started a CLI")
+        self.assert_runs_ended()
+        self.assertNotIn("Traceback", daemon.stderr.read())
+
+    def test_a_second_signal_skips_the_grace(self):
+        daemon, port = self.start_daemon("--shutdown-grace", "600")
+        sock = send_chat(port, chat_body("[[fake:silent]]", stream=True))
+        wait_until(lambda: self.runs(), what="the CLI")
+        daemon.send_signal(signal.SIGTERM)
+        wait_until(lambda: self.refused(port), what="the daemon to stop accepting")
+        daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(20), 0)
+        self.assertEqual(read_response(sock)[0], 503)
+        self.assert_runs_ended()
+
+    def assert_runs_ended(self):
+        for run in self.runs():
+            wait_until(lambda: not alive(run["pid"]), what="claude %d to end" % run["pid"])
+            if "child" in run:
+                wait_until(lambda: not alive(run["child"]), what="its child to end")
+
+
+def http_get(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read()
+    finally:
+        conn.close()
 
 
 class PackagingTest(unittest.TestCase):
