@@ -18,12 +18,18 @@ the ``claude`` CLI, installed and logged in. Copy it anywhere and run it.
 
 What it guards:
 
-* It binds to 127.0.0.1 by default. It is a personal tool: it is not meant to face the internet.
+* It binds to 127.0.0.1 by default and will not listen anywhere else without an API key
+  (``--api-key``). It is a personal tool: it is not meant to face the internet.
 * API callers get a model, never an agent: the CLI runs with no built-in tools, no MCP servers, no
   slash commands, permission prompts answered "no", in a private empty working directory, and the
   prompt travels on stdin, never on the command line. Nothing a caller sends can make Claude read
   or change files or run commands.
-* POST bodies must be ``application/json``, so a web page cannot drive it with a plain form post.
+* Web pages cannot use it through your browser: foreign ``Origin`` headers, cross-site fetches
+  and unknown ``Host`` names (DNS rebinding) are refused, and POST bodies must be
+  ``application/json``.
+* Load is bounded: a few CLI processes at once (``--max-concurrency``), a fair queue behind them,
+  capped bodies and connections, and deadlines for slow clients. On SIGTERM it lets answers in
+  flight finish, then ends every CLI it started.
 * Logs name methods, paths, statuses, models, durations and token counts, never prompts or answers.
 
 See README.md for configuration, the launchd agent, and the exact translation rules.

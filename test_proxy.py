@@ -17,6 +17,7 @@ benchmark, which prints figures and asserts nothing about speed.
 """
 
 import argparse
+import collections
 import http.client
 import json
 import os
@@ -2281,20 +2282,7 @@ class ShutdownTest(FakeClaudeMixin, unittest.TestCase):
     process group ended and exit 0, never an orphan `claude`."""
 
     def start_daemon(self, *args):
-        daemon = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0",
-             "--claude-bin", self.fake_path] + list(args),
-            stderr=subprocess.PIPE, text=True, env=MainTest.daemon_env())
-        self.addCleanup(self.stop, daemon)
-        port = int(re.search(r"serving http://127.0.0.1:(\d+)/v1", daemon.stderr.readline())[1])
-        return daemon, port
-
-    @staticmethod
-    def stop(daemon):
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        daemon.stderr.close()
+        return start_daemon(self, *args)
 
     @staticmethod
     def refused(port):
@@ -2319,7 +2307,7 @@ class ShutdownTest(FakeClaudeMixin, unittest.TestCase):
         status, _, data = read_response(sockets[1])
         self.assertEqual((status, parse_sse(data)[-1]), (200, "[DONE]"))
         self.assertEqual(daemon.wait(20), 0)
-        log = daemon.stderr.read()
+        log = daemon.log()
         self.assertIn("SIGTERM: shutting down", log)
         self.assertNotIn("Traceback", log)
         self.assert_runs_ended()
@@ -2338,7 +2326,7 @@ class ShutdownTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(daemon.wait(20), 0)
         self.assertEqual(len(self.runs()), 1, "the waiting request never started a CLI")
         self.assert_runs_ended()
-        self.assertNotIn("Traceback", daemon.stderr.read())
+        self.assertNotIn("Traceback", daemon.log())
 
     def test_a_second_signal_skips_the_grace(self):
         daemon, port = self.start_daemon("--shutdown-grace", "600")
@@ -2356,6 +2344,35 @@ class ShutdownTest(FakeClaudeMixin, unittest.TestCase):
             wait_until(lambda: not alive(run["pid"]), what="claude %d to end" % run["pid"])
             if "child" in run:
                 wait_until(lambda: not alive(run["child"]), what="its child to end")
+
+
+def start_daemon(test, *args):
+    """`python3 claude_max_proxy.py --port 0 ARGS` with the fake CLI, logging to a file (a pipe
+    nobody reads would fill up and stop it); stopped at the test's end. (daemon, port)."""
+    log_path = os.path.join(test.tmp, "daemon-%d.log" % len(os.listdir(test.tmp)))
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0",
+             "--claude-bin", test.fake_path] + list(args),
+            stderr=log, text=True, env=MainTest.daemon_env())
+
+    def stop():
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+    test.addCleanup(stop)
+
+    def read_log():
+        with open(log_path) as f:
+            return f.read()
+
+    daemon.log = read_log
+    found = wait_until(lambda: re.search(r"serving http://127.0.0.1:(\d+)/v1", read_log())
+                       or daemon.poll() is not None, what="the daemon to start")
+    if daemon.poll() is not None:
+        raise AssertionError("the daemon did not start: " + read_log())
+    return daemon, int(found[1])
 
 
 def http_get(port, path):
@@ -2807,6 +2824,133 @@ class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
             for _ in stream:
                 pass
         self.assertIn("mid-stream", str(caught.exception))
+
+
+##############################################################################
+# Soak run (opt-in: PROXY_SOAK=1)
+##############################################################################
+
+def daemon_figures(pid):
+    """(RSS kB, peak RSS kB, threads, open fds) of a process, from /proc; None where absent."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        return (int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0]),
+                int(status["Threads"]), len(os.listdir("/proc/%d/fd" % pid)))
+    except (OSError, KeyError, ValueError):
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True)
+        rss = int(out.stdout.strip() or 0)
+        return rss, rss, None, None
+
+
+@unittest.skipUnless(os.environ.get("PROXY_SOAK") == "1", "set PROXY_SOAK=1 for the soak run")
+class SoakTest(FakeClaudeMixin, unittest.TestCase):
+    """Thousands of requests through the real daemon and the fake CLI: a mix of answers,
+    streams, clients that leave, CLI failures and bad requests. Reports what was served, peak
+    memory, and descriptors and threads at start and end; fails on any wrong answer or leak."""
+
+    REQUESTS = int(os.environ.get("PROXY_SOAK_REQUESTS", "3000"))
+    CLIENTS = 8
+    KEY = {"Authorization": "Bearer soak"}
+
+    def one(self, port, kind):
+        """Send one request of `kind`; returns its outcome: a status, "left", or "wrong: ..."."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            def post(body, headers=self.KEY, raw=None):
+                conn.request("POST", "/v1/chat/completions", body=raw or json.dumps(body),
+                             headers=dict(headers, **{"Content-Type": "application/json"}))
+                return conn.getresponse()
+
+            if kind in ("health", "models"):
+                conn.request("GET", "/health" if kind == "health" else "/v1/models",
+                             headers=self.KEY)
+                response = conn.getresponse()
+                response.read()
+                return response.status
+            if kind == "leave at once":
+                sock = send_chat(port, chat_body("[[fake:silent]]"))
+                sock.close()
+                return "left"
+            if kind == "leave mid-stream":
+                response = post(chat_body("[[fake:drip:0.005]]", stream=True))
+                if response.status != 200 or response.read(6) != b"data: ":
+                    return "wrong: %d" % response.status
+                conn.sock.close()
+                return "left"
+            content = {"chat": "hi", "stream": "hi", "overloaded": "[[fake:err529]]",
+                       "exits early": "[[fake:exit:7]]", "dies mid-stream": "[[fake:diemid]]",
+                       "bad request": "", "no key": "hi"}[kind]
+            stream = kind in ("stream", "dies mid-stream")
+            response = post(chat_body(content, stream=stream,
+                                      stream_options={"include_usage": True} if stream else None),
+                            headers={} if kind == "no key" else self.KEY,
+                            raw=b"{not json" if kind == "bad request" else None)
+            data = response.read()
+            if stream and response.status == 200:
+                last = parse_sse(data)[-1]
+                if (last == "[DONE]") != (kind == "stream"):
+                    return "wrong: stream ended with %.80r" % (last,)
+            return response.status
+        finally:
+            conn.close()
+
+    EXPECTED = {"chat": 200, "stream": 200, "health": 200, "models": 200, "leave at once": "left",
+                "leave mid-stream": "left", "overloaded": 503, "exits early": 502,
+                "dies mid-stream": 200, "bad request": 400, "no key": 401}
+    WEIGHTS = {"chat": 35, "stream": 25, "health": 4, "models": 4, "leave at once": 5,
+               "leave mid-stream": 8, "overloaded": 4, "exits early": 4, "dies mid-stream": 4,
+               "bad request": 4, "no key": 3}
+
+    def test_soak(self):
+        import concurrent.futures
+        import random
+        daemon, port = start_daemon(self, "--api-key", "soak", "--max-concurrency", "4")
+        start = daemon_figures(daemon.pid)
+        peak = [start]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.2):
+                peak.append(daemon_figures(daemon.pid))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        rng = random.Random(3)
+        kinds = rng.choices(list(self.WEIGHTS), weights=list(self.WEIGHTS.values()),
+                            k=self.REQUESTS)
+        begun = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(self.CLIENTS) as pool:
+            outcomes = list(pool.map(lambda kind: (kind, self.one(port, kind)), kinds))
+        seconds = time.monotonic() - begun
+        wait_until(lambda: not children_of(daemon.pid), timeout=30, what="every CLI to end")
+        if start[3] is not None:
+            wait_until(lambda: daemon_figures(daemon.pid)[3] <= start[3], timeout=30,
+                       what="the daemon's descriptors to return to %d" % start[3])
+            wait_until(lambda: daemon_figures(daemon.pid)[2] <= start[2], timeout=30,
+                       what="the daemon's threads to return to %d" % start[2])
+        end = daemon_figures(daemon.pid)
+        done.set()
+        sampler.join()
+        wrong = [(kind, got) for kind, got in outcomes if got != self.EXPECTED[kind]]
+        statuses = collections.Counter(got for _, got in outcomes)
+        runs = len(self.runs())
+        print("\nsoak: %d requests by %d clients in %.1f s (%.0f/s), %d CLI runs, "
+              "--max-concurrency 4" % (len(outcomes), self.CLIENTS, seconds,
+                                       len(outcomes) / seconds, runs))
+        print("soak: answers %s" % ", ".join("%s: %d" % (k, v) for k, v in sorted(
+            statuses.items(), key=str)))
+        print("soak: wrong answers %d, served %d, refused or failed on purpose %d, clients "
+              "that left %d" % (len(wrong), sum(1 for _, g in outcomes if g == 200),
+                                sum(1 for _, g in outcomes if isinstance(g, int) and g != 200),
+                                statuses["left"]))
+        print("soak: daemon RSS %d kB at start, %d kB peak, %d kB at end; fds %s -> %s; "
+              "threads %s -> %s" % (start[0], max(p[1] for p in peak + [end]), end[0],
+                                    start[3], end[3], start[2], end[2]))
+        self.assertEqual(wrong, [])
+        daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(30), 0)
+        self.assertNotIn("Traceback", daemon.log())
 
 
 ##############################################################################
