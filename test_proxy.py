@@ -2762,6 +2762,36 @@ class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
                                     api_key="not-needed", max_retries=0, timeout=30)
         self.addCleanup(self.client.close)
 
+    def test_api_keys_and_a_busy_proxy(self):
+        p = self.start_proxy(api_keys=["sdk-key"], max_concurrency=1, max_queue=1)
+        url = "http://127.0.0.1:%d/v1" % p.port
+        with openai.OpenAI(base_url=url, api_key="sdk-key", max_retries=0) as client:
+            chunks = list(client.chat.completions.create(
+                model="opus", stream=True, messages=[{"role": "user", "content": "hi"}]))
+            self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks
+                                     if c.choices), "Hello from the fake API.")
+            held = socket.create_connection(("127.0.0.1", p.port))
+            data = json.dumps(chat_body("[[fake:gate:held]]")).encode()
+            held.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Authorization: Bearer sdk-key\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            wait_until(lambda: len(self.runs()) == 2, what="the held CLI")
+            waiting = threading.Thread(target=lambda: client.chat.completions.create(
+                model="opus", messages=[{"role": "user", "content": "waits"}]))
+            waiting.start()
+            wait_until(lambda: p.server.slots.waiting == 1, what="a request to wait")
+            with self.assertRaises(openai.RateLimitError) as caught:
+                client.chat.completions.create(model="opus", messages=[
+                    {"role": "user", "content": "hi"}])
+            self.assertEqual(caught.exception.code, "queue_full")
+            open(os.path.join(self.log_dir, "held"), "w").close()
+            self.assertEqual(read_response(held)[0], 200)
+            waiting.join(30)
+        with openai.OpenAI(base_url=url, api_key="wrong", max_retries=0) as client:
+            with self.assertRaises(openai.AuthenticationError) as caught:
+                client.models.list()
+            self.assertEqual(caught.exception.code, "invalid_api_key")
+
     def test_list_and_retrieve_models(self):
         ids = [m.id for m in self.client.models.list()]
         self.assertIn("claude-opus-4", ids)
