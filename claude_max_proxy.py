@@ -1906,12 +1906,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
-    if isinstance(args.max_body, str):  # the environment's value; argparse converts only flags
-        try:
-            args.max_body = _size(args.max_body)
-        except argparse.ArgumentTypeError as e:
-            parser.error("CLAUDE_MAX_API_MAX_BODY: %s" % e)
-    for name in ("max_concurrency", "max_queue"):
+    for name in ("max_concurrency", "max_queue"):  # from the environment, unchecked by _count
         if getattr(args, name) < 1:
             parser.error("--%s must be at least 1" % name.replace("_", "-"))
     args.api_keys = split_list(args.api_key)

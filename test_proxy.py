@@ -2191,12 +2191,17 @@ class MainTest(FakeClaudeMixin, unittest.TestCase):
                                                                 + proxy.__version__))
         out = self.run_main("--help")
         for flag in ("--host", "--port", "--claude-bin", "--timeout", "--idle-timeout",
-                     "--log-level", "CLAUDE_MAX_API_PORT", "CLAUDE_BIN"):
+                     "--log-level", "CLAUDE_MAX_API_PORT", "CLAUDE_BIN", "--api-key",
+                     "CLAUDE_MAX_API_KEY", "--api-key-file", "--cors-origin", "--allowed-host",
+                     "--max-concurrency", "--max-queue", "--queue-timeout", "--max-body",
+                     "--client-timeout", "--shutdown-grace"):
             self.assertIn(flag, out.stdout)
 
     def test_bad_flags_are_one_line_and_nonzero(self):
         for args in (["--port", "x"], ["--timeout", "-1"], ["--nope"], ["--port", "70000"],
-                     ["--log-level", "LOUD"]):
+                     ["--log-level", "LOUD"], ["--max-concurrency", "0"], ["--max-queue", "x"],
+                     ["--max-body", "12q"], ["--queue-timeout", "0"], ["--client-timeout", "-5"],
+                     ["--api-key-file", "/nonexistent/keys"]):
             out = self.run_main(*args)
             self.assertEqual(out.returncode, 2, args)
             self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
@@ -2204,6 +2209,23 @@ class MainTest(FakeClaudeMixin, unittest.TestCase):
         out = self.run_main(env={"CLAUDE_MAX_API_PORT": "abc"})
         self.assertEqual(out.returncode, 1)
         self.assertIn("CLAUDE_MAX_API_PORT", out.stderr)
+
+    def test_listening_beyond_loopback_needs_a_key(self):
+        for host in ("0.0.0.0", "::", ""):
+            out = self.run_main("--host", host, "--port", "0",
+                                env={"CLAUDE_MAX_API_KEY": "", "CLAUDE_MAX_API_KEY_FILE": ""})
+            self.assertEqual(out.returncode, 1, host)
+            self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
+            self.assertIn("refusing to listen on %s without an API key" % (host or "*"),
+                          out.stderr)
+        # With a key it goes on to listen: shown here by a port that is taken, so that the test
+        # never listens on a public address.
+        with socket.socket() as taken:
+            taken.bind(("0.0.0.0", 0))
+            out = self.run_main("--host", "0.0.0.0", "--port", str(taken.getsockname()[1]),
+                                "--api-key", "k")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("cannot listen on 0.0.0.0", out.stderr)
 
     def test_port_in_use_is_one_clear_line(self):
         with socket.socket() as taken:
