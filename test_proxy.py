@@ -2368,15 +2368,17 @@ class ShutdownTest(FakeClaudeMixin, unittest.TestCase):
                 wait_until(lambda: not alive(run["child"]), what="its child to end")
 
 
-def start_daemon(test, *args):
-    """`python3 claude_max_proxy.py --port 0 ARGS` with the fake CLI, logging to a file (a pipe
-    nobody reads would fill up and stop it); stopped at the test's end. (daemon, port)."""
-    log_path = os.path.join(test.tmp, "daemon-%d.log" % len(os.listdir(test.tmp)))
+def start_daemon(test, *args, claude_bin=None, env=None):
+    """`python3 claude_max_proxy.py --port 0 ARGS` with the fake CLI (or `claude_bin`), logging
+    to a file (a pipe nobody reads would fill up and stop it); stopped at the test's end.
+    (daemon, port)."""
+    log_path = tempfile.mktemp(prefix="proxy-daemon-", suffix=".log")
+    test.addCleanup(lambda: os.path.exists(log_path) and os.unlink(log_path))
     with open(log_path, "w") as log:
         daemon = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0",
-             "--claude-bin", test.fake_path] + list(args),
-            stderr=log, text=True, env=MainTest.daemon_env())
+             "--claude-bin", claude_bin or test.fake_path] + list(args),
+            stderr=log, text=True, env=env or MainTest.daemon_env())
 
     def stop():
         if daemon.poll() is None:
@@ -2473,6 +2475,10 @@ class FakeAnthropicAPI(ThreadingHTTPServer):
         self.requests = []
         self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), FakeAnthropicHandler)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a CLI that was ended: expected
+            super().handle_error(request, client_address)
 
     def url(self):
         return "http://127.0.0.1:%d" % self.server_address[1]
@@ -2759,6 +2765,39 @@ class EndToEndTest(unittest.TestCase):
         wait_until(lambda: not alive(pids[0]), what="the real CLI to end")
         self.api.release.set()
         wait_until(lambda: not self.proxy.server.processes, what="the proxy to forget it")
+
+    def test_sigterm_ends_the_real_cli_and_all_it_started(self):
+        if children_of(os.getpid()) is None:
+            self.skipTest("needs /proc to find the daemon's descendants")
+        daemon, port = start_daemon(self, "--shutdown-grace", "0.5", claude_bin=self.claude,
+                                    env=dict(os.environ))
+        s = send_chat(port, {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "[[api:hold]] e2e-marker-6"}]})
+        self.addCleanup(self.api.release.set)
+        received = b""
+        while b'"Hello"' not in received:
+            received += s.recv(65536)
+
+        def descendants(pid):
+            found = []
+            for child, _ in children_of(pid):
+                found += [child] + descendants(child)
+            return found
+
+        started = descendants(daemon.pid)
+        self.assertTrue(started, "the real CLI runs under the daemon")
+        daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(30), 0)
+        for pid in started:
+            wait_until(lambda: not alive(pid), what="process %d to end" % pid)
+        with s:
+            while not received.endswith(b"0\r\n\r\n"):
+                data = s.recv(65536)
+                if not data:
+                    break
+                received += data
+        self.assertIn(b'"shutting_down"', received, "the client is told why its answer ended")
+        self.assertNotIn("Traceback", daemon.log())
 
 
 ##############################################################################
