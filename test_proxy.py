@@ -352,8 +352,8 @@ def scenario(text, model, opts=None):
         lines.append({"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
                       "retry_delay_ms": 606, "error_status": 529, "error": "overloaded",
                       "session_id": SESSION, "uuid": str(uuid.uuid4())})
-    if any(k in d for k in ("err401", "err401once", "notloggedin", "err529", "err500", "toolong", "ratelimit",
-                            "connrefused")):
+    if any(k in d for k in ("err401", "err401once", "notloggedin", "err529", "err500", "toolong",
+                            "ratelimit", "connrefused")):
         lines.append(status())  # in stream-json input mode a status line comes first
     if "ratelimit" in d:  # with subscription (OAuth) credentials, before the error
         lines.append(rate_limit_event({"status": "rejected", "resetsAt": int(time.time()) + int(
@@ -1750,7 +1750,8 @@ class MalformedInputTest(FakeClaudeMixin, unittest.TestCase):
         for line in (b"Bad header line", b"X Foo: bar", b" folded onto the line above",
                      b":no name", b"\x00\x01\x02"):
             request_line, rest = post(self.JSON + length).split(b"\r\n", 1)
-            yield "header line %r" % line, request_line + b"\r\nX-A: 1\r\n" + line + b"\r\n" + rest, 400
+            yield "header line %r" % line, (request_line + b"\r\nX-A: 1\r\n" + line + b"\r\n"
+                                            + rest), 400
         yield "101 headers", post(self.JSON + length + tuple(
             ("X-%d" % i, "x") for i in range(101))), 431
         yield "a 70 kB header", post(self.JSON + length + (("X-Big", "x" * 70000),)), 431
@@ -2094,12 +2095,13 @@ class AccessTest(FakeClaudeMixin, unittest.TestCase):
                 ("OPTIONS", "/v1/chat/completions", {
                     "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
                     "Access-Control-Request-Headers": "content-type"}),
-                ("GET", "/v1/models", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"})]:
+                ("GET", "/v1/models", {"Sec-Fetch-Site": "cross-site",
+                                       "Sec-Fetch-Mode": "no-cors"})]:
             status, response, body = p.request(method, path, headers=headers,
                                                raw=self.CHAT if method == "POST" else None)
             self.assertEqual((status, body["error"]["code"]), (403, "origin_not_allowed"), headers)
-            self.assertEqual([h for h in response.headers if h.lower().startswith("access-control")],
-                             [], "a refused origin gets no CORS headers")
+            cors = [h for h in response.headers if h.lower().startswith("access-control")]
+            self.assertEqual(cors, [], "a refused origin gets no CORS headers")
         # A form post, which a page may send anywhere without asking: not JSON, so refused.
         status, _, _ = p.request("POST", "/v1/chat/completions", raw=b"model=opus",
                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
