@@ -1516,7 +1516,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if size > limit:
             raise APIError(413, "The request body (%d bytes) is larger than the %d bytes this "
                            "proxy accepts (--max-body)." % (size, limit), code="request_too_large")
-        if self.headers.get("Expect", "").strip().lower() == "100-continue":
+        if (self.headers.get("Expect", "").strip().lower() == "100-continue"
+                and self.request_version != "HTTP/1.0"):  # RFC 9110: ignored in HTTP/1.0
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         raw = bytearray()
         deadline = time.monotonic() + self.server.settings.client_timeout
