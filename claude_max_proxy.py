@@ -880,34 +880,46 @@ class ClaudeCLI:
         self._identity: Optional[Tuple[int, float]] = None
         self._problem = "not looked up yet"
 
-    def status(self) -> Tuple[Optional[str], Optional[str], str]:
-        """(path, version, problem); path is None when the CLI is not usable."""
-        with self._lock:
-            if self._path and self._identity == file_identity(self._path):
-                return self._path, self._version, ""
-            path = find_claude(self.configured)
-            if not path:
-                where = self.configured or "PATH, " + ", ".join(CLAUDE_SEARCH_PATHS)
-                self._path, self._problem = None, (
-                    "the Claude Code CLI was not found (looked in %s). Install it "
-                    "(npm install -g @anthropic-ai/claude-code, or see "
-                    "https://docs.claude.com/en/docs/claude-code/setup), run `claude` once "
-                    "to log in, or pass --claude-bin." % where)
-                return None, None, self._problem
-            try:
-                out = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL,
-                                     capture_output=True, timeout=VERSION_TIMEOUT)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                self._path, self._problem = None, "%s --version failed: %s" % (path, e)
-                return None, None, self._problem
-            version = out.stdout.decode("utf-8", "replace").strip().splitlines()
-            if out.returncode != 0 or not version:
-                self._path, self._problem = None, "%s --version exited with %d" % (
-                    path, out.returncode)
-                return None, None, self._problem
-            self._path, self._version, self._problem = path, version[0], ""
-            self._identity = file_identity(path)  # an upgraded or removed CLI is looked at again
-            return path, self._version, ""
+    def status(self, wait: bool = True) -> Tuple[Optional[str], Optional[str], str]:
+        """(path, version, problem); path is None when the CLI is not usable.
+
+        Without `wait`, while another thread is looking the CLI up (`claude --version` may take
+        seconds after an upgrade), the last known answer is given at once.
+        """
+        if not self._lock.acquire(blocking=wait):
+            return self._path, self._version, self._problem
+        try:
+            return self._look_up()
+        finally:
+            self._lock.release()
+
+    def _look_up(self) -> Tuple[Optional[str], Optional[str], str]:
+        """Find the CLI again if it changed or was never found, and ask its version."""
+        if self._path and self._identity == file_identity(self._path):
+            return self._path, self._version, ""
+        path = find_claude(self.configured)
+        if not path:
+            where = self.configured or "PATH, " + ", ".join(CLAUDE_SEARCH_PATHS)
+            self._path, self._problem = None, (
+                "the Claude Code CLI was not found (looked in %s). Install it "
+                "(npm install -g @anthropic-ai/claude-code, or see "
+                "https://docs.claude.com/en/docs/claude-code/setup), run `claude` once "
+                "to log in, or pass --claude-bin." % where)
+            return None, None, self._problem
+        try:
+            out = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL,
+                                 capture_output=True, timeout=VERSION_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self._path, self._problem = None, "%s --version failed: %s" % (path, e)
+            return None, None, self._problem
+        version = out.stdout.decode("utf-8", "replace").strip().splitlines()
+        if out.returncode != 0 or not version:
+            self._path, self._problem = None, "%s --version exited with %d" % (
+                path, out.returncode)
+            return None, None, self._problem
+        self._path, self._version, self._problem = path, version[0], ""
+        self._identity = file_identity(path)  # an upgraded or removed CLI is looked at again
+        return path, self._version, ""
 
     def require(self) -> str:
         path, _, problem = self.status()
@@ -1339,6 +1351,12 @@ class ProxyServer(ThreadingHTTPServer):
             for process in self.processes:
                 process.signal(signal.SIGKILL)
 
+    def stop_accepting(self) -> None:
+        """The first step of a shutdown: no new CLI runs, no new connections."""
+        self.stopping.set()
+        self.slots.close()
+        self.shutdown()  # serve_forever returns; main() then closes the socket
+
     def finish_requests(self, grace: float) -> None:
         """At shutdown, once no connection is accepted any more: requests waiting for a slot
         are refused, those with a CLI get `grace` seconds to finish (unless `hurry` is set),
@@ -1659,7 +1677,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Never waits behind chat requests. Without a valid key (when keys are set) it leaves
         out where the CLI is installed, which names the user."""
         server = self.server
-        path, version, problem = server.claude.status()
+        path, version, problem = server.claude.status(wait=False)
         healthy = bool(path) and not server.stopping.is_set()
         body: Dict[str, Any] = {
             "status": "ok" if healthy else "stopping" if path else "unavailable",
@@ -1705,6 +1723,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                             self._send_json(200, body)
                 finally:
                     self._end_cli()
+        except APIError as error:
+            self._send_error(error)  # still counted in `chats`: a shutdown waits for this answer
         finally:
             with server.changed:
                 server.chats -= 1
@@ -1956,7 +1976,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return
         log.info("%s: shutting down", signal.Signals(signum).name)
         server.stopping.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=server.stop_accepting, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

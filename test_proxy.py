@@ -1274,6 +1274,31 @@ class EndpointTest(FakeClaudeMixin, unittest.TestCase):
         self.assertIsNone(cli.status()[0])
         self.assertIn("not found", cli.status()[2])
 
+    def test_health_does_not_wait_for_a_slow_version_check(self):
+        copy = os.path.join(self.tmp, "claude-slow")
+        shutil.copy(self.fake_path, copy)
+        p = self.start_proxy(claude_bin=copy)
+        self.assertEqual(p.request("GET", "/health")[2]["claude"]["version"],
+                         "2.1.331 (Claude Code)")
+        gate = os.path.join(self.tmp, "version-gate")
+        with open(copy) as f:  # an upgrade whose --version answers only once the gate opens
+            source = f.read().replace(
+                '        print(VERSION)', '        while not os.path.exists(%r):\n'
+                '            time.sleep(0.01)\n        print("2.1.332 (Claude Code)")' % gate)
+        with open(copy + ".new", "w") as f:
+            f.write(source)
+        os.chmod(copy + ".new", 0o755)
+        os.replace(copy + ".new", copy)
+        checking = threading.Thread(target=p.server.claude.status)  # as a chat request would
+        checking.start()
+        wait_until(lambda: p.server.claude._lock.locked(), what="the version check to begin")
+        status, _, body = p.request("GET", "/health")
+        self.assertEqual((status, body["claude"]["version"]), (200, "2.1.331 (Claude Code)"))
+        open(gate, "w").close()
+        checking.join(30)
+        self.assertEqual(p.request("GET", "/health")[2]["claude"]["version"],
+                         "2.1.332 (Claude Code)")
+
     def test_missing_cli_is_503_with_instructions_and_health_says_so(self):
         p = Proxy(claude_bin=os.path.join(self.tmp, "no-such-claude"))
         self.addCleanup(p.close)
@@ -2332,9 +2357,22 @@ class ShutdownTest(FakeClaudeMixin, unittest.TestCase):
         sockets = [send_chat(port, chat_body("[[fake:gate:go]]")),
                    send_chat(port, chat_body("[[fake:gate:go]]", stream=True))]
         wait_until(lambda: len(self.runs()) == 2, what="two CLIs")
+        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # kept alive across
+        kept.request("GET", "/health")
+        self.assertEqual(json.loads(kept.getresponse().read())["status"], "ok")
         daemon.send_signal(signal.SIGTERM)
         wait_until(lambda: self.refused(port), what="the daemon to stop accepting")
         self.assertIsNone(daemon.poll(), "it waits for the requests in flight")
+        kept.request("GET", "/health")  # a connection from before: served, says it is stopping
+        response = kept.getresponse()
+        self.assertEqual((response.status, json.loads(response.read())["status"]),
+                         (503, "stopping"))
+        kept.request("POST", "/v1/chat/completions", body=json.dumps(chat_body()),
+                     headers={"Content-Type": "application/json"})
+        response = kept.getresponse()
+        self.assertEqual((response.status, json.loads(response.read())["error"]["code"]),
+                         (503, "shutting_down"), "no new CLI once stopping")
+        kept.close()
         open(os.path.join(self.log_dir, "go"), "w").close()
         status, _, body = read_response(sockets[0])
         self.assertEqual((status, body["choices"][0]["message"]["content"]),
