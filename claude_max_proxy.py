@@ -1868,11 +1868,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         description="OpenAI-compatible API on top of the Claude Code CLI and your Claude "
                     "subscription. Every flag can also be set by the environment variable named.")
     add = parser.add_argument
+
+    def number(flag: str, variable: str, default: float, check: Callable[[str], Any],
+               text: str) -> None:
+        """A numeric flag whose default comes from `variable`, named in its help."""
+        add(flag, type=check, default=_env_number(variable, default, type(default)),
+            help="%s (%s; default %%(default)s)" % (text, variable))
+
     add("--host", default=env("CLAUDE_MAX_API_HOST", DEFAULT_HOST),
         help="address to listen on (CLAUDE_MAX_API_HOST; default %(default)s). Anything but a "
              "loopback address needs --api-key")
-    add("--port", type=int, default=_env_number("CLAUDE_MAX_API_PORT", DEFAULT_PORT, int),
-        help="port to listen on (CLAUDE_MAX_API_PORT; default %(default)s)")
+    number("--port", "CLAUDE_MAX_API_PORT", DEFAULT_PORT, int, "port to listen on")
     add("--api-key", default=env("CLAUDE_MAX_API_KEY", ""), metavar="KEY[,KEY...]",
         help="require one of these keys, as `Authorization: Bearer KEY` or `x-api-key: KEY`, on "
              "every endpoint but /health (CLAUDE_MAX_API_KEY; default: no key)")
@@ -1890,36 +1896,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add("--claude-bin", default=env("CLAUDE_BIN") or None,
         help="the claude CLI to run (CLAUDE_BIN; default: found on PATH or in the usual install "
              "locations)")
-    add("--max-concurrency", type=_count,
-        default=_env_number("CLAUDE_MAX_API_MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY, int),
-        help="CLI processes at once; more requests wait in line (CLAUDE_MAX_API_MAX_CONCURRENCY; "
-             "default %(default)s)")
-    add("--max-queue", type=_count,
-        default=_env_number("CLAUDE_MAX_API_MAX_QUEUE", DEFAULT_MAX_QUEUE, int),
-        help="requests that may wait for a CLI; more get 429 (CLAUDE_MAX_API_MAX_QUEUE; default "
-             "%(default)s)")
-    add("--queue-timeout", type=_positive,
-        default=_env_number("CLAUDE_MAX_API_QUEUE_TIMEOUT", DEFAULT_QUEUE_TIMEOUT),
-        help="seconds a request may wait for a CLI before its 429 (CLAUDE_MAX_API_QUEUE_TIMEOUT; "
-             "default %(default)s)")
-    add("--timeout", type=_positive,
-        default=_env_number("CLAUDE_MAX_API_TIMEOUT", DEFAULT_TIMEOUT),
-        help="seconds a whole request may take (CLAUDE_MAX_API_TIMEOUT; default %(default)s)")
-    add("--idle-timeout", type=_positive,
-        default=_env_number("CLAUDE_MAX_API_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
-        help="seconds the CLI may print nothing before it is ended (CLAUDE_MAX_API_IDLE_TIMEOUT; "
-             "default %(default)s)")
-    add("--client-timeout", type=_positive,
-        default=_env_number("CLAUDE_MAX_API_CLIENT_TIMEOUT", DEFAULT_CLIENT_TIMEOUT),
-        help="seconds a client may stay silent while sending a request, or not read its answer "
-             "(CLAUDE_MAX_API_CLIENT_TIMEOUT; default %(default)s)")
+    number("--max-concurrency", "CLAUDE_MAX_API_MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY, _count,
+           "CLI processes at once; more requests wait in line")
+    number("--max-queue", "CLAUDE_MAX_API_MAX_QUEUE", DEFAULT_MAX_QUEUE, _count,
+           "requests that may wait for a CLI; more get 429")
+    number("--queue-timeout", "CLAUDE_MAX_API_QUEUE_TIMEOUT", DEFAULT_QUEUE_TIMEOUT, _positive,
+           "seconds a request may wait for a CLI before its 429")
+    number("--timeout", "CLAUDE_MAX_API_TIMEOUT", DEFAULT_TIMEOUT, _positive,
+           "seconds a whole request may take")
+    number("--idle-timeout", "CLAUDE_MAX_API_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, _positive,
+           "seconds the CLI may print nothing before it is ended")
+    number("--client-timeout", "CLAUDE_MAX_API_CLIENT_TIMEOUT", DEFAULT_CLIENT_TIMEOUT, _positive,
+           "seconds a client may stay silent while sending a request, or not read its answer")
     add("--max-body", type=_size, default=env("CLAUDE_MAX_API_MAX_BODY") or DEFAULT_MAX_BODY,
         help="largest request body in bytes, k, m or g (CLAUDE_MAX_API_MAX_BODY; default "
              "%(default)s)")
-    add("--shutdown-grace", type=_positive,
-        default=_env_number("CLAUDE_MAX_API_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE),
-        help="seconds requests in flight may finish after SIGTERM or Ctrl-C "
-             "(CLAUDE_MAX_API_SHUTDOWN_GRACE; default %(default)s)")
+    number("--shutdown-grace", "CLAUDE_MAX_API_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive,
+           "seconds requests in flight may finish after SIGTERM or Ctrl-C")
     add("--log-level", type=str.upper, default=env("CLAUDE_MAX_API_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity (CLAUDE_MAX_API_LOG_LEVEL; default %(default)s)")
