@@ -1228,7 +1228,7 @@ def _reject_constant(name: str) -> Any:
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-def parse_json_body(raw: bytes) -> Any:
+def parse_json_body(raw: Union[bytes, bytearray]) -> Any:
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
         if SURROGATE_ESCAPE.search(raw):
@@ -1512,7 +1512,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # where a body that was not read ends is unknown
             raise
 
-    def _read_body(self) -> bytes:
+    def _read_body(self) -> bytearray:
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise APIError(415, "POST bodies must be sent with Content-Type: application/json.",
@@ -1555,7 +1555,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             self.connection.settimeout(self.server.settings.client_timeout)
         self._body_read = True
-        return bytes(raw)
+        return raw  # json.loads takes a bytearray: no copy of a body of up to --max-body
 
     # -- who may ask ---------------------------------------------------------
 
