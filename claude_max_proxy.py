@@ -24,6 +24,9 @@ What it guards:
   slash commands, permission prompts answered "no", in a private empty working directory, and the
   prompt travels on stdin, never on the command line. Nothing a caller sends can make Claude read
   or change files or run commands.
+* Your own Claude Code setup stays yours: the CLI reads none of your settings, ``CLAUDE.md``
+  memory, hooks, output styles, agents, skills, plugins or MCP servers, and keeps no memory or
+  transcript, unless you opt in to your user settings with ``--user-settings``.
 * Web pages cannot use it through your browser: foreign ``Origin`` headers, cross-site fetches
   and unknown ``Host`` names (DNS rebinding) are refused, and POST bodies must be
   ``application/json``.
@@ -428,8 +431,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
                        stop=stops)
 
 
-def build_cli_command(claude: str, request: ChatRequest, system_file: Optional[str]) -> List[str]:
-    """The argument list: a model with no tools, MCP servers, slash commands or saved session."""
+def build_cli_command(claude: str, request: ChatRequest, system_file: Optional[str],
+                      user_settings: bool = False) -> List[str]:
+    """The argument list: a model with no tools, MCP servers, slash commands or saved session,
+    and none of the user's own Claude Code setup unless `user_settings` (--user-settings)."""
     argv = [
         claude, "-p",
         "--input-format", "stream-json",
@@ -441,6 +446,16 @@ def build_cli_command(claude: str, request: ChatRequest, system_file: Optional[s
         "--permission-mode", "dontAsk",
         "--no-session-persistence",
     ]
+    # Measured with the real CLI 2.1.331 and a ~/.claude holding one of everything: each flag
+    # alone leaves something through. `--setting-sources ""` keeps out settings, hooks, output
+    # styles, agents and CLAUDE.md, but not auto-memory (a directory per working directory
+    # under ~/.claude/projects, and its path in the system prompt). `--safe-mode` ends memory,
+    # hooks, skills, agents, plugins and output styles, but still applies settings.json's `env`
+    # block. Both together let nothing through; the OAuth login is not a setting and still works.
+    if user_settings:
+        argv += ["--setting-sources", "user"]  # the user's scope only: never project or local
+    else:
+        argv += ["--safe-mode", "--setting-sources", ""]
     if system_file:
         # A file, not an argument: Linux caps one argument at 128 KiB.
         argv += ["--append-system-prompt-file", system_file]
@@ -457,6 +472,9 @@ def cli_environment(base: Dict[str, str], max_tokens: Optional[int]) -> Dict[str
     env = dict(base)
     # Set inside Claude Code sessions; older CLIs refuse to start nested when they see it.
     env.pop("CLAUDECODE", None)
+    # No auto-memory even with --user-settings: it would write under ~/.claude for every
+    # request and put a path that differs per run into the system prompt.
+    env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = "1"
     if max_tokens is not None:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(max_tokens)
     return env
@@ -929,35 +947,43 @@ class ClaudeCLI:
         return path
 
 
+def make_workdir() -> str:
+    """The daemon's private directory (mode 0700): `cwd` in it is the empty working directory
+    of every CLI run, and each run's system prompt file sits beside it for the run's length.
+
+    One working directory for all runs, not one each: the CLI writes its path into every API
+    request, and a path that differs per request would differ in every prompt."""
+    workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")
+    os.mkdir(os.path.join(workdir, "cwd"), 0o700)
+    return workdir
+
+
 class ClaudeProcess:
-    """One `claude -p` run: its own process group, a private empty working directory, the
+    """One `claude -p` run: its own process group, the daemon's empty working directory, the
     prompt on stdin, stdout read as stream-json events, stderr drained for its tail."""
 
     def __init__(self, argv_for: Callable[[Optional[str]], List[str]], stdin_data: bytes,
-                 env: Dict[str, str], system: Optional[str] = None):
-        """`argv_for(system_prompt_file)` gives the command line once that file exists."""
-        # <private dir>/cwd is the CLI's empty working directory; the system prompt file sits
-        # beside it, outside the tree the CLI works in.
-        self.workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")
-        cwd = os.path.join(self.workdir, "cwd")
-        os.mkdir(cwd, 0o700)
-        system_file = None
+                 env: Dict[str, str], system: Optional[str], workdir: str):
+        """`argv_for(system_prompt_file)` gives the command line once that file exists;
+        `workdir` is from make_workdir()."""
+        self._system_file = None
         if system:
-            system_file = os.path.join(self.workdir, "system-prompt.txt")
-            with open(os.open(system_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+            # Outside the tree the CLI works in; removed by close().
+            self._system_file = os.path.join(workdir, "system-%s.txt" % uuid.uuid4().hex)
+            with open(os.open(self._system_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
                       "w", encoding="utf-8") as f:
                 f.write(system)
-        self.argv: List[str] = argv_for(system_file)
+        self.argv: List[str] = argv_for(self._system_file)
         self._stdin_data = memoryview(stdin_data)
         self._stderr = bytearray()
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, cwd=cwd, env=env,
+                stderr=subprocess.PIPE, cwd=os.path.join(workdir, "cwd"), env=env,
                 start_new_session=True, close_fds=True)
         except OSError as e:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._remove_system_file()
             raise APIError(503, "Could not start Claude Code (%s): %s" % (self.argv[0], e),
                            type="server_error", code="claude_unavailable") from None
         self.pid = self.proc.pid
@@ -1105,8 +1131,13 @@ class ClaudeProcess:
         # Anything left in the group (children the CLI started) goes too, leader included.
         self.signal(signal.SIGKILL)
         code = self.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._remove_system_file()
         return code
+
+    def _remove_system_file(self) -> None:
+        if self._system_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._system_file)
 
 
 def client_gone(sock: socket.socket) -> bool:
@@ -1273,6 +1304,7 @@ class ProxyServer(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ProxyHandler)
+        self.workdir = make_workdir()  # once bound: a port in use leaves nothing behind
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """One thread per connection, up to MAX_CONNECTIONS; past it a 503 and the door."""
@@ -1319,8 +1351,9 @@ class ProxyServer(ThreadingHTTPServer):
             return
         log.exception("error while serving a request from %s", client_address[0])
 
-    def start_process(self, *args: Any) -> "ClaudeProcess":
-        process = ClaudeProcess(*args)
+    def start_process(self, argv_for: Callable[[Optional[str]], List[str]], stdin_data: bytes,
+                      env: Dict[str, str], system: Optional[str]) -> "ClaudeProcess":
+        process = ClaudeProcess(argv_for, stdin_data, env, system, self.workdir)
         with self.changed:
             process.peers_at_start = len(self.processes)
             self.processes_started += 1
@@ -1371,6 +1404,11 @@ class ProxyServer(ThreadingHTTPServer):
         self.end_all_processes()
         with self.changed:  # let their handlers write the error to the clients
             self.changed.wait_for(lambda: not self.chats, timeout=KILL_GRACE)
+        self.remove_workdir()
+
+    def remove_workdir(self) -> None:
+        """Last, once no CLI runs: the private directory of make_workdir() goes."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def hurry_up(self) -> None:
         self.hurry.set()
@@ -1740,7 +1778,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         settings = self.server.settings
         for attempt in (1, 2):
             self._process = process = self.server.start_process(
-                lambda system_file: build_cli_command(claude, request, system_file),
+                lambda system_file: build_cli_command(claude, request, system_file,
+                                                      settings.user_settings),
                 stdin_line(request.content), cli_environment(dict(os.environ), request.max_tokens),
                 request.system)
             answered = False
@@ -1913,6 +1952,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
              "%(default)s)")
     number("--shutdown-grace", "CLAUDE_MAX_API_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive,
            "seconds requests in flight may finish after SIGTERM or Ctrl-C")
+    add("--user-settings", action="store_true",
+        default=env("CLAUDE_MAX_API_USER_SETTINGS", "").strip().lower() in ("1", "true", "yes"),
+        help="let the CLI read your own ~/.claude settings: their env block and apiKeyHelper, "
+             "but also your CLAUDE.md memory, hooks, output style, agents and skills, which "
+             "every API caller then gets (CLAUDE_MAX_API_USER_SETTINGS=1; default: none of it)")
     add("--log-level", type=str.upper, default=env("CLAUDE_MAX_API_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity (CLAUDE_MAX_API_LOG_LEVEL; default %(default)s)")
@@ -1988,6 +2032,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.environ.get("ANTHROPIC_API_KEY"):
         log.warning("ANTHROPIC_API_KEY is set: Claude Code will use that API key (billed per "
                     "token) instead of your subscription login")
+    if args.user_settings:
+        log.warning("--user-settings: every API caller gets your ~/.claude setup (CLAUDE.md, "
+                    "output style, agents, skills) and your hooks run for every request")
     try:
         server.serve_forever()
     finally:

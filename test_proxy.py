@@ -64,7 +64,7 @@ VALUE_FLAGS = {"--input-format", "--output-format", "--model", "--tools", "--per
                "--disallowedTools", "--effort", "--json-schema", "--max-budget-usd", "--add-dir"}
 BOOL_FLAGS = {"-p", "--print", "--verbose", "--include-partial-messages", "--strict-mcp-config",
               "--no-session-persistence", "--disable-slash-commands", "--replay-user-messages",
-              "--dangerously-skip-permissions", "--bare"}
+              "--dangerously-skip-permissions", "--bare", "--safe-mode"}
 DEFAULT_TOOLS = ["Task", "Bash", "Edit", "Read", "WebFetch", "WebSearch", "Write"]
 SESSION = str(uuid.uuid4())
 REPLY = ["Hello", " from", " the", " fake", " API."]
@@ -135,7 +135,15 @@ def init_line(opts, model):
     line = init(opts, model)
     if opts.get("--disable-slash-commands"):
         del line["terminal_slash_commands"]  # as 2.1.331 does (seen in the end-to-end test)
+    if opts.get("--safe-mode") or os.environ.get("CLAUDE_CODE_DISABLE_AUTO_MEMORY") == "1":
+        del line["memory_paths"]  # no auto-memory, no key (seen in the end-to-end test)
     return line
+
+
+def ui_invalidate():
+    """The first line of 2.1.331 with --safe-mode (shared/claude-cli/p-*)."""
+    return {"type": "system", "subtype": "ui_invalidate", "event": "ui.render",
+            "uuid": str(uuid.uuid4()), "session_id": SESSION}
 
 
 def status():
@@ -491,7 +499,8 @@ def main():
               "cwd_entries": sorted(os.listdir(".")), "stdin": turns,
               "system": open(system_file, encoding="utf-8").read() if system_file else None,
               "env": {k: os.environ.get(k) for k in ("CLAUDE_CODE_MAX_OUTPUT_TOKENS",
-                                                     "CLAUDECODE")}}
+                                                     "CLAUDECODE",
+                                                     "CLAUDE_CODE_DISABLE_AUTO_MEMORY")}}
     texts = []
     for turn in turns:
         content = turn["message"]["content"]
@@ -512,6 +521,8 @@ def main():
         sys.stderr.write("fake claude: something broke before answering\n")
         return int(d["exit"] or 2)
     model = resolve(opts.get("--model"))
+    if opts.get("--safe-mode"):
+        out(ui_invalidate())
     out(init_line(opts, model))
     if "silent" in d:
         time.sleep(3600)
@@ -659,6 +670,7 @@ class Proxy:
         self.server.server_close()
         self.server.end_all_processes()
         self.thread.join(10)
+        self.server.remove_workdir()
 
     def connect(self, timeout=30):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -1023,6 +1035,27 @@ class CommandTest(unittest.TestCase):
         self.assertEqual(proxy.build_cli_command("c", request, "/x/sys")[-2:],
                          ["--append-system-prompt-file", "/x/sys"])
 
+    def test_none_of_the_users_claude_setup_is_read(self):
+        request = proxy.parse_chat_request(chat_body())
+        argv = proxy.build_cli_command("/bin/claude", request, None)
+        self.assertIn("--safe-mode", argv)
+        i = argv.index("--setting-sources")
+        self.assertEqual(argv[i + 1], "", "no setting source: user, project and local are out")
+        self.assertEqual(argv.count("--setting-sources"), 1)
+        # Opted in (--user-settings): the user's own scope, still never project or local ones.
+        argv = proxy.build_cli_command("/bin/claude", request, None, user_settings=True)
+        self.assertNotIn("--safe-mode", argv)
+        self.assertEqual(argv[argv.index("--setting-sources") + 1], "user")
+        for flag in ("--strict-mcp-config", "--disable-slash-commands", "--no-session-persistence"):
+            self.assertIn(flag, argv)
+
+    def test_user_settings_are_off_unless_asked_for(self):
+        self.assertFalse(settings().user_settings)
+        self.assertTrue(proxy.parse_args(["--user-settings"]).user_settings)
+        for value, expected in (("1", True), ("true", True), ("0", False), ("", False)):
+            with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_USER_SETTINGS": value}):
+                self.assertIs(proxy.parse_args([]).user_settings, expected, value)
+
     def test_stdin_line_is_one_stream_json_user_message(self):
         line = proxy.stdin_line([{"type": "text", "text": "h\u00e9\nllo"}])
         self.assertTrue(line.endswith(b"\n"))
@@ -1032,7 +1065,10 @@ class CommandTest(unittest.TestCase):
 
     def test_environment(self):
         env = proxy.cli_environment({"PATH": "/bin", "CLAUDECODE": "1"}, 77)
-        self.assertEqual(env, {"PATH": "/bin", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "77"})
+        self.assertEqual(env, {"PATH": "/bin", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "77",
+                               "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1"})
+        self.assertEqual(proxy.cli_environment({"CLAUDE_CODE_DISABLE_AUTO_MEMORY": "0"}, None)[
+            "CLAUDE_CODE_DISABLE_AUTO_MEMORY"], "1")
         self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", proxy.cli_environment({}, None))
 
 
@@ -1356,11 +1392,29 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
                                                                      "content": "--help"}}])
         self.assertEqual(run["system"], "-be terse\nand kind")
         self.assertEqual(run["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "77")
+        self.assertEqual(run["env"]["CLAUDE_CODE_DISABLE_AUTO_MEMORY"], "1")
+        self.assertIn("--safe-mode", argv)
         private = os.path.dirname(run["cwd"])
         self.assertTrue(os.path.basename(private).startswith("claude-max-proxy-"))
+        self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
         self.assertEqual(run["cwd_entries"], [], "the working directory is empty")
+        system_file = argv[argv.index("--append-system-prompt-file") + 1]
+        self.assertEqual(os.path.dirname(system_file), private, "beside the working directory")
         self.assert_no_cli_left(p)
-        self.assertFalse(os.path.exists(private), "the private directory is removed")
+        self.assertFalse(os.path.exists(system_file), "the system prompt file is removed")
+        # The next run works in the same directory: the CLI writes its path into the prompt.
+        self.assertEqual(p.chat()[0], 200)
+        self.assertEqual(self.runs()[-1]["cwd"], run["cwd"])
+        self.assertEqual(os.listdir(private), ["cwd"])
+        p.close()
+        self.assertFalse(os.path.exists(private), "the private directory goes with the daemon")
+
+    def test_user_settings_reach_the_cli_only_when_asked_for(self):
+        p = self.start_proxy(user_settings=True)
+        self.assertEqual(p.chat()[0], 200)
+        argv = self.only_run()["argv"]
+        self.assertEqual(argv[argv.index("--setting-sources") + 1], "user")
+        self.assertNotIn("--safe-mode", argv)
 
     def test_a_large_prompt_goes_through_stdin(self):
         p = self.start_proxy()
@@ -1655,10 +1709,9 @@ class LeakTest(FakeClaudeMixin, unittest.TestCase):
         self.assert_no_cli_left(p)
         if before is not None:
             wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
-        leftovers = [d for d in os.listdir(tempfile.gettempdir())
-                     if d.startswith("claude-max-proxy-")
-                     and any(os.sep + d + os.sep in r["cwd"] for r in self.runs())]
-        self.assertEqual(leftovers, [])
+        self.assertEqual(os.listdir(p.server.workdir), ["cwd"], "no system prompt file left")
+        self.assertEqual({r["cwd"] for r in self.runs()},
+                         {os.path.join(p.server.workdir, "cwd")})
 
 
 class MalformedInputTest(FakeClaudeMixin, unittest.TestCase):
@@ -2524,6 +2577,7 @@ class FakeAnthropicAPI(ThreadingHTTPServer):
 
     def __init__(self):
         self.requests = []
+        self.request_headers = []
         self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), FakeAnthropicHandler)
 
@@ -2565,6 +2619,7 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         if not self.path.startswith("/v1/messages"):
             return self.error(404, "not_found_error", "no such endpoint")
         self.server.requests.append(body)
+        self.server.request_headers.append(dict(self.headers))
         # 2.1.331 puts a role "system" message after the user's: read the last user message.
         last = [m for m in body["messages"] if m.get("role") == "user"][-1]["content"]
         text = last if isinstance(last, str) else " ".join(
@@ -2648,6 +2703,7 @@ class EndToEndTest(unittest.TestCase):
 
     def setUp(self):
         self.api.requests.clear()
+        self.api.request_headers.clear()
         self.api.release.clear()
 
     def api_request(self, marker):
@@ -2726,6 +2782,130 @@ class EndToEndTest(unittest.TestCase):
         self.assertEqual(images[1]["source"], {"type": "url", "url": "https://example.com/a.png"})
         self.assertIn("earlier answer", json.dumps(blocks))
 
+    # Every hook event; a -p run fires SessionStart, UserPromptSubmit, Stop and SessionEnd.
+    HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "Stop", "SessionEnd", "PreToolUse",
+                   "PostToolUse", "PostToolUseFailure", "Notification", "SubagentStart",
+                   "SubagentStop", "PreCompact", "PermissionRequest", "Setup")
+    MARKERS = {"memory": "MEMORY-MARKER-7f3a", "style": "STYLE-MARKER-51c2",
+               "agent": "AGENT-MARKER-9d1e", "skill": "SKILL-MARKER-44aa",
+               "command": "COMMAND-MARKER-0b0b", "settings env": "SETTINGS-ENV-MARKER-c3c3",
+               "project memory": "PROJECT-MEMORY-MARKER-e0e0", "agents.md": "AGENTS-MD-MARKER-1212"}
+
+    def customized_home(self):
+        """(HOME, a directory above the CLI's working directory, a witness directory): one of
+        every kind of Claude Code setup, each with its own marker, in the user's scope and in
+        the project scope around the working directory; hooks and MCP servers leave a file in
+        the witness directory when they run."""
+        root = tempfile.mkdtemp(prefix="proxy-e2e-custom-")
+        self.addCleanup(shutil.rmtree, root, True)
+        home, project, witness = (os.path.join(root, name) for name in ("home", "tmp", "witness"))
+        marker = self.MARKERS
+        files = {
+            "home/.claude/CLAUDE.md": marker["memory"] + ": the user's private notes",
+            "home/.claude/output-styles/marker.md": "---\nname: marker-style\ndescription: x\n"
+                                                     "---\n%s answer like a pirate" % marker["style"],
+            "home/.claude/agents/marker-agent.md": "---\nname: marker-agent\ndescription: %s\n"
+                                                    "---\nbody" % marker["agent"],
+            "home/.claude/skills/marker-skill/SKILL.md": "---\nname: marker-skill\ndescription: "
+                                                          "%s\n---\nbody" % marker["skill"],
+            "home/.claude/commands/markercmd.md": marker["command"],
+            "tmp/CLAUDE.md": marker["project memory"],
+            "tmp/AGENTS.md": marker["agents.md"],
+        }
+
+        def hooks(prefix):
+            return {event: [{"matcher": "*", "hooks": [{"type": "command", "command": "touch %s"
+                             % os.path.join(witness, prefix + event)}]}]
+                    for event in self.HOOK_EVENTS}
+
+        def mcp(name):
+            return {"mcpServers": {name: {"type": "stdio", "command": "sh", "args": [
+                "-c", "touch %s; sleep 5" % os.path.join(witness, name)]}}}
+
+        files["home/.claude/settings.json"] = json.dumps({
+            "hooks": hooks("user-"), "outputStyle": "marker-style",
+            "env": {"ANTHROPIC_CUSTOM_HEADERS": "x-marker: " + marker["settings env"]}})
+        files["home/.claude.json"] = json.dumps(mcp("user-mcp"))
+        files["tmp/.claude/settings.json"] = json.dumps({"hooks": hooks("project-")})
+        files["tmp/.claude/settings.local.json"] = json.dumps({"hooks": hooks("local-")})
+        files["tmp/.mcp.json"] = json.dumps(mcp("project-mcp"))
+        os.mkdir(witness)
+        for name, text in files.items():
+            path = os.path.join(root, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+        return home, project, witness
+
+    def through_customized_home(self, **overrides):
+        """Three requests with the same model and system message (the first two identical)
+        through a proxy whose user has customized_home() and whose working directory is below
+        its project directory: (the markers that reached the API, witness files, files that
+        the later requests added under ~/.claude, the three API requests)."""
+        home, project, witness = self.customized_home()
+
+        def names_under(path):
+            return {os.path.relpath(os.path.join(d, f), path)
+                    for d, dirs, fs in os.walk(path) for f in dirs + fs}
+
+        with mock.patch.dict(os.environ, {"HOME": home}), \
+                mock.patch.object(tempfile, "tempdir", project):
+            p = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0, **overrides)
+            self.addCleanup(p.close)
+            after = []
+            for prompt in ("iso-same", "iso-same", "iso-other"):
+                status, _, body = p.request("POST", "/v1/chat/completions", {
+                    "model": "sonnet", "messages": [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": prompt}]})
+                self.assertEqual(status, 200, body)
+                self.assertEqual(body["choices"][0]["message"]["content"],
+                                 "Hello from the fake API.")
+                # The answer comes before the CLI has exited; its live files go when it does.
+                wait_until(lambda: not p.server.processes, what="the CLI to exit")
+                after.append(names_under(os.path.join(home, ".claude")))
+        seen = json.dumps([self.api.requests, self.api.request_headers])
+        self.assertEqual(len(self.api.requests), 3)
+        return types.SimpleNamespace(
+            arrived={what for what, marker in self.MARKERS.items() if marker in seen},
+            witnesses=sorted(os.listdir(witness)), added=after[2] - after[0],
+            memory=sorted(f for f in after[2] if f.startswith("projects")),
+            sent=self.api.requests)
+
+    def assert_same_prompt_prefix(self, sent):
+        """Two identical requests send identical system prompts, and what the CLI adds after
+        the user's message (working directory, date) is identical. Another user message changes
+        only the CLI's attribution line, which it derives from that message's characters."""
+        def attribution(block):
+            return block["text"].startswith("x-anthropic-billing-header:")
+
+        same, again, other = sent
+        self.assertEqual(same["system"], again["system"])
+        self.assertIn("Be brief.", json.dumps(same["system"]))
+        self.assertEqual([b for b in same["system"] if not attribution(b)],
+                         [b for b in other["system"] if not attribution(b)])
+        self.assertEqual([m for m in same["messages"] if m["role"] != "user"],
+                         [m for m in other["messages"] if m["role"] != "user"])
+
+    def test_api_callers_get_none_of_the_users_claude_setup(self):
+        run = self.through_customized_home()
+        self.assertEqual(run.arrived, set(), "markers that reached the Messages API")
+        self.assertEqual(run.witnesses, [], "hooks or MCP servers that ran")
+        self.assertEqual(run.added, set(), "files a request added under ~/.claude")
+        self.assertEqual(run.memory, [], "auto-memory directories under ~/.claude/projects")
+        self.assert_same_prompt_prefix(run.sent)
+        self.assertEqual(run.sent[0].get("tools") or [], [])
+
+    def test_user_settings_opt_in_brings_the_users_own_scope_only(self):
+        run = self.through_customized_home(user_settings=True)
+        # The test can tell: with the opt-in the user's own setup arrives and their hooks run...
+        self.assertLessEqual({"memory", "style", "settings env"}, run.arrived)
+        self.assertIn("user-SessionStart", run.witnesses)
+        # ...but never the project scope around the working directory, nor auto-memory.
+        self.assertEqual(run.arrived & {"project memory", "agents.md"}, set())
+        self.assertEqual([w for w in run.witnesses if not w.startswith("user-")], [])
+        self.assertEqual(run.memory, [])
+        self.assert_same_prompt_prefix(run.sent)
+
     def test_api_errors_become_http_errors(self):
         for marker, status, code in [("[[api:err401]]", 401, "claude_not_logged_in"),
                                      ("[[api:toolong]]", 400, "context_length_exceeded"),
@@ -2778,10 +2958,11 @@ class EndToEndTest(unittest.TestCase):
                  ("no key", "[[fake:notloggedin]]", {"ANTHROPIC_API_KEY": None}),
                  ("e2e hi", "[[fake:ratelimit_info]]", self.SUBSCRIPTION),
                  ("[[api:err429]]", "[[fake:ratelimit:300]]", self.SUBSCRIPTION)]
-        opts = {"--tools": "", "--disable-slash-commands": True}
+        opts = {"--tools": "", "--disable-slash-commands": True, "--safe-mode": True}
         for api_prompt, fake_prompt, env in cases:
             real = shapes(self.run_real_cli(api_prompt, **env))
-            ours = shapes([fake.init_line(opts, "claude-sonnet-5-5")] + fake_lines(fake_prompt))
+            ours = shapes([fake.ui_invalidate(), fake.init_line(opts, "claude-sonnet-5-5")]
+                          + fake_lines(fake_prompt))
             self.assertEqual([k for k, _ in ours], [k for k, _ in real],
                              "%s: the kinds of lines differ" % api_prompt)
             for (kind, real_keys), (_, our_keys) in zip(real, ours):
