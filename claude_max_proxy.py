@@ -490,7 +490,25 @@ class Start(NamedTuple):
 
 
 class Text(NamedTuple):
+    """More of the answer's text, to be appended to what came before."""
     text: str
+
+
+class Thinking(NamedTuple):
+    """More of the model's visible reasoning (its thinking blocks), in order."""
+    text: str
+
+
+class Revised(NamedTuple):
+    """The answer settled differently from what was already sent: after the API stream broke,
+    the CLI's retry produced other words. `blocks` is the whole answer as it now stands, as
+    (kind, text) pairs: a collected answer is replaced by it; a stream cannot take back what
+    it sent, and ends with an error."""
+    blocks: Tuple[Tuple[str, str], ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(text for kind, text in self.blocks if kind == "text")
 
 
 class Finish(NamedTuple):
@@ -499,7 +517,7 @@ class Finish(NamedTuple):
     cut_short: bool = False  # the proxy ended it (stop sequence, max_tokens): the CLI still runs
 
 
-Event = Union[Start, Text, Finish]
+Event = Union[Start, Text, Thinking, Revised, Finish]
 
 
 class CLIEndedWithoutResult(Exception):
@@ -537,10 +555,307 @@ class StopSequences:
         return rest
 
 
+# Content block kinds whose text reaches the client, and where a block keeps its text.
+BLOCK_TEXT = {"text": "text", "thinking": "thinking"}
+DELTA_KINDS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking")}
+
+
+def add_usage(total: Dict[str, Any], usage: Dict[str, Any]) -> None:
+    """Add one message's token counts to `total` (whole numbers only)."""
+    for key, value in usage.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+
+
+class Message:
+    """One API message as the CLI prints it: streamed (message_start, blocks of deltas, the
+    whole block as an `assistant` line, message_delta) or printed whole as one `assistant`."""
+
+    def __init__(self, message_id: Optional[str], base: int, usage: Dict[str, Any],
+                 new_paragraph: bool):
+        self.id = message_id
+        self.base = base  # the answer block its block 0 stands for
+        self.usage = dict(usage)
+        self.new_paragraph = new_paragraph  # its first text starts a paragraph: "\n\n" first
+        self.blocks: List[List[str]] = []  # [kind, text]
+        self.stop_reason: Optional[str] = None
+        self.diverged = False  # its deltas contradict what was sent: settled when it ends
+
+    def block(self, index: int, kind: str) -> None:
+        while len(self.blocks) <= index:
+            self.blocks.append([kind, ""])
+        self.blocks[index][0] = kind
+
+    def projected(self, index: int) -> str:
+        """Block `index` as the client sees it (a paragraph break before a later message)."""
+        kind, text = self.blocks[index]
+        first_text = next((i for i, (k, t) in enumerate(self.blocks) if k == "text"), None)
+        if text and self.new_paragraph and index == first_text:
+            return "\n\n" + text
+        return text
+
+
+class AnswerFold:
+    """The CLI's stream-json events folded into completion events (see completion_events).
+
+    The answer is a list of blocks. `sent` is what the client has been given of each block,
+    `answer` what the CLI has settled. The CLI may stream one turn more than once: when the
+    API connection drops mid-answer it ends that message with `abandoned_blocks` (and no
+    message_delta), then streams the turn again after `system/api_retry`, or fetches it whole
+    and prints one `assistant` message, or, when finished blocks (thinking) survived, asks the
+    model to resume with a synthetic user line (shared/claude-cli/p-midstream-cut-*, and
+    EndToEndTest). A message that follows an abandoned one is laid over it: its deltas are
+    relayed only past what was sent, a settled message that holds more gives the rest, and
+    one that contradicts what was sent yields Revised. The usage is that of the settled
+    messages, not of the attempts that failed.
+    """
+
+    def __init__(self, stop: Iterable[str] = (), max_tokens_ends: bool = False,
+                 now: Optional[float] = None):
+        self.stop = tuple(stop)
+        self.stops = StopSequences(self.stop)
+        self.max_tokens_ends = max_tokens_ends
+        self.now = now
+        self.model: Optional[str] = None
+        self.rate_limit: Optional[Dict[str, Any]] = None
+        self.started = False
+        self.finished = False
+        self.sent: List[List[str]] = []
+        self.answer: List[List[str]] = []
+        self.streaming: Optional[Message] = None  # between message_start and its end
+        self.whole: Optional[Message] = None  # printed whole; settled at the next other line
+        self.abandoned: Optional[Tuple[int, int]] = None  # (base, blocks kept) of the last one
+        self.usage: Dict[str, Any] = {}  # of the settled messages
+        self.settled_any = False
+        self.last_stop: Optional[str] = None
+        self.out: List[Event] = []
+
+    def feed(self, event: Dict[str, Any]) -> List[Event]:
+        """The completion events that one CLI line gives; raises APIError for an error result."""
+        self.out = []
+        kind = event.get("type")
+        message = event.get("message")
+        message = message if isinstance(message, dict) else {}
+        if self.whole and not (kind == "assistant" and message.get("id") == self.whole.id):
+            self._settle(self.whole)
+            self.whole = None
+        if self.finished:
+            return self.out
+        if kind == "system" and event.get("subtype") == "init":
+            self.model = self.model or event.get("model")
+        elif kind == "rate_limit_event":
+            self.rate_limit = event.get("rate_limit_info")
+        elif event.get("parent_tool_use_id") is not None:
+            pass  # a subagent's line
+        elif kind == "stream_event":
+            self._stream_event(event.get("event") or {}, event)
+        elif kind == "assistant" and not event.get("is_api_error_message"):
+            self._assistant(message)
+        elif kind == "result":
+            self._result(event)
+        return self.out
+
+    # -- the lines ---------------------------------------------------------
+
+    def _stream_event(self, inner: Dict[str, Any], line: Dict[str, Any]) -> None:
+        kind = inner.get("type")
+        message = self.streaming
+        if kind == "message_start":
+            start = inner.get("message") or {}
+            self.model = start.get("model") or self.model
+            self._abandon()
+            self.streaming = self._new_message(start.get("id"), start.get("usage") or {})
+            self._begin()
+        elif message is None:
+            return
+        elif kind == "content_block_start":
+            block = inner.get("content_block") or {}
+            self._block(message, inner.get("index"), str(block.get("type")))
+        elif kind == "content_block_delta":
+            delta = inner.get("delta") or {}
+            if delta.get("type") not in DELTA_KINDS:
+                return  # signatures; tool input (later)
+            block_kind, key = DELTA_KINDS[delta["type"]]
+            index = inner.get("index")
+            if not isinstance(index, int) or index < 0 or not isinstance(delta.get(key), str):
+                return
+            if index >= len(message.blocks) or message.blocks[index][0] != block_kind:
+                self._block(message, index, block_kind)
+            message.blocks[index][1] += delta[key]
+            if not message.diverged:
+                self._relay(message, index)
+                if self.stops.hit:
+                    self._finish("stop_sequence", cut_short=True)
+        elif kind == "message_delta":
+            message.stop_reason = (inner.get("delta") or {}).get("stop_reason")
+            message.usage.update(inner.get("usage") or {})
+            self.streaming = None
+            self._settle(message)
+            if message.stop_reason == "max_tokens" and self.max_tokens_ends:
+                self._finish("max_tokens", cut_short=True)
+        elif kind == "message_stop":
+            abandoned = line.get("abandoned_blocks")
+            kept = abandoned.get("from_block_index") if isinstance(abandoned, dict) else 0
+            self._abandon(kept if isinstance(kept, int) and kept > 0 else 0)
+
+    def _assistant(self, message: Dict[str, Any]) -> None:
+        content = [b for b in message.get("content") or [] if isinstance(b, dict)]
+        streaming = self.streaming
+        if streaming is not None and message.get("id") == streaming.id:
+            # One line per finished block, just before its content_block_stop: the block whole.
+            if len(content) == 1 and streaming.blocks:
+                self._final_block(streaming, len(streaming.blocks) - 1, content[0])
+            return
+        self._abandon()
+        if self.whole is None:  # a message fetched without streaming, after a broken stream
+            self.whole = self._new_message(message.get("id"), message.get("usage") or {})
+            self.whole.stop_reason = message.get("stop_reason")
+            self._begin()
+        for block in content:
+            index = len(self.whole.blocks)
+            self._block(self.whole, index, str(block.get("type")))
+            self._final_block(self.whole, index, block)
+
+    def _result(self, result: Dict[str, Any]) -> None:
+        self._abandon()
+        if self.started and result.get("api_error") == "max_output_tokens":
+            # The CLI resumed at the output limit three times and gave up: the text stands.
+            self._finish("max_tokens")
+            return
+        if result.get("is_error") or result.get("subtype") != "success":
+            raise error_from_result(result, self.rate_limit, self.now)
+        if not self.settled_any:  # no partial messages came: answer from the result alone
+            self._begin()
+            self._emit("text", result.get("result") or "")
+            self.usage = dict(result.get("usage") or {})
+        self._finish(result.get("stop_reason") or self.last_stop)
+
+    # -- the ledger --------------------------------------------------------
+
+    def _new_message(self, message_id: Optional[str], usage: Dict[str, Any]) -> Message:
+        # Laid over an attempt that broke, as it too began where the settled answer ends.
+        wrote = any(kind == "text" and text for kind, text in self.answer)
+        return Message(message_id, len(self.answer), usage,
+                       wrote and self.last_stop != "max_tokens")  # a resumed answer joins
+
+    def _abandon(self, kept: int = 0) -> None:
+        """The message being streamed ended without settling (its stream broke)."""
+        message, self.streaming = self.streaming, None
+        if message is not None:
+            self.abandoned = (message.base, kept)
+
+    def _block(self, message: Message, index: Any, kind: str) -> None:
+        if not isinstance(index, int) or index < 0:
+            return
+        if index == 0 and self.abandoned and self.abandoned[1] and message.base == \
+                self.abandoned[0] and not self._fits(message.base, kind):
+            message.base += self.abandoned[1]  # resumes after the blocks the CLI kept
+        message.block(index, kind)
+        position = message.base + index
+        if position == len(self.sent):
+            self.sent.append([kind, ""])
+        elif not self._fits(position, kind):
+            message.diverged = True
+
+    def _fits(self, position: int, kind: str) -> bool:
+        """Whether a block of `kind` can stand at `position` of what was sent."""
+        return position >= len(self.sent) or self.sent[position][0] == kind \
+            or not self.sent[position][1]
+
+    def _final_block(self, message: Message, index: int, block: Dict[str, Any]) -> None:
+        key = BLOCK_TEXT.get(str(block.get("type")))
+        if key and isinstance(block.get(key), str):
+            message.blocks[index][1] = block[key]
+
+    def _relay(self, message: Message, index: int) -> None:
+        """Send what block `index` holds beyond what was sent; a block that contradicts what
+        was sent marks the message diverged (it is then settled or revised when it ends)."""
+        kind = message.blocks[index][0]
+        text = message.projected(index)
+        position = message.base + index
+        while len(self.sent) <= position:
+            self.sent.append([kind, ""])
+        sent_kind, sent = self.sent[position]
+        if sent_kind != kind and not sent:
+            self.sent[position] = [kind, ""]
+        elif sent_kind != kind:
+            message.diverged = True
+            return
+        if text.startswith(sent):
+            if len(text) > len(sent):
+                self.sent[position][1] = text
+                self._emit(kind, text[len(sent):])
+        elif not sent.startswith(text):  # else a restarted attempt, still repeating
+            message.diverged = True
+
+    def _settle(self, message: Message) -> None:
+        """The message is final: send what it holds beyond what was sent, or revise."""
+        self._begin()
+        ends = message.base + len(message.blocks)
+        consistent = not message.diverged and all(
+            self._fits(message.base + i, kind)
+            and message.projected(i).startswith(self.sent[message.base + i][1])
+            for i, (kind, _) in enumerate(message.blocks) if message.base + i < len(self.sent))
+        consistent = consistent and not any(text for _, text in self.sent[ends:])
+        self.answer[message.base:] = [[kind, message.projected(i)]
+                                      for i, (kind, _) in enumerate(message.blocks)]
+        add_usage(self.usage, message.usage)
+        self.settled_any, self.last_stop, self.abandoned = True, message.stop_reason, None
+        if not consistent:
+            self._revise()
+            return
+        del self.sent[ends:]
+        for index in range(len(message.blocks)):
+            self._relay(message, index)
+            if self.stops.hit:
+                self._finish("stop_sequence", cut_short=True)
+                return
+
+    def _revise(self) -> None:
+        """Replace what was sent by the settled answer, through new stop sequence checks."""
+        self.stops = StopSequences(self.stop)
+        blocks = []
+        for kind, text in self.answer:
+            if kind in BLOCK_TEXT:
+                blocks.append((kind, self.stops.feed(text) if kind == "text" else text))
+            if self.stops.hit:
+                break
+        self.sent = [list(block) for block in self.answer]
+        self.out.append(Revised(tuple(blocks)))
+        if self.stops.hit:
+            self._finish("stop_sequence", cut_short=True)
+
+    # -- what comes out ----------------------------------------------------
+
+    def _begin(self) -> None:
+        if not self.started:
+            self.started = True
+            self.out.append(Start(self.model or "claude"))
+
+    def _emit(self, kind: str, text: str) -> None:
+        if kind == "thinking" and text:
+            self.out.append(Thinking(text))
+        elif kind == "text":
+            safe = self.stops.feed(text)
+            if safe:
+                self.out.append(Text(safe))
+
+    def _finish(self, reason: Optional[str], cut_short: bool = False) -> None:
+        rest = self.stops.flush()  # text held back in case it began a stop sequence
+        if rest:
+            self.out.append(Text(rest))
+        usage = dict(self.usage)
+        if self.streaming is not None:  # cut short mid-message
+            add_usage(usage, self.streaming.usage)
+        self.out.append(Finish("stop_sequence" if self.stops.hit else reason, usage, cut_short))
+        self.finished = True
+
+
 def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] = (),
                       max_tokens_ends: bool = False,
                       now: Optional[float] = None) -> Iterator[Event]:
-    """Fold the CLI's stream-json events into Start, Text... and one Finish.
+    """Fold the CLI's stream-json events into Start, Text and Thinking pieces, and one Finish
+    (a Revised among them when a retried answer contradicts what was sent: see AnswerFold).
 
     When a message stops at its output limit, the CLI asks the model to go on ("Output token
     limit hit. Resume directly...") up to three times, then gives up with an error result
@@ -551,69 +866,10 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
     Raises APIError for other results with `is_error`, and CLIEndedWithoutResult when the stream
     ends with no result. Key order and line order are never relied on; unknown events are skipped.
     """
-    stops = StopSequences(stop)
-    started = False
-    model = None
-    stop_reason = None
-    usage: Dict[str, Any] = {}
-    rate_limit: Optional[Dict[str, Any]] = None
-    wrote_text = False
-    separate = False  # a new message after text: keep turns apart
-
-    def finish(reason: Optional[str], usage: Dict[str, Any], cut_short: bool = False
-               ) -> Iterator[Event]:
-        rest = stops.flush()  # text held back in case it began a stop sequence
-        if rest:
-            yield Text(rest)
-        yield Finish("stop_sequence" if stops.hit else reason, usage, cut_short)
-
+    fold = AnswerFold(stop, max_tokens_ends, now)
     for event in cli_events:
-        kind = event.get("type")
-        if kind == "system" and event.get("subtype") == "init":
-            model = model or event.get("model")
-        elif kind == "rate_limit_event":
-            rate_limit = event.get("rate_limit_info")
-        elif kind == "stream_event" and event.get("parent_tool_use_id") is None:
-            inner = event.get("event") or {}
-            inner_kind = inner.get("type")
-            if inner_kind == "message_start":
-                message = inner.get("message") or {}
-                model = message.get("model") or model
-                usage = dict(message.get("usage") or {})
-                separate = wrote_text and stop_reason != "max_tokens"  # a resumed answer joins
-                stop_reason = None
-                if not started:
-                    started = True
-                    yield Start(model or "claude")
-            elif inner_kind == "content_block_delta":
-                delta = inner.get("delta") or {}
-                if delta.get("type") == "text_delta" and delta.get("text"):
-                    text = ("\n\n" if separate else "") + delta["text"]
-                    separate, wrote_text = False, True
-                    safe = stops.feed(text)
-                    if safe:
-                        yield Text(safe)
-                    if stops.hit:
-                        yield from finish("stop_sequence", usage, cut_short=True)
-                        return
-            elif inner_kind == "message_delta":
-                stop_reason = (inner.get("delta") or {}).get("stop_reason") or stop_reason
-                usage.update(inner.get("usage") or {})
-                if stop_reason == "max_tokens" and max_tokens_ends:
-                    yield from finish("max_tokens", usage, cut_short=True)
-                    return
-        elif kind == "result":
-            if started and event.get("api_error") == "max_output_tokens":
-                yield from finish("max_tokens", event.get("usage") or usage)
-                return
-            if event.get("is_error") or event.get("subtype") != "success":
-                raise error_from_result(event, rate_limit, now)
-            if not started:  # no partial messages came: answer from the result alone
-                yield Start(model or "claude")
-                safe = stops.feed(event.get("result") or "")
-                if safe:
-                    yield Text(safe)
-            yield from finish(event.get("stop_reason") or stop_reason, event.get("usage") or usage)
+        yield from fold.feed(event)
+        if fold.finished:
             return
     raise CLIEndedWithoutResult()
 
@@ -719,11 +975,16 @@ class ChatCompletionStream:
         return chunk
 
     def render(self, event: Event) -> bytes:
+        """The SSE bytes for one event (none for thinking); raises APIError for a revision."""
         if isinstance(event, Start):
             self.model = event.model
             return sse(self._chunk({"role": "assistant", "content": "", "refusal": None}))
         if isinstance(event, Text):
             return sse(self._chunk({"content": event.text}))
+        if isinstance(event, Thinking):
+            return b""
+        if isinstance(event, Revised):
+            raise answer_changed()
         out = sse(self._chunk({}, finish_reason(event.stop_reason)))
         if self.include_usage:
             out += sse({"id": self.id, "object": "chat.completion.chunk",
@@ -737,6 +998,14 @@ class ChatCompletionStream:
         return sse(error.body())
 
 
+def answer_changed() -> APIError:
+    return APIError(
+        502, "The Anthropic API stream broke mid-answer and Claude Code's retry answered "
+        "differently from the text already streamed, so that text is not the answer. Ask again "
+        "(or ask without streaming, which always gets the final answer).", type="server_error",
+        code="answer_changed")
+
+
 def chat_completion(completion_id: str, created: int, events: Iterable[Event]) -> Dict[str, Any]:
     """The same events collected into one `chat.completion` object."""
     model, parts, finish = "", [], Finish(None, {})
@@ -745,7 +1014,9 @@ def chat_completion(completion_id: str, created: int, events: Iterable[Event]) -
             model = event.model
         elif isinstance(event, Text):
             parts.append(event.text)
-        else:
+        elif isinstance(event, Revised):
+            parts = [event.text]
+        elif isinstance(event, Finish):
             finish = event
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
@@ -1832,7 +2103,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self.end_headers()
                 if isinstance(event, Finish):
                     self._note_usage(openai_usage(event.usage))
-                self._write_chunk(renderer.render(event))
+                data = renderer.render(event)
+                if data:  # an empty chunk would end the body
+                    self._write_chunk(data)
         except APIError as error:
             if not started:
                 raise

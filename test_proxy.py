@@ -273,11 +273,17 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
         thinking = {"thinking_display": "updates"} if kind == "thinking" else {}
         yield stream({"type": "content_block_start", "index": index, "content_block": empty},
                      message_id, **thinking)
-        n = 0
+        n = estimated = 0
         while True:
             for piece in pieces:
                 if pause:
                     time.sleep(pause)
+                if kind == "thinking":  # before each thinking delta (shared/claude-cli/p-thinking)
+                    step = max(1, (len(piece) + 3) // 4)
+                    estimated += step
+                    yield {"type": "system", "subtype": "thinking_tokens",
+                           "estimated_tokens": estimated, "estimated_tokens_delta": step,
+                           "session_id": SESSION, "uuid": str(uuid.uuid4())}
                 delta = ({"type": "text_delta", "text": piece} if kind == "text"
                          else {"type": "thinking_delta", "thinking": piece})
                 yield stream({"type": "content_block_delta", "index": index, "delta": delta},
@@ -399,6 +405,9 @@ def scenario(text, model, opts=None):
     if "thinking" in d:
         blocks.insert(0, ("thinking", ["Let me think briefly."]))
     lines.append(status())
+    if "cut" in d:
+        return lines + broken_stream(model, blocks, u, int(d["cut"] or 5),
+                                     int(d["cuts"]) if d.get("cuts") else None, "differ" in d)
     if "max_tokens" in d or "always_max_tokens" in d:
         return lines + resumed_answer(model, blocks, u, gives_up="always_max_tokens" in d)
     stop_reason = "refusal" if "refusal" in d else "end_turn"
@@ -446,6 +455,97 @@ def resumed_answer(model, blocks, u, gives_up):
     del r["ttft_ms"], r["ttft_stream_ms"], r["time_to_request_ms"], r["first_content_frame_ms"]
     r.update({"is_error": True, "num_turns": 4, "api_error": "max_output_tokens"})
     return lines + [assistant_line, r]
+
+
+CUT_RESUME = ("Your response above was cut off mid-stream. Resume directly from where it stops "
+              "\u2014 no apology, no recap. If none of it survived, answer the request from the "
+              "start.")
+
+
+def synthetic_user(text):
+    return {"type": "user", "message": {"role": "user", "content": [{"type": "text",
+                                                                     "text": text}]},
+            "parent_tool_use_id": None, "session_id": SESSION, "uuid": str(uuid.uuid4()),
+            "timestamp": "2026-12-01T07:20:11.136Z", "isSynthetic": True}
+
+
+def dropped_message(model, blocks, cut_after):
+    """An API message whose stream breaks after `cut_after` text pieces, as 2.1.331 prints it:
+    finished blocks as usual, the broken one ended with content_block_stop, then message_stop
+    naming the first abandoned block (shared/claude-cli/p-midstream-cut-*). (lines, its id,
+    the index of the broken block)."""
+    lines = list(message_events(model, blocks, u=usage(12, 1)))
+    message_id = lines[0]["api_message_id"]
+    out, sent = [], 0
+    for line in lines:
+        inner = line.get("event") or {}
+        index = inner.get("index")
+        if inner.get("type") == "content_block_delta" and "text" in inner["delta"]:
+            if sent == cut_after:
+                out.append(stream({"type": "content_block_stop", "index": index}, message_id))
+                out.append(stream({"type": "message_stop"}, message_id, abandoned_blocks={
+                    "api_message_id": message_id, "from_block_index": index}))
+                return out, message_id, index
+            sent += 1
+        out.append(line)
+    raise ValueError("the answer is shorter than the cut")
+
+
+def broken_stream(model, blocks, u, cut_after, cuts, differ):
+    """What 2.1.331 does when the API stream breaks mid-answer (seen in the end-to-end test
+    and shared/claude-cli/p-midstream-cut-*): with nothing finished, it streams the turn again
+    once after system/api_retry (once, whatever CLAUDE_CODE_MAX_RETRIES above 0 says), then
+    fetches it whole and prints it as one assistant message; when finished blocks (thinking)
+    survived, it asks the model to resume with a synthetic user line, three times at most,
+    then gives up.
+    The first `cuts` streams break (all of them when None); `differ`: later calls answer other
+    words."""
+    retries = int(os.environ.get("CLAUDE_CODE_MAX_RETRIES") or 10)
+    lines, begun, used, resumes, call = [], [], 0, 0, 0
+    total = usage(0, 0)
+    while True:
+        call += 1
+        words = [(kind, [p.replace("w", "v", 1) for p in pieces] if differ and call > 1
+                  else pieces) for kind, pieces in blocks]
+        if cuts is not None and call > cuts:
+            lines.append(("MESSAGE", model, words, "end_turn", u))
+            break
+        dropped, message_id, index = dropped_message(model, words, cut_after)
+        lines += dropped
+        begun.append(message_id)
+        for key in ("input_tokens", "output_tokens"):
+            total[key] += usage(12, 1)[key]
+        if index > 0:  # finished blocks survived: the model is asked to resume
+            if resumes == 3:
+                text = "API Error: Connection lost mid-response. The response above may be " \
+                       "incomplete."
+                return lines + api_error(text, None, "server_error",
+                                         extra={"api_error": "connection_failed"})
+            resumes += 1
+            lines += [synthetic_user(CUT_RESUME), status()]
+        elif used < min(retries, 1):
+            used += 1
+            lines.append({"type": "system", "subtype": "api_retry", "attempt": used,
+                          "max_retries": retries, "retry_delay_ms": 544, "error_status": None,
+                          "error": "unknown", "session_id": SESSION, "uuid": str(uuid.uuid4())})
+        else:  # fetched whole, without streaming
+            call += 1
+            content = [{"type": "text", "text": "".join(p)} if kind == "text" else
+                       {"type": "thinking", "thinking": "".join(p), "signature": "fakesig=="}
+                       for kind, p in [(k, [q.replace("w", "v", 1) for q in ps] if differ
+                                        else ps) for k, ps in blocks]]
+            whole = assistant("msg_fake_" + uuid.uuid4().hex[:20], model, content[0],
+                              full_usage(u))
+            whole["message"].update({"content": content, "stop_reason": "end_turn"})
+            lines.append(whole)
+            break
+    for key in ("input_tokens", "output_tokens"):
+        total[key] += u[key]
+    final = "".join(lines[-1]["message"]["content"][-1]["text"] if isinstance(lines[-1], dict)
+                    else "".join(words[-1][1]))
+    r = result(model, final, total)
+    r["begun_message_ids"] = begun + ([] if isinstance(lines[-1], dict) else ["msg_fake_last"])
+    return lines + [r]
 
 
 def emit(line, pause=0.0, forever=False):
@@ -1221,6 +1321,113 @@ class CompletionEventsTest(unittest.TestCase):
         self.assertEqual((error.status, error.retry_after), (429, 600))
 
 
+WORDS = "".join("w%d " % i for i in range(12))  # what [[fake:words:12]] answers
+OTHER_WORDS = WORDS.replace("w", "v")  # the same after [[fake:differ]]
+
+
+def texts(events, kind=proxy.Text):
+    return [e.text for e in events if isinstance(e, kind)]
+
+
+class BrokenStreamTest(unittest.TestCase):
+    """When the API stream breaks mid-answer, the CLI recovers (see broken_stream in the fake
+    and shared/claude-cli/p-midstream-cut-*); the client gets the answer once, whole."""
+
+    def events(self, text, retries, stop=()):
+        with mock.patch.dict(os.environ, {"CLAUDE_CODE_MAX_RETRIES": str(retries)}):
+            return list(proxy.completion_events(fake_lines(text), stop))
+
+    def test_the_rest_follows_what_was_streamed_and_nothing_repeats(self):
+        for retries, cuts in ((0, ""), (2, ""), (2, "[[fake:cuts:1]]")):
+            prompt = "[[fake:words:12]][[fake:cut:5]]" + cuts
+            events = self.events(prompt, retries)
+            where = "%s with %d retries" % (prompt, retries)
+            self.assertEqual("".join(texts(events)), WORDS, where)
+            # The first 5 words as they came, then only what the client did not have yet.
+            self.assertEqual(texts(events)[:5], ["w0 ", "w1 ", "w2 ", "w3 ", "w4 "], where)
+            self.assertEqual(texts(events)[5:], ["w5 w6 w7 w8 w9 w10 w11 "] if not cuts else
+                             ["w%d " % i for i in range(5, 12)], where)
+            self.assertFalse([e for e in events if isinstance(e, proxy.Revised)], where)
+            self.assertEqual(len([e for e in events if isinstance(e, proxy.Start)]), 1, where)
+            finish = events[-1]
+            self.assertEqual((finish.stop_reason, finish.cut_short), ("end_turn", False), where)
+            # The usage of the answer, not the sum over the attempts that broke (the result's).
+            self.assertEqual((finish.usage["input_tokens"], finish.usage["output_tokens"]),
+                             (12, 9), where)
+
+    def test_an_answer_that_changed_on_retry_is_a_revision(self):
+        events = self.events("[[fake:words:12]][[fake:cut:5]][[fake:differ]]", 0)
+        revised = [e for e in events if isinstance(e, proxy.Revised)]
+        self.assertEqual([r.text for r in revised], [OTHER_WORDS])
+        self.assertEqual("".join(texts(events)), "w0 w1 w2 w3 w4 ", "nothing more after it")
+        body = proxy.chat_completion("c", 1, events)
+        self.assertEqual(body["choices"][0]["message"]["content"], OTHER_WORDS)
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+        stream = proxy.ChatCompletionStream("c", 1, include_usage=False)
+        with self.assertRaises(proxy.APIError) as caught:
+            for event in events:
+                stream.render(event)
+        self.assertEqual((caught.exception.status, caught.exception.code), (502, "answer_changed"))
+
+    def test_a_restart_that_changes_words_mid_stream_is_held_then_revised(self):
+        lines = [fake.status()]
+        first, _, _ = fake.dropped_message("m", [("text", ["a ", "b ", "c ", "d"])], 3)
+        second = list(fake.message_events("m", [("text", ["a ", "x ", "y ", "z"])]))
+        events = list(proxy.completion_events(lines + first + second + [
+            fake.result("m", "a x y z", fake.usage(1, 1))]))
+        self.assertEqual(texts(events), ["a ", "b ", "c "], "no delta from the other words")
+        self.assertEqual([e.text for e in events if isinstance(e, proxy.Revised)], ["a x y z"])
+
+    def test_after_a_contradiction_nothing_more_is_relayed_until_the_revision(self):
+        first, _, _ = fake.dropped_message("m", [("thinking", ["Plan A."]), ("text", ["a"])], 0)
+        second = list(fake.message_events("m", [("thinking", ["Plan B."]), ("text", ["b c"])]))
+        events = list(proxy.completion_events(first + second + [
+            fake.result("m", "b c", fake.usage(1, 1))]))
+        self.assertEqual(texts(events, proxy.Thinking), ["Plan A."])
+        self.assertEqual(texts(events), [], "the second attempt's text waits for the revision")
+        self.assertEqual([e.blocks for e in events if isinstance(e, proxy.Revised)],
+                         [(("thinking", "Plan B."), ("text", "b c"))])
+
+    def test_thinking_is_resumed_without_repeats(self):
+        events = self.events("[[fake:thinking]][[fake:words:12]][[fake:cut:5]][[fake:cuts:1]]", 0)
+        self.assertEqual(texts(events, proxy.Thinking), ["Let me think briefly."])
+        self.assertEqual("".join(texts(events)), WORDS)
+        self.assertFalse([e for e in events if isinstance(e, proxy.Revised)])
+
+    def test_a_resumed_message_may_leave_out_the_blocks_the_cli_kept(self):
+        first, _, kept = fake.dropped_message(
+            "m", [("thinking", ["Hmm."]), ("text", ["a ", "b ", "c"])], 1)
+        self.assertEqual(kept, 1, "the thinking block survived")
+        second = list(fake.message_events("m", [("text", ["a ", "b ", "c"])]))
+        events = list(proxy.completion_events(
+            first + [fake.synthetic_user(fake.CUT_RESUME)] + second + [
+                fake.result("m", "a b c", fake.usage(1, 1))]))
+        self.assertEqual((texts(events, proxy.Thinking), "".join(texts(events))),
+                         (["Hmm."], "a b c"))
+        self.assertFalse([e for e in events if isinstance(e, proxy.Revised)])
+
+    def test_a_stream_that_never_recovers_is_an_error_after_what_was_sent(self):
+        fold = proxy.AnswerFold()
+        events = []
+        with mock.patch.dict(os.environ, {"CLAUDE_CODE_MAX_RETRIES": "0"}):
+            lines = fake_lines("[[fake:thinking]][[fake:words:12]][[fake:cut:5]]")
+        with self.assertRaises(proxy.APIError) as caught:
+            for line in lines:
+                events += fold.feed(line)
+        self.assertEqual("".join(texts(events)), "w0 w1 w2 w3 w4 ")
+        self.assertEqual(caught.exception.status, 502)
+        self.assertIn("Connection lost mid-response", caught.exception.message)
+
+    def test_stop_sequences_apply_to_what_the_retry_adds(self):
+        events = self.events("[[fake:words:12]][[fake:cut:5]]", 0, stop=["w8"])
+        self.assertEqual("".join(texts(events)), "w0 w1 w2 w3 w4 w5 w6 w7 ")
+        self.assertEqual((events[-1].stop_reason, events[-1].cut_short), ("stop_sequence", True))
+        events = self.events("[[fake:words:12]][[fake:cut:5]][[fake:differ]]", 0, stop=["v8"])
+        self.assertEqual([e.text for e in events if isinstance(e, proxy.Revised)],
+                         ["v0 v1 v2 v3 v4 v5 v6 v7 "])
+        self.assertEqual(events[-1].stop_reason, "stop_sequence")
+
+
 class RenderTest(unittest.TestCase):
     def test_stream_chunks_follow_openai(self):
         r = proxy.ChatCompletionStream("chatcmpl-1", 123, include_usage=True)
@@ -1595,6 +1802,61 @@ class ErrorTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual((status, events[-1]["error"]["code"]), (200, "timeout"))
         status, _, body = p.stream("[[fake:hang]]")
         self.assertEqual(status, 504)
+        self.assert_no_cli_left(p)
+
+
+class BrokenStreamServerTest(FakeClaudeMixin, unittest.TestCase):
+    """The API stream breaks mid-answer: the client gets the answer once and whole, or, when
+    the retry said other words than those already streamed, a final error event."""
+
+    RECOVERED = [("[[fake:cut:5]]", 0), ("[[fake:cut:5]]", 2), ("[[fake:cut:5]][[fake:cuts:1]]", 2),
+                 ("[[fake:thinking]][[fake:cut:5]][[fake:cuts:1]]", 0)]
+
+    def ask(self, p, prompt, retries):
+        """(the collected answer, the streamed answer) as (status, body or SSE events)."""
+        with mock.patch.dict(os.environ, {"CLAUDE_CODE_MAX_RETRIES": str(retries)}):
+            status, _, body = p.chat("[[fake:words:12]]" + prompt)
+            streamed = p.stream("[[fake:words:12]]" + prompt, stream_options={
+                "include_usage": True})
+        return (status, body), (streamed[0], streamed[2])
+
+    def test_the_answer_arrives_once_and_whole(self):
+        p = self.start_proxy()
+        for prompt, retries in self.RECOVERED:
+            where = "%s with %d retries" % (prompt, retries)
+            (status, body), (stream_status, events) = self.ask(p, prompt, retries)
+            self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, WORDS),
+                             where)
+            self.assertEqual((body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]),
+                             (12, 9), where)
+            self.assertEqual((stream_status, events[-1]), (200, "[DONE]"), where)
+            chunks = [c for c in events[:-1] if c["choices"]]
+            self.assertEqual("".join(c["choices"][0]["delta"].get("content", "")
+                                     for c in chunks), WORDS, where)
+            self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop", where)
+            self.assertEqual(events[-2]["usage"]["completion_tokens"], 9, where)
+        self.assert_no_cli_left(p)
+
+    def test_an_answer_that_changed_ends_the_stream_with_an_error(self):
+        p = self.start_proxy()
+        (status, body), (stream_status, events) = self.ask(p, "[[fake:cut:5]][[fake:differ]]", 0)
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, OTHER_WORDS))
+        self.assertEqual(stream_status, 200)
+        self.assertNotIn("[DONE]", events)
+        self.assertEqual(events[-1]["error"]["code"], "answer_changed")
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "")
+                                 for c in events[:-1]), "w0 w1 w2 w3 w4 ")
+        self.assert_no_cli_left(p)
+
+    def test_a_stream_that_never_recovers_is_never_a_silent_cut(self):
+        p = self.start_proxy()
+        (status, body), (stream_status, events) = self.ask(
+            p, "[[fake:thinking]][[fake:cut:5]]", 0)
+        self.assertEqual(status, 502, body)
+        self.assertIn("Connection lost mid-response", body["error"]["message"])
+        self.assertEqual(stream_status, 200)
+        self.assertNotIn("[DONE]", events)
+        self.assertIn("Connection lost mid-response", events[-1]["error"]["message"])
         self.assert_no_cli_left(p)
 
 
@@ -2578,6 +2840,8 @@ class FakeAnthropicAPI(ThreadingHTTPServer):
     def __init__(self):
         self.requests = []
         self.request_headers = []
+        self.calls = {}  # last user message -> how many API calls it had
+        self.lock = threading.Lock()
         self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), FakeAnthropicHandler)
 
@@ -2636,6 +2900,45 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
                 ("anthropic-ratelimit-unified-reset", str(int(time.time()) + 300))])
         if "[[api:err529]]" in text:
             return self.error(529, "overloaded_error", "Overloaded")
+        model = body.get("model", "claude-test")
+        # A prompt's calls are counted: [[api:differ]] answers other words after the first.
+        # The first text block is the prompt: a resumed call adds a reminder after it.
+        prompt = (last if isinstance(last, str) else last[0].get("text", "")).strip()
+        with self.server.lock:
+            self.server.calls[prompt] = call = self.server.calls.get(prompt, 0) + 1
+        words = re.search(r"\[\[api:words:(\d+)\]\]", text)
+        letter = "v" if "[[api:differ]]" in text and call > 1 else "w"
+        pieces = ["%s%s%d" % (" " if i else "", letter, i) for i in range(int(words.group(1)))] \
+            if words else ["Hello", " from", " the", " fake", " API."]
+        blocks = [("text", pieces)]
+        if "[[api:thinking]]" in text:
+            blocks.insert(0, ("thinking", ["Let me think."]))  # one delta, as in p-thinking
+        # [[api:max_tokens]] cuts the first answer short; the CLI then asks for the rest.
+        stop = "max_tokens" if "[[api:max_tokens]]" in text or "[[api:always_max_tokens]]" in \
+            json.dumps(body["messages"]) else "end_turn"
+        usage = {"input_tokens": 12, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": 0, "output_tokens": 1}
+        if not body.get("stream"):  # the CLI's own fallback after a stream that failed
+            content = [{"type": "text", "text": "".join(p)} if kind == "text" else
+                       {"type": "thinking", "thinking": "".join(p), "signature": "c2ln"}
+                       for kind, p in blocks]
+            usage["output_tokens"] = 9
+            data = json.dumps({"id": "msg_e2e_whole_%d" % call, "type": "message",
+                               "role": "assistant", "model": model, "content": content,
+                               "stop_reason": stop, "stop_sequence": None, "usage": usage})
+            self.send_response(200)
+            self.send_header("request-id", "req_fake_e2e")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data.encode())
+            return
+        # [[api:cut:K]] drops the connection after K text deltas, on every streamed call or,
+        # with [[api:cuts:M]], on the first M.
+        cut = re.search(r"\[\[api:cut:(\d+)\]\]", text)
+        cuts = re.search(r"\[\[api:cuts:(\d+)\]\]", text)
+        cut_after = int(cut.group(1)) if cut and (not cuts or call <= int(cuts.group(1))) \
+            else None
         self.send_response(200)
         self.send_header("request-id", "req_fake_e2e")
         self.send_header("Content-Type", "text/event-stream")
@@ -2643,29 +2946,35 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        model = body.get("model", "claude-test")
-        pieces = ["Hello", " from", " the", " fake", " API."]
 
         def send(kind, data):
             self.wfile.write(("event: %s\ndata: %s\n\n" % (kind, json.dumps(data))).encode())
             self.wfile.flush()
 
         send("message_start", {"type": "message_start", "message": {
-            "id": "msg_e2e", "type": "message", "role": "assistant", "model": model,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 12, "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": 0, "output_tokens": 1}}})
-        send("content_block_start", {"type": "content_block_start", "index": 0,
-                                     "content_block": {"type": "text", "text": ""}})
-        for i, piece in enumerate(pieces):
-            send("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                         "delta": {"type": "text_delta", "text": piece}})
-            if i == 0 and "[[api:hold]]" in text:
-                self.server.release.wait(60)
-        send("content_block_stop", {"type": "content_block_stop", "index": 0})
-        # [[api:max_tokens]] cuts the first answer short; the CLI then asks for the rest.
-        stop = "max_tokens" if "[[api:max_tokens]]" in text or "[[api:always_max_tokens]]" in \
-            json.dumps(body["messages"]) else "end_turn"
+            "id": "msg_e2e_%d" % call, "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+        sent_text = 0
+        for index, (kind, block_pieces) in enumerate(blocks):
+            empty = {"type": "text", "text": ""} if kind == "text" else {
+                "type": "thinking", "thinking": "", "signature": ""}
+            send("content_block_start", {"type": "content_block_start", "index": index,
+                                         "content_block": empty})
+            for i, piece in enumerate(block_pieces):
+                if kind == "text" and sent_text == cut_after:
+                    return  # the connection closes mid-answer: no block or message end
+                delta = {"type": "text_delta", "text": piece} if kind == "text" else {
+                    "type": "thinking_delta", "thinking": piece}
+                send("content_block_delta", {"type": "content_block_delta", "index": index,
+                                             "delta": delta})
+                sent_text += kind == "text"
+                if i == 0 and "[[api:hold]]" in text:
+                    self.server.release.wait(60)
+            if kind == "thinking":
+                send("content_block_delta", {"type": "content_block_delta", "index": index,
+                                             "delta": {"type": "signature_delta",
+                                                       "signature": "c2ln"}})
+            send("content_block_stop", {"type": "content_block_stop", "index": index})
         send("message_delta", {"type": "message_delta",
                                "delta": {"stop_reason": stop, "stop_sequence": None},
                                "usage": {"output_tokens": 9}})
@@ -2704,6 +3013,7 @@ class EndToEndTest(unittest.TestCase):
     def setUp(self):
         self.api.requests.clear()
         self.api.request_headers.clear()
+        self.api.calls.clear()
         self.api.release.clear()
 
     def api_request(self, marker):
@@ -2943,13 +3253,6 @@ class EndToEndTest(unittest.TestCase):
     def test_the_fake_speaks_like_the_real_cli(self):
         """The fake claude, line kind for line kind and key for key, against the live CLI in
         the proxy's own mode. When a new CLI changes its output, this is the test that says so."""
-        def shapes(lines):
-            collapsed = []
-            for line in lines:
-                shape = line_shape(line)
-                if not collapsed or collapsed[-1][0] != shape[0]:  # runs of deltas: once
-                    collapsed.append(shape)
-            return collapsed
         cases = [("e2e hi", "hi", {}), ("[[api:max_tokens]]", "[[fake:max_tokens]]", {}),
                  ("[[api:always_max_tokens]]", "[[fake:always_max_tokens]]", {}),
                  ("[[api:err401]]", "[[fake:err401]]", {}),
@@ -2957,16 +3260,71 @@ class EndToEndTest(unittest.TestCase):
                  ("[[api:err529]]", "[[fake:err529]]", {}),
                  ("no key", "[[fake:notloggedin]]", {"ANTHROPIC_API_KEY": None}),
                  ("e2e hi", "[[fake:ratelimit_info]]", self.SUBSCRIPTION),
-                 ("[[api:err429]]", "[[fake:ratelimit:300]]", self.SUBSCRIPTION)]
+                 ("[[api:err429]]", "[[fake:ratelimit:300]]", self.SUBSCRIPTION),
+                 ("[[api:thinking]]", "[[fake:thinking]]", {})]
+        # The API stream breaks after 5 of 12 words: what the CLI does to recover.
+        for api, ours, retries in self.BROKEN_STREAMS:
+            cases.append(("[[api:words:12]] [[api:cut:5]] " + api,
+                          "[[fake:words:12]][[fake:cut:5]]" + ours,
+                          {"CLAUDE_CODE_MAX_RETRIES": retries}))
         opts = {"--tools": "", "--disable-slash-commands": True, "--safe-mode": True}
         for api_prompt, fake_prompt, env in cases:
-            real = shapes(self.run_real_cli(api_prompt, **env))
-            ours = shapes([fake.ui_invalidate(), fake.init_line(opts, "claude-sonnet-5-5")]
-                          + fake_lines(fake_prompt))
-            self.assertEqual([k for k, _ in ours], [k for k, _ in real],
-                             "%s: the kinds of lines differ" % api_prompt)
-            for (kind, real_keys), (_, our_keys) in zip(real, ours):
-                self.assertEqual(our_keys, real_keys, "%s %s: keys differ" % (api_prompt, kind))
+            self.api.requests.clear()
+            real = self.run_real_cli(api_prompt, **env)
+            with mock.patch.dict(os.environ, {k: v for k, v in env.items() if v is not None}):
+                ours = [fake.ui_invalidate(), fake.init_line(opts, "claude-sonnet-5-5")] + \
+                    fake_lines(fake_prompt)
+            assert_same_lines(self, ours, real, api_prompt)
+            # How it recovered from a broken stream: which blocks it gave up, and its API calls
+            # (streamed, or whole without streaming) in order.
+            self.assertEqual(recovery(ours), recovery(real), api_prompt)
+            if "[[api:cut:" in api_prompt:  # (an error answer starts no message)
+                self.assertEqual([bool(r.get("stream")) for r in self.api.requests],
+                                 calls_made(ours), api_prompt)
+
+    # (the test API's markers, the fake's, CLAUDE_CODE_MAX_RETRIES): every call breaks, with
+    # and without retries; only the first call breaks; thinking survives and the CLI resumes;
+    # thinking survives and every call breaks, until the CLI gives up.
+    BROKEN_STREAMS = [("", "", "0"), ("", "", "2"), ("[[api:cuts:1]]", "[[fake:cuts:1]]", "2"),
+                      ("[[api:thinking]] [[api:cuts:1]]", "[[fake:thinking]][[fake:cuts:1]]", "0"),
+                      ("[[api:thinking]]", "[[fake:thinking]]", "0")]
+
+    def test_a_broken_api_stream_gives_the_whole_answer_once(self):
+        words = " ".join("w%d" % i for i in range(12))
+        for api, _, retries in self.BROKEN_STREAMS[:4]:
+            prompt = "[[api:words:12]] [[api:cut:5]] " + api
+            where = "%s with %s retries" % (prompt, retries)
+            with mock.patch.dict(os.environ, {"CLAUDE_CODE_MAX_RETRIES": retries}):
+                status, _, body = self.proxy.chat(prompt)
+                stream_status, _, events = self.proxy.stream(prompt)
+            self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, words),
+                             where)
+            self.assertEqual(body["usage"]["completion_tokens"], 9, "the final call's")
+            self.assertEqual((stream_status, events[-1]), (200, "[DONE]"), where)
+            self.assertEqual("".join(c["choices"][0]["delta"].get("content", "")
+                                     for c in events[:-1]), words, where)
+
+    def test_a_broken_api_stream_that_never_recovers_is_an_error(self):
+        prompt = "[[api:thinking]] [[api:words:12]] [[api:cut:5]]"
+        status, _, body = self.proxy.chat(prompt)
+        self.assertEqual(status, 502, body)
+        self.assertIn("Connection lost mid-response", body["error"]["message"])
+        status, _, events = self.proxy.stream(prompt)
+        self.assertEqual((status, "".join(c["choices"][0]["delta"].get("content", "")
+                                          for c in events[:-1])), (200, "w0 w1 w2 w3 w4"))
+        self.assertIn("Connection lost mid-response", events[-1]["error"]["message"])
+
+    def test_a_retry_with_other_words_ends_the_stream_with_an_error(self):
+        prompt = "[[api:words:12]] [[api:cut:5]] [[api:differ]]"
+        status, _, body = self.proxy.chat(prompt)
+        self.assertEqual((status, body["choices"][0]["message"]["content"]),
+                         (200, " ".join("v%d" % i for i in range(12))))
+        status, _, events = self.proxy.stream(prompt + " streamed")  # its own first call
+        self.assertEqual(status, 200)
+        self.assertNotIn("[DONE]", events)
+        self.assertEqual(events[-1]["error"]["code"], "answer_changed")
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "")
+                                 for c in events[:-1]), "w0 w1 w2 w3 w4")
 
     def test_max_tokens_through_the_real_cli(self):
         # The API stops at max_tokens; the CLI would ask for the rest, but a client limit ends it.
@@ -3147,6 +3505,18 @@ class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
             for _ in stream:
                 pass
         self.assertIn("mid-stream", str(caught.exception))
+
+    def test_a_broken_api_stream_as_the_sdk_sees_it(self):
+        def streamed(prompt):
+            with mock.patch.dict(os.environ, {"CLAUDE_CODE_MAX_RETRIES": "2"}):
+                return "".join(chunk.choices[0].delta.content or "" for chunk in
+                               self.client.chat.completions.create(
+                                   model="opus", stream=True,
+                                   messages=[{"role": "user", "content": prompt}]))
+        self.assertEqual(streamed("[[fake:words:12]][[fake:cut:5]]"), WORDS)
+        with self.assertRaises(openai.APIError) as caught:
+            streamed("[[fake:words:12]][[fake:cut:5]][[fake:differ]]")
+        self.assertIn("answered differently", str(caught.exception))
 
 
 ##############################################################################
@@ -3382,6 +3752,49 @@ RECORDINGS = os.environ.get("CLAUDE_CLI_RECORDINGS") or os.path.join(
     os.path.dirname(HERE), "shared", "claude-cli")
 
 
+def recovery(lines):
+    """Where each broken message gave up (abandoned_blocks.from_block_index), in order."""
+    return [line["abandoned_blocks"]["from_block_index"] for line in lines
+            if isinstance(line.get("abandoned_blocks"), dict)]
+
+
+def calls_made(lines):
+    """The API calls that CLI output shows: True for a streamed one (message_start), False for
+    a message fetched whole (an assistant line of a message that was never started)."""
+    calls, started = [], set()
+    for line in lines:
+        inner = line["event"] if line.get("type") == "stream_event" else {}
+        if inner.get("type") == "message_start":
+            calls.append(True)
+            started.add(inner["message"]["id"])
+        elif line.get("type") == "assistant" and not line.get("is_api_error_message") and \
+                line["message"]["id"] not in started:
+            calls.append(False)
+            started.add(line["message"]["id"])
+    return calls
+
+
+def collapsed_shapes(lines):
+    """line_shape of each line, a run of lines of one kind (deltas) once."""
+    collapsed = []
+    for line in lines:
+        shape = line_shape(line)
+        if not collapsed or collapsed[-1][0] != shape[0]:
+            collapsed.append(shape)
+    return collapsed
+
+
+def assert_same_lines(test, ours, real, where, ignore=frozenset()):
+    """The fake's lines and the real CLI's: the same kinds in the same order, the same keys
+    (but for top-level keys in `ignore`)."""
+    ours, real = collapsed_shapes(ours), collapsed_shapes(real)
+    test.assertEqual([k for k, _ in ours], [k for k, _ in real],
+                     "%s: the kinds of lines differ" % where)
+    for (kind, real_keys), (_, our_keys) in zip(real, ours):
+        test.assertEqual((our_keys[0] - ignore, our_keys[1]), (real_keys[0] - ignore, real_keys[1]),
+                         "%s %s: keys differ" % (where, kind))
+
+
 def line_shape(line):
     """What identifies a stream-json line's kind, and the keys it and its payload carry."""
     kind = line.get("type")
@@ -3439,6 +3852,34 @@ class FakeFidelityTest(unittest.TestCase):
                 if real[shape][1] is not None and keys[1] is not None:
                     self.assertEqual(keys[1] ^ real[shape][1], frozenset(),
                                      "%s %s: payload keys differ" % (name, shape))
+
+    # Recorded in the proxy's own mode (its flags, the prompt as a stream-json line), with
+    # CLAUDE_CODE_MAX_RETRIES as given.
+    PROXY_MODE = [("p-answer", "hi", "10"), ("p-thinking", "[[fake:thinking]]", "10"),
+                  ("p-err401", "[[fake:err401]]", "10"),
+                  ("p-midstream-cut-noretry", "[[fake:words:12]][[fake:cut:5]]", "0"),
+                  ("p-midstream-cut-retry", "[[fake:words:12]][[fake:cut:5]]", "2")]
+
+    def test_the_fake_prints_what_the_proxy_mode_recordings_show(self):
+        opts = {"--tools": "", "--disable-slash-commands": True, "--safe-mode": True}
+        for name, prompt, retries in self.PROXY_MODE:
+            with mock.patch.dict(os.environ, {"CLAUDE_CODE_MAX_RETRIES": retries}):
+                ours = [fake.ui_invalidate(), fake.init_line(opts, "m")] + fake_lines(prompt)
+            # The CLI copies the API's request-id header into assistant lines: the recording
+            # lab's API sent none while streaming, the end-to-end test's always does.
+            assert_same_lines(self, ours, self.recorded(name), name, ignore={"request_id"})
+
+    def test_recorded_broken_streams_fold_into_the_whole_answer_once(self):
+        for name in ("p-midstream-cut-noretry", "p-midstream-cut-retry"):
+            events = list(proxy.completion_events(self.recorded(name)))
+            body = proxy.chat_completion("c", 1, events)
+            self.assertEqual(body["choices"][0]["message"]["content"],
+                             " ".join("w%d" % i for i in range(12)), name)
+            self.assertEqual("".join(texts(events)), body["choices"][0]["message"]["content"])
+            # The final message's usage (12 + 3 + 5 in, 17 out), not the result's sum over
+            # every attempt (the result says 36 + 9 + 15 in after three calls).
+            self.assertEqual((body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]),
+                             (20, 17), name)
 
     def test_every_kind_the_fake_prints_was_recorded(self):
         real = set()
