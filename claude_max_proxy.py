@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
-"""claude-max-proxy: use a Claude Max or Pro subscription from any OpenAI API client.
+"""claude-max-proxy: use a Claude Max or Pro subscription from any OpenAI or Anthropic client.
 
-A small local HTTP daemon. It accepts OpenAI-format requests on
-http://127.0.0.1:3456/v1/... (chat completions, streaming included, and the model list), runs the
-official Claude Code CLI (``claude -p``, logged in with your own subscription) as a subprocess for
-each request, and answers in OpenAI format.
+A small local HTTP daemon. It accepts requests on http://127.0.0.1:3456/v1/... in three API
+dialects, streaming included: OpenAI Chat Completions (``/v1/chat/completions``), the Anthropic
+Messages API (``/v1/messages``, what Claude Code and the Anthropic SDKs speak) and the OpenAI
+Responses API (``/v1/responses``, what Codex and the Agents SDK speak). For each request it runs
+the official Claude Code CLI (``claude -p``, logged in with your own subscription) as a
+subprocess, and answers in the dialect it was asked in.
 
 Run it::
 
     python3 claude_max_proxy.py                 # serves http://127.0.0.1:3456/v1
     python3 claude_max_proxy.py --help          # every flag, each with an environment variable
 
-Then point any OpenAI client at ``http://127.0.0.1:3456/v1`` (any API key string will do).
+Then point any OpenAI client at ``http://127.0.0.1:3456/v1``, or an Anthropic one (Claude Code
+included: ``ANTHROPIC_BASE_URL``) at ``http://127.0.0.1:3456`` (any API key string will do).
 
 The promise: this is one file that needs nothing but Python 3.9+ and its standard library, plus
 the ``claude`` CLI, installed and logged in. Copy it anywhere and run it.
@@ -36,6 +39,24 @@ What it guards:
 * Logs name methods, paths, statuses, models, durations and token counts, never prompts or answers.
 
 See README.md for configuration, the launchd agent, and the exact translation rules.
+
+The map. One request goes down this pipeline; each step is one section below, in this order:
+
+    HTTP request --StrictHTTPHandler--> JSON body --ProxyHandler: who may ask, route-->
+    Dialect.parse --> Request (neutral) --> Launch (argv, environment, stdin)
+    --ClaudeRun: a slot, a ClaudeProcess--> stream-json lines --AnswerFold--> events
+    (Start, Text, Thinking, Revised, Finish) --the dialect's Answer--> SSE bytes or one body
+
+Sections: Settings; Errors; The neutral request (and Chat Completions' parsing); The CLI launch;
+CLI events -> completion events (AnswerFold); Dialects (an Answer and a Dialect class each for
+Chat Completions, Anthropic Messages, OpenAI Responses, and the DIALECTS registry the router
+reads); Who may use it; The CLI process (ClaudeCLI, ClaudeProcess, ProcessSlots, ClaudeRun);
+HTTP (ProxyServer, StrictHTTPHandler, ProxyHandler); Command line.
+
+A security reviewer reads: "The CLI launch" (the flags that make the CLI a model, never an
+agent, and keep the user's ~/.claude out), "Who may use it" with ProxyHandler._check_access
+(keys, browsers, host names), StrictHTTPHandler (request framing and limits), and ClaudeProcess
+(process groups, the private working directory, stdin).
 """
 
 import argparse
@@ -64,8 +85,8 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import (Any, Callable, Dict, Generator, Iterable, Iterator, List, NamedTuple, NoReturn,
-                    Optional, Tuple, Union)
+from typing import (Any, Callable, Dict, Generator, Iterable, Iterator, List, Mapping, NamedTuple,
+                    NoReturn, Optional, Tuple, Union)
 from urllib.parse import unquote
 
 __version__ = "0.1.0"
@@ -138,17 +159,37 @@ FULL_MODEL_ID = re.compile(
 PROVIDER_PREFIXES = ("openai/", "anthropic/", "claude-code-cli/", "claude-max/")
 MODELS_CREATED = 1747267200  # a fixed `created` for /v1/models entries (2025-05-15)
 
-# Image types the Anthropic API accepts in base64 image blocks.
+# Types the Anthropic API accepts in base64 image and document blocks.
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+DOCUMENT_MEDIA_TYPES = ("application/pdf",)
 
-# Request fields that are accepted and ignored: the CLI has no switch for them.
-IGNORED_FIELDS = (
-    "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "user", "logit_bias",
-)
-# The ranges OpenAI's API accepts for the numbers among them; others are a 400 there too.
+# Sampling fields are accepted and ignored, as the CLI has no switch for them (temperature,
+# top_p, top_k, penalties, seed, user, logit_bias, metadata), but only within the range the
+# dialect's own API accepts: out of it they are a 400 there too.
 NUMBER_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2),
                  "frequency_penalty": (-2, 2)}
+ANTHROPIC_NUMBER_RANGES = {"temperature": (0, 1), "top_p": (0, 1), "top_k": (0, 2 ** 31 - 1)}
 MAX_TOKENS_LIMIT = 2 ** 31 - 1  # the CLI reads CLAUDE_CODE_MAX_OUTPUT_TOKENS as an int32
+MAX_STOP_SEQUENCES = 16  # Messages API stop_sequences (Chat Completions allows 4)
+
+# The CLI's --effort values, and what OpenAI's reasoning effort and Anthropic's thinking budget
+# become: "none" and "minimal" cannot turn the CLI's adaptive thinking off, so they are "low".
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+OPENAI_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium",
+                  "high": "high", "xhigh": "xhigh", "max": "max"}
+THINKING_BUDGETS = ((2048, "low"), (8192, "medium"), (24576, "high"), (49152, "xhigh"),
+                    (MAX_TOKENS_LIMIT, "max"))  # budget_tokens up to N -> effort
+
+# Anthropic's error type for an HTTP status (https://docs.claude.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                         529: "overloaded_error"}
+IMAGE_TOKENS = 1600  # /v1/messages/count_tokens counts an image as this (a ~1 MP image)
+
+# Responses kept in memory for `previous_response_id` (the oldest go first).
+RESPONSE_STORE_ITEMS = 256
+RESPONSE_STORE_BYTES = 64 * 1024 * 1024
 
 # Anthropic stop_reason -> OpenAI finish_reason.
 FINISH_REASONS = {
@@ -195,18 +236,25 @@ def invalid(param: str, message: str) -> APIError:
 
 
 ##############################################################################
-# OpenAI request -> CLI input (pure functions)
+# The neutral request (pure functions)
 ##############################################################################
 
-class ChatRequest(NamedTuple):
-    model: str  # the name the client asked for, prefix stripped
+Block = Dict[str, Any]  # an Anthropic content block: text, image, document
+Turn = Tuple[str, List[Block]]  # (role, its blocks): "user" or "assistant"
+
+
+class Request(NamedTuple):
+    """What a client asks for, in no dialect's terms; each dialect's parse() makes one."""
+    model: str  # the name the client asked for, provider prefix stripped
     cli_model: str  # what --model gets
     system: Optional[str]  # appended to Claude Code's system prompt
-    content: Union[str, List[Dict[str, Any]]]  # the user turn: text or Anthropic content blocks
-    stream: bool
-    include_usage: bool
-    max_tokens: Optional[int]
-    stop: Tuple[str, ...]
+    turns: List[Turn]  # the conversation, the last turn the user's
+    stream: bool = False
+    max_tokens: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    effort: Optional[str] = None  # --effort
+    include_usage: bool = False  # Chat Completions: a usage chunk ends the stream
+    echo: Dict[str, Any] = {}  # fields a dialect repeats in its answer (Responses)
 
 
 def resolve_model(name: Any) -> Tuple[str, str]:
@@ -231,30 +279,146 @@ def resolve_model(name: Any) -> Tuple[str, str]:
         code="model_not_found", param="model")
 
 
-def image_block(url: str, where: str) -> Dict[str, Any]:
-    """An OpenAI image_url (data: or https:) as an Anthropic image block."""
+def image_block(url: str, where: str) -> Block:
+    """An image URL (data: or https:) as an Anthropic image block."""
     if url.startswith("data:"):
         header, sep, data = url[5:].partition(",")
         media_type, _, encoding = header.partition(";")
         media_type = media_type.strip().lower()
         if not sep or encoding.strip().lower() != "base64":
             raise invalid(where, "Image data URLs must look like data:image/png;base64,....")
-        if media_type not in IMAGE_MEDIA_TYPES:
-            raise invalid(where, "Unsupported image type %r; use one of %s."
-                          % (media_type[:50], ", ".join(IMAGE_MEDIA_TYPES)))
-        try:
-            base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise invalid(where, "The image data URL is not valid base64.") from None
-        return {"type": "image", "source": {"type": "base64", "media_type": media_type,
-                                            "data": data}}
+        return base64_block("image", media_type, data, where)
     if url.startswith("https://"):
         return {"type": "image", "source": {"type": "url", "url": url}}
     raise invalid(where, "Image URLs must be https: URLs or base64 data: URLs.")
 
 
-def content_blocks(content: Any, where: str, images: bool = True) -> List[Dict[str, Any]]:
-    """An OpenAI message `content` (string or list of parts) as Anthropic content blocks."""
+def base64_block(kind: str, media_type: Any, data: Any, where: str) -> Block:
+    """An image or document block with base64 data, checked as the Messages API would."""
+    allowed = IMAGE_MEDIA_TYPES if kind == "image" else DOCUMENT_MEDIA_TYPES
+    if media_type not in allowed:
+        raise invalid(where, "Unsupported %s type %r; use one of %s."
+                      % (kind, str(media_type)[:50], ", ".join(allowed)))
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise invalid(where, "The %s data is not valid base64." % kind) from None
+    return {"type": kind, "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def text_of(blocks: Iterable[Block]) -> str:
+    return "".join(b["text"] for b in blocks if b["type"] == "text")
+
+
+def join_blocks(blocks: List[Block]) -> Union[str, List[Block]]:
+    """Merge neighbouring text blocks; a lone text block becomes a plain string."""
+    merged: List[Block] = []
+    for block in blocks:
+        if block["type"] == "text" and merged and merged[-1]["type"] == "text":
+            merged[-1] = {"type": "text", "text": merged[-1]["text"] + block["text"]}
+        else:
+            merged.append(block)
+    if not merged:
+        return ""
+    if len(merged) == 1 and merged[0]["type"] == "text":
+        return str(merged[0]["text"])
+    return merged
+
+
+TRANSCRIPT_HEAD = (
+    "The conversation so far is given below inside <conversation> tags, one <message> element "
+    "per earlier turn. Continue it: answer the user's latest message, which follows the "
+    "transcript.\n\n<conversation>\n"
+)
+TRANSCRIPT_TAIL = "</conversation>\n\n"
+
+
+def check_turns(turns: List[Turn], where: str) -> None:
+    """The conversation must end with a user turn that has something in it."""
+    if not turns or turns[-1][0] != "user":
+        raise invalid(where, "The last message (other than system messages) must have role "
+                      "`user`.")
+    if not any(b["type"] != "text" or b["text"].strip() for b in turns[-1][1]):
+        # The Messages API refuses empty text; say so before starting a CLI for it.
+        raise invalid(where, "The last user message is empty.")
+
+
+def prompt_content(turns: List[Turn]) -> Union[str, List[Block]]:
+    """The one user turn the CLI gets: a lone user message as it is; a longer conversation as
+    a transcript of the earlier turns, each in a <message role="..."> element inside
+    <conversation> tags, followed by the last (user) message."""
+    *earlier, (_, last) = turns
+    if not earlier:
+        return join_blocks(last)
+    blocks = [{"type": "text", "text": TRANSCRIPT_HEAD}]
+    for role, turn in earlier:
+        blocks.append({"type": "text", "text": '<message role="%s">\n' % role})
+        blocks.extend(turn)
+        blocks.append({"type": "text", "text": "\n</message>\n"})
+    blocks.append({"type": "text", "text": TRANSCRIPT_TAIL})
+    blocks.extend(last)
+    return join_blocks(blocks)
+
+
+def optional_int(body: Dict[str, Any], field: str, minimum: int, maximum: int) -> Optional[int]:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise invalid(field, "`%s` must be a whole number from %d to %d." % (
+            field, minimum, maximum))
+    return value
+
+
+def check_numbers(body: Dict[str, Any], ranges: Mapping[str, Tuple[float, float]]) -> None:
+    """Fields the CLI has no switch for are accepted, but only within the API's own range."""
+    for field, (low, high) in ranges.items():
+        value = body.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not low <= value <= high:
+            raise invalid(field, "`%s` must be a number from %g to %g." % (field, low, high))
+
+
+def check_type(body: Dict[str, Any], field: str, kind: Any, what: str) -> Any:
+    """body[field] when it is absent, null or of `kind`; else a 400 saying it must be `what`."""
+    value = body.get(field)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and
+                              kind is not bool):
+        raise invalid(field, "`%s` must be %s." % (field, what))
+    return value
+
+
+def stop_sequences(value: Any, field: str, most: int) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > most or \
+            not all(isinstance(s, str) and s for s in stops):
+        raise invalid(field, "`%s` must be a non-empty string or a list of at most %d of them."
+                      % (field, most))
+    return tuple(stops)
+
+
+def openai_effort(value: Any, field: str) -> Optional[str]:
+    """OpenAI's reasoning effort as the CLI's --effort (see EFFORTS)."""
+    if value is None:
+        return None
+    if value not in OPENAI_EFFORTS:
+        raise invalid(field, "`%s` must be one of %s." % (field, ", ".join(OPENAI_EFFORTS)))
+    return OPENAI_EFFORTS[value]
+
+
+def no_tools_yet(body: Dict[str, Any], fields: Iterable[str]) -> None:
+    for field in fields:
+        if body.get(field):
+            raise invalid(field, "`%s` (function calling) is not supported by this proxy yet."
+                          % field)
+
+
+def chat_content(content: Any, where: str, images: bool = True) -> List[Block]:
+    """A Chat Completions message `content` (string or list of parts) as Anthropic blocks."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if content is None:
@@ -284,140 +448,55 @@ def content_blocks(content: Any, where: str, images: bool = True) -> List[Dict[s
     return blocks
 
 
-def join_blocks(blocks: List[Dict[str, Any]]) -> Union[str, List[Dict[str, Any]]]:
-    """Merge neighbouring text blocks; a lone text block becomes a plain string."""
-    merged: List[Dict[str, Any]] = []
-    for block in blocks:
-        if block["type"] == "text" and merged and merged[-1]["type"] == "text":
-            merged[-1] = {"type": "text", "text": merged[-1]["text"] + block["text"]}
-        else:
-            merged.append(block)
-    if not merged:
-        return ""
-    if len(merged) == 1 and merged[0]["type"] == "text":
-        return str(merged[0]["text"])
-    return merged
-
-
-TRANSCRIPT_HEAD = (
-    "The conversation so far is given below inside <conversation> tags, one <message> element "
-    "per earlier turn. Continue it: answer the user's latest message, which follows the "
-    "transcript.\n\n<conversation>\n"
-)
-TRANSCRIPT_TAIL = "</conversation>\n\n"
-
-
-def messages_to_prompt(messages: Any) -> Tuple[Optional[str], Union[str, List[Dict[str, Any]]]]:
-    """OpenAI `messages` -> (system text to append or None, the user turn for the CLI).
-
-    `system` and `developer` messages become appended system instructions. A lone `user`
-    message is the prompt as it is. A longer conversation becomes a transcript of the earlier
-    turns, each in a <message role="..."> element inside <conversation> tags, followed by the
-    last (user) message, so the model sees the whole exchange in one turn.
-    """
+def chat_turns(messages: Any) -> Tuple[Optional[str], List[Turn]]:
+    """Chat `messages` -> (system text or None, turns). `system` and `developer` messages
+    become appended system instructions."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "`messages` must be a non-empty list.")
     system_parts: List[str] = []
-    turns: List[Tuple[str, List[Dict[str, Any]]]] = []
+    turns: List[Turn] = []
     for i, message in enumerate(messages):
         where = "messages[%d]" % i
         if not isinstance(message, dict):
             raise invalid(where, "Each message must be an object with `role` and `content`.")
         role = message.get("role")
         if role in ("system", "developer"):
-            blocks = content_blocks(message.get("content"), where + ".content", images=False)
-            system_parts.append("".join(b["text"] for b in blocks))
+            system_parts.append(text_of(chat_content(message.get("content"), where + ".content",
+                                                     images=False)))
         elif role in ("user", "assistant"):
             if message.get("tool_calls") or message.get("function_call"):
                 raise invalid(where, "Tool calls are not supported by this proxy yet.")
-            turns.append((role, content_blocks(message.get("content"), where + ".content")))
+            turns.append((role, chat_content(message.get("content"), where + ".content")))
         elif role in ("tool", "function"):
             raise invalid(where + ".role", "Tool messages are not supported by this proxy yet.")
         else:
             raise invalid(where + ".role", "Unknown role %r; use system, developer, user or "
                           "assistant." % str(role)[:50])
-    if not turns or turns[-1][0] != "user":
-        raise invalid("messages", "The last message (other than system messages) must have "
-                      "role `user`.")
-    system = "\n\n".join(p for p in system_parts if p) or None
-    *earlier, (_, last) = turns
-    if not any(b["type"] != "text" or b["text"].strip() for b in last):
-        # The Messages API refuses empty text; say so before starting a CLI for it.
-        raise invalid("messages", "The last user message is empty.")
-    if not earlier:
-        return system, join_blocks(last)
-    blocks = [{"type": "text", "text": TRANSCRIPT_HEAD}]
-    for role, turn in earlier:
-        blocks.append({"type": "text", "text": '<message role="%s">\n' % role})
-        blocks.extend(turn)
-        blocks.append({"type": "text", "text": "\n</message>\n"})
-    blocks.append({"type": "text", "text": TRANSCRIPT_TAIL})
-    blocks.extend(last)
-    return system, join_blocks(blocks)
+    check_turns(turns, "messages")
+    return "\n\n".join(p for p in system_parts if p) or None, turns
 
 
-def _optional_int(body: Dict[str, Any], field: str, minimum: int, maximum: int) -> Optional[int]:
-    value = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise invalid(field, "`%s` must be a whole number from %d to %d." % (
-            field, minimum, maximum))
-    return value
-
-
-def _check_number(body: Dict[str, Any], field: str, low: float, high: float) -> None:
-    value = body.get(field)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise invalid(field, "`%s` must be a number from %g to %g." % (field, low, high))
-
-
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate an OpenAI chat completion request; every problem is a 4xx naming the field."""
+def parse_chat_request(body: Any) -> Request:
+    """Validate a Chat Completions request; every problem is a 4xx naming the field."""
     if not isinstance(body, dict):
         raise invalid("", "The request body must be a JSON object.")
     model, cli_model = resolve_model(body.get("model"))
-    system, content = messages_to_prompt(body.get("messages"))
-
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise invalid("stream", "`stream` must be true or false.")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise invalid("stream_options", "`stream_options` must be an object.")
-    include_usage = (options or {}).get("include_usage", False)
+    system, turns = chat_turns(body.get("messages"))
+    stream = check_type(body, "stream", bool, "true or false")
+    options = check_type(body, "stream_options", dict, "an object") or {}
+    include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise invalid("stream_options.include_usage", "`include_usage` must be true or false.")
-
-    max_tokens = _optional_int(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
+    max_tokens = optional_int(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
     if max_tokens is None:
-        max_tokens = _optional_int(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
-
-    stop = body.get("stop")
-    if stop is None:
-        stops: Tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
-        stops = tuple(stop)
-    else:
-        raise invalid("stop", "`stop` must be a string or a list of at most 4 strings.")
-    if any(not s for s in stops):
-        raise invalid("stop", "Stop sequences must not be empty.")
-
+        max_tokens = optional_int(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise invalid("n", "Only `n: 1` is supported: the CLI gives one answer per request.")
-    for field, (low, high) in NUMBER_RANGES.items():
-        _check_number(body, field, low, high)
+    check_numbers(body, NUMBER_RANGES)
     if body.get("logprobs") not in (None, False):
         raise invalid("logprobs", "`logprobs` are not available through Claude Code.")
-
-    for field in ("tools", "functions"):
-        if body.get(field):
-            raise invalid(field, "`%s` (function calling) is not supported by this proxy yet." % field)
+    no_tools_yet(body, ("tools", "functions"))
     for field in ("tool_choice", "function_call"):
         if body.get(field) not in (None, "none"):
             raise invalid(field, "`%s` is not supported by this proxy yet." % field)
@@ -426,58 +505,71 @@ def parse_chat_request(body: Any) -> ChatRequest:
         if not isinstance(response_format, dict) or response_format.get("type") != "text":
             raise invalid("response_format", "Only `response_format: {\"type\": \"text\"}` is "
                           "supported by this proxy yet.")
-    return ChatRequest(model=model, cli_model=cli_model, system=system, content=content,
-                       stream=bool(stream), include_usage=include_usage, max_tokens=max_tokens,
-                       stop=stops)
+    return Request(model=model, cli_model=cli_model, system=system, turns=turns,
+                   stream=bool(stream), max_tokens=max_tokens,
+                   stop=stop_sequences(body.get("stop"), "stop", 4),
+                   effort=openai_effort(body.get("reasoning_effort"), "reasoning_effort"),
+                   include_usage=include_usage)
 
 
-def build_cli_command(claude: str, request: ChatRequest, system_file: Optional[str],
-                      user_settings: bool = False) -> List[str]:
-    """The argument list: a model with no tools, MCP servers, slash commands or saved session,
-    and none of the user's own Claude Code setup unless `user_settings` (--user-settings)."""
-    argv = [
-        claude, "-p",
-        "--input-format", "stream-json",
-        "--output-format", "stream-json", "--verbose", "--include-partial-messages",
-        "--model", request.cli_model,
-        "--tools", "",
-        "--strict-mcp-config",
-        "--disable-slash-commands",
-        "--permission-mode", "dontAsk",
-        "--no-session-persistence",
-    ]
-    # Measured with the real CLI 2.1.331 and a ~/.claude holding one of everything: each flag
-    # alone leaves something through. `--setting-sources ""` keeps out settings, hooks, output
-    # styles, agents and CLAUDE.md, but not auto-memory (a directory per working directory
-    # under ~/.claude/projects, and its path in the system prompt). `--safe-mode` ends memory,
-    # hooks, skills, agents, plugins and output styles, but still applies settings.json's `env`
-    # block. Both together let nothing through; the OAuth login is not a setting and still works.
-    if user_settings:
-        argv += ["--setting-sources", "user"]  # the user's scope only: never project or local
-    else:
-        argv += ["--safe-mode", "--setting-sources", ""]
-    if system_file:
-        # A file, not an argument: Linux caps one argument at 128 KiB.
-        argv += ["--append-system-prompt-file", system_file]
-    return argv
+##############################################################################
+# The CLI launch (pure functions)
+##############################################################################
 
+class Launch(NamedTuple):
+    """One CLI run, described: its command line, environment and stdin all derive from this."""
+    claude: str  # the CLI's path
+    request: Request
+    user_settings: bool = False  # --user-settings
 
-def stdin_line(content: Union[str, List[Dict[str, Any]]]) -> bytes:
-    """The one stream-json user line the CLI reads from stdin."""
-    line = {"type": "user", "message": {"role": "user", "content": content}}
-    return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
+    def argv(self, system_file: Optional[str]) -> List[str]:
+        """A model with no tools, MCP servers, slash commands or saved session, and none of the
+        user's own Claude Code setup unless `user_settings`."""
+        argv = [
+            self.claude, "-p",
+            "--input-format", "stream-json",
+            "--output-format", "stream-json", "--verbose", "--include-partial-messages",
+            "--model", self.request.cli_model,
+            "--tools", "",
+            "--strict-mcp-config",
+            "--disable-slash-commands",
+            "--permission-mode", "dontAsk",
+            "--no-session-persistence",
+        ]
+        # Measured with the real CLI 2.1.331 and a ~/.claude holding one of everything: each
+        # flag alone leaves something through. `--setting-sources ""` keeps out settings,
+        # hooks, output styles, agents and CLAUDE.md, but not auto-memory (a directory per
+        # working directory under ~/.claude/projects, and its path in the system prompt).
+        # `--safe-mode` ends memory, hooks, skills, agents, plugins and output styles, but
+        # still applies settings.json's `env` block. Both together let nothing through; the
+        # OAuth login is not a setting and still works.
+        if self.user_settings:
+            argv += ["--setting-sources", "user"]  # the user's scope only: no project, local
+        else:
+            argv += ["--safe-mode", "--setting-sources", ""]
+        if self.request.effort:
+            argv += ["--effort", self.request.effort]
+        if system_file:
+            # A file, not an argument: Linux caps one argument at 128 KiB.
+            argv += ["--append-system-prompt-file", system_file]
+        return argv
 
+    def environment(self, base: Dict[str, str]) -> Dict[str, str]:
+        env = dict(base)
+        # Set inside Claude Code sessions; older CLIs refuse to start nested when they see it.
+        env.pop("CLAUDECODE", None)
+        # No auto-memory even with --user-settings: it would write under ~/.claude for every
+        # request and put a path that differs per run into the system prompt.
+        env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = "1"
+        if self.request.max_tokens is not None:
+            env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(self.request.max_tokens)
+        return env
 
-def cli_environment(base: Dict[str, str], max_tokens: Optional[int]) -> Dict[str, str]:
-    env = dict(base)
-    # Set inside Claude Code sessions; older CLIs refuse to start nested when they see it.
-    env.pop("CLAUDECODE", None)
-    # No auto-memory even with --user-settings: it would write under ~/.claude for every
-    # request and put a path that differs per run into the system prompt.
-    env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = "1"
-    if max_tokens is not None:
-        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(max_tokens)
-    return env
+    def stdin(self) -> bytes:
+        """The one stream-json user line the CLI reads from stdin."""
+        line = {"type": "user", "message": {"role": "user",
+                                            "content": prompt_content(self.request.turns)}}
+        return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 ##############################################################################
@@ -487,6 +579,7 @@ def cli_environment(base: Dict[str, str], max_tokens: Optional[int]) -> Dict[str
 class Start(NamedTuple):
     """The model began answering (the CLI's first message_start)."""
     model: str
+    usage: Dict[str, Any] = {}  # the first message's token counts so far (its input)
 
 
 class Text(NamedTuple):
@@ -515,6 +608,7 @@ class Finish(NamedTuple):
     stop_reason: Optional[str]  # Anthropic's
     usage: Dict[str, Any]  # Anthropic-style token counts
     cut_short: bool = False  # the proxy ended it (stop sequence, max_tokens): the CLI still runs
+    stop_sequence: Optional[str] = None  # the one that matched
 
 
 Event = Union[Start, Text, Thinking, Revised, Finish]
@@ -531,14 +625,16 @@ class StopSequences:
         self.stops = tuple(stops)
         self.pending = ""
         self.hit = False
+        self.matched: Optional[str] = None
 
     def feed(self, text: str) -> str:
         """Text that is safe to emit now; after a hit, `hit` is True and nothing more comes."""
         if not self.stops:
             return text
         buffer = self.pending + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, stop) for stop, i in ((s, buffer.find(s)) for s in self.stops) if i >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.hit, self.pending = True, ""
             return buffer[:cut]
         keep = 0
@@ -830,7 +926,8 @@ class AnswerFold:
     def _begin(self) -> None:
         if not self.started:
             self.started = True
-            self.out.append(Start(self.model or "claude"))
+            first = self.streaming or self.whole
+            self.out.append(Start(self.model or "claude", dict(first.usage) if first else {}))
 
     def _emit(self, kind: str, text: str) -> None:
         if kind == "thinking" and text:
@@ -847,7 +944,8 @@ class AnswerFold:
         usage = dict(self.usage)
         if self.streaming is not None:  # cut short mid-message
             add_usage(usage, self.streaming.usage)
-        self.out.append(Finish("stop_sequence" if self.stops.hit else reason, usage, cut_short))
+        self.out.append(Finish("stop_sequence" if self.stops.hit else reason, usage, cut_short,
+                               self.stops.matched))
         self.finished = True
 
 
@@ -872,23 +970,6 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
         if fold.finished:
             return
     raise CLIEndedWithoutResult()
-
-
-def finish_reason(stop_reason: Optional[str]) -> str:
-    return FINISH_REASONS.get(stop_reason or "", "stop")
-
-
-def openai_usage(usage: Dict[str, Any]) -> Dict[str, Any]:
-    """Anthropic token counts as OpenAI `usage`; cached prompt tokens count as prompt tokens."""
-    def count(key: str) -> int:
-        value = usage.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
-    cached = count("cache_read_input_tokens")
-    prompt = count("input_tokens") + count("cache_creation_input_tokens") + cached
-    completion = count("output_tokens")
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def retry_after_seconds(text: str, rate_limit: Optional[Dict[str, Any]],
@@ -948,54 +1029,13 @@ def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any
 
 
 ##############################################################################
-# OpenAI responses (pure functions)
+# Dialects: the neutral request and events in each API's terms (pure functions)
 ##############################################################################
 
-def sse(data: Any) -> bytes:
+def sse(data: Any, event: Optional[str] = None) -> bytes:
+    """One server-sent event; `event` names it (Anthropic and Responses do, Chat does not)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return ("data: %s\n\n" % text).encode("utf-8")
-
-
-class ChatCompletionStream:
-    """Completion events as OpenAI `chat.completion.chunk` server-sent events."""
-
-    def __init__(self, completion_id: str, created: int, include_usage: bool):
-        self.id = completion_id
-        self.created = created
-        self.include_usage = include_usage
-        self.model = ""
-
-    def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Dict[str, Any]:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                 "model": self.model, "system_fingerprint": None,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                              "finish_reason": finish}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def render(self, event: Event) -> bytes:
-        """The SSE bytes for one event (none for thinking); raises APIError for a revision."""
-        if isinstance(event, Start):
-            self.model = event.model
-            return sse(self._chunk({"role": "assistant", "content": "", "refusal": None}))
-        if isinstance(event, Text):
-            return sse(self._chunk({"content": event.text}))
-        if isinstance(event, Thinking):
-            return b""
-        if isinstance(event, Revised):
-            raise answer_changed()
-        out = sse(self._chunk({}, finish_reason(event.stop_reason)))
-        if self.include_usage:
-            out += sse({"id": self.id, "object": "chat.completion.chunk",
-                        "created": self.created, "model": self.model,
-                        "system_fingerprint": None, "choices": [],
-                        "usage": openai_usage(event.usage)})
-        return out + sse("[DONE]")
-
-    @staticmethod
-    def error(error: APIError) -> bytes:
-        return sse(error.body())
+    return ("%sdata: %s\n\n" % ("event: %s\n" % event if event else "", text)).encode("utf-8")
 
 
 def answer_changed() -> APIError:
@@ -1006,26 +1046,634 @@ def answer_changed() -> APIError:
         code="answer_changed")
 
 
-def chat_completion(completion_id: str, created: int, events: Iterable[Event]) -> Dict[str, Any]:
-    """The same events collected into one `chat.completion` object."""
-    model, parts, finish = "", [], Finish(None, {})
-    for event in events:
+class Answer:
+    """One answer in a dialect, built from completion events: feed() gives the bytes to
+    stream for each event, body() the whole answer once Finish was fed. When not `streaming`,
+    a Revised event replaces what was built; a stream cannot take it back (answer_changed)."""
+
+    def __init__(self, request: Request, answer_id: str, streaming: bool):
+        self.request = request
+        self.id = answer_id
+        self.created = int(time.time())
+        self.streaming = streaming
+        self.model = request.model
+        self.blocks: List[List[str]] = []  # [kind, text]: "text" and "thinking" blocks
+        self.finish = Finish(None, {})
+
+    def feed(self, event: Event) -> bytes:
         if isinstance(event, Start):
-            model = event.model
-        elif isinstance(event, Text):
-            parts.append(event.text)
-        elif isinstance(event, Revised):
-            parts = [event.text]
-        elif isinstance(event, Finish):
-            finish = event
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0,
-                     "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
-                     "logprobs": None, "finish_reason": finish_reason(finish.stop_reason)}],
-        "usage": openai_usage(finish.usage),
-    }
+            self.model = event.model
+            return self.started(event)
+        if isinstance(event, (Text, Thinking)):
+            kind = "text" if isinstance(event, Text) else "thinking"
+            out = b""
+            if not self.blocks or self.blocks[-1][0] != kind:
+                out += self.block_ends() if self.blocks else b""
+                self.blocks.append([kind, ""])
+                out += self.block_starts(kind)
+            self.blocks[-1][1] += event.text
+            return out + self.delta(kind, event.text)
+        if isinstance(event, Revised):
+            if self.streaming:
+                raise answer_changed()
+            self.blocks = [[kind, text] for kind, text in event.blocks if text]
+            return b""
+        self.finish = event
+        return (self.block_ends() if self.blocks else b"") + self.finished()
+
+    def text(self, kind: str = "text") -> str:
+        return "".join(text for k, text in self.blocks if k == kind)
+
+    # Each dialect's own: its events for these moments, its whole body, its errors.
+    def started(self, start: Start) -> bytes:
+        return b""
+
+    def block_starts(self, kind: str) -> bytes:
+        return b""
+
+    def delta(self, kind: str, text: str) -> bytes:
+        return b""
+
+    def block_ends(self) -> bytes:
+        return b""
+
+    def finished(self) -> bytes:
+        return b""
+
+    def body(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def stream_error(self, error: APIError) -> bytes:
+        raise NotImplementedError
+
+
+class Dialect:
+    """An API dialect: where it is served, how a body becomes a Request, its Answer, and its
+    error shape. Each subclass has these members, in this order."""
+    path = ""  # under /v1
+    name = ""
+    id_prefix = ""  # of its answers' ids
+
+    def parse(self, body: Any, headers: Any) -> Request:
+        raise NotImplementedError
+
+    def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
+        raise NotImplementedError
+
+    def error(self, error: APIError) -> Tuple[int, Dict[str, Any]]:
+        """(status, body) of an error in this dialect's shape."""
+        return error.status, error.body()
+
+
+# -- Chat Completions (POST /v1/chat/completions) ---------------------------
+
+def finish_reason(stop_reason: Optional[str]) -> str:
+    return FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def count(usage: Dict[str, Any], key: str) -> int:
+    value = usage.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def openai_usage(usage: Dict[str, Any]) -> Dict[str, Any]:
+    """Anthropic token counts as OpenAI `usage`; cached prompt tokens count as prompt tokens."""
+    cached = count(usage, "cache_read_input_tokens")
+    prompt = count(usage, "input_tokens") + count(usage, "cache_creation_input_tokens") + cached
+    completion = count(usage, "output_tokens")
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class ChatAnswer(Answer):
+    """`chat.completion` and its `chat.completion.chunk` stream; thinking as
+    `reasoning_content`, the field Open WebUI, LiteLLM and others read."""
+
+    def chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> bytes:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "system_fingerprint": None,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                              "finish_reason": finish}]}
+        if self.request.include_usage:
+            chunk["usage"] = None
+        return sse(chunk)
+
+    def started(self, start: Start) -> bytes:
+        return self.chunk({"role": "assistant", "content": "", "refusal": None})
+
+    def delta(self, kind: str, text: str) -> bytes:
+        return self.chunk({"content": text} if kind == "text" else {"reasoning_content": text})
+
+    def finished(self) -> bytes:
+        out = self.chunk({}, finish_reason(self.finish.stop_reason))
+        if self.request.include_usage:
+            out += sse({"id": self.id, "object": "chat.completion.chunk",
+                        "created": self.created, "model": self.model,
+                        "system_fingerprint": None, "choices": [],
+                        "usage": openai_usage(self.finish.usage)})
+        return out + sse("[DONE]")
+
+    def body(self) -> Dict[str, Any]:
+        message = {"role": "assistant", "content": self.text(), "refusal": None}
+        if self.text("thinking"):
+            message["reasoning_content"] = self.text("thinking")
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created,
+            "model": self.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason(self.finish.stop_reason)}],
+            "usage": openai_usage(self.finish.usage),
+        }
+
+    def stream_error(self, error: APIError) -> bytes:
+        return sse(error.body())
+
+
+class ChatCompletions(Dialect):
+    path = "/chat/completions"
+    name = "OpenAI Chat Completions"
+    id_prefix = "chatcmpl-"
+
+    def parse(self, body: Any, headers: Any) -> Request:
+        return parse_chat_request(body)
+
+    def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
+        return ChatAnswer(request, answer_id, streaming)
+
+
+# -- Anthropic Messages (POST /v1/messages) -----------------------------------
+
+def anthropic_blocks(content: Any, where: str) -> List[Block]:
+    """Messages API content (a string or blocks) as the blocks the CLI passes on."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise invalid(where, "`%s` must be a string or a list of content blocks." % where)
+    blocks = []
+    for i, block in enumerate(content):
+        at = "%s[%d]" % (where, i)
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise invalid(at + ".text", "Text blocks need a string `text`.")
+            blocks.append({"type": "text", "text": block["text"]})
+        elif kind in ("image", "document"):
+            blocks.append(anthropic_source(kind, block.get("source"), at + ".source"))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # the model's own earlier reasoning: not part of the transcript
+        elif kind in ("tool_use", "tool_result", "server_tool_use", "web_search_tool_result"):
+            raise invalid(at + ".type", "`%s` blocks (function calling) are not supported by "
+                          "this proxy yet." % kind)
+        else:
+            raise invalid(at + ".type", "Content block type %r is not supported; use text, "
+                          "image or document." % str(kind)[:50])
+    return blocks
+
+
+def anthropic_source(kind: str, source: Any, where: str) -> Block:
+    if not isinstance(source, dict):
+        raise invalid(where, "`%s` blocks need a `source` object." % kind)
+    if source.get("type") == "base64":
+        return base64_block(kind, source.get("media_type"), source.get("data"), where)
+    if source.get("type") == "url" and isinstance(source.get("url"), str) and \
+            source["url"].startswith("https://"):
+        return {"type": kind, "source": {"type": "url", "url": source["url"]}}
+    if kind == "document" and source.get("type") == "text" and \
+            isinstance(source.get("data"), str):
+        return {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                               "data": source["data"]}}
+    raise invalid(where, "Use a base64 or an https url `source`%s."
+                  % (" (or text, for documents)" if kind == "document" else ""))
+
+
+def system_text(value: Any, field: str) -> Optional[str]:
+    """A system prompt given as a string or as a list of text blocks."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text" and
+                                       isinstance(b.get("text"), str) for b in value):
+        return "\n\n".join(b["text"] for b in value if b["text"]) or None
+    raise invalid(field, "`%s` must be a string or a list of text blocks." % field)
+
+
+def thinking_effort(body: Dict[str, Any]) -> Optional[str]:
+    """`output_config.effort` (what Claude Code sends) or else `thinking`, as --effort."""
+    config = check_type(body, "output_config", dict, "an object") or {}
+    effort = config.get("effort")
+    if effort is not None:
+        if effort not in EFFORTS:
+            raise invalid("output_config.effort", "`effort` must be one of %s."
+                          % ", ".join(EFFORTS))
+        return str(effort)
+    thinking = check_type(body, "thinking", dict, "an object")
+    if thinking is None or thinking.get("type") == "adaptive":
+        return None
+    if thinking.get("type") == "disabled":
+        return "low"
+    budget = thinking.get("budget_tokens")
+    if thinking.get("type") != "enabled" or isinstance(budget, bool) or \
+            not isinstance(budget, int) or budget < 1:
+        raise invalid("thinking", "`thinking` must be {\"type\": \"enabled\", \"budget_tokens\": "
+                      "N}, {\"type\": \"disabled\"} or {\"type\": \"adaptive\"}.")
+    return next(effort for limit, effort in THINKING_BUDGETS if budget <= limit)
+
+
+def parse_messages_request(body: Any) -> Request:
+    """Validate a Messages API request; every problem is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise invalid("", "The request body must be a JSON object.")
+    model, cli_model = resolve_model(body.get("model"))
+    system_parts = [system_text(body.get("system"), "system") or ""]
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "`messages` must be a non-empty list.")
+    turns: List[Turn] = []
+    for i, message in enumerate(messages):
+        where = "messages[%d]" % i
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "system":  # Claude Code 2.1.331 sends its environment notes this way
+            system_parts.append(text_of(anthropic_blocks(message.get("content"), where)))
+        elif role in ("user", "assistant"):
+            turns.append((role, anthropic_blocks(message.get("content"), where + ".content")))
+        else:
+            raise invalid(where + ".role", "`role` must be user or assistant.")
+    if turns and turns[-1][0] == "assistant":
+        raise invalid("messages", "A last assistant message (a prefill to continue) is not "
+                      "supported: Claude Code always answers a user turn.")
+    check_turns(turns, "messages")
+    stream = check_type(body, "stream", bool, "true or false")
+    check_numbers(body, ANTHROPIC_NUMBER_RANGES)
+    check_type(body, "metadata", dict, "an object")
+    no_tools_yet(body, ("tools", "mcp_servers"))
+    return Request(model=model, cli_model=cli_model,
+                   system="\n\n".join(p for p in system_parts if p) or None, turns=turns,
+                   stream=bool(stream), max_tokens=optional_int(body, "max_tokens", 1,
+                                                                MAX_TOKENS_LIMIT),
+                   stop=stop_sequences(body.get("stop_sequences"), "stop_sequences",
+                                       MAX_STOP_SEQUENCES),
+                   effort=thinking_effort(body))
+
+
+def anthropic_usage(usage: Dict[str, Any]) -> Dict[str, int]:
+    return {key: count(usage, key) for key in ("input_tokens", "cache_creation_input_tokens",
+                                               "cache_read_input_tokens", "output_tokens")}
+
+
+class MessagesAnswer(Answer):
+    """A Messages API `message` and its event stream, in Anthropic's order: message_start,
+    ping, per block content_block_start / _delta / _stop, message_delta, message_stop."""
+
+    def event(self, name: str, data: Dict[str, Any]) -> bytes:
+        return sse(dict({"type": name}, **data), name)
+
+    def message(self, content: List[Block], stop_reason: Optional[str],
+                usage: Dict[str, Any]) -> Dict[str, Any]:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": content, "stop_reason": stop_reason,
+                "stop_sequence": self.finish.stop_sequence, "usage": anthropic_usage(usage)}
+
+    def started(self, start: Start) -> bytes:
+        return self.event("message_start", {"message": self.message([], None, start.usage)}) + \
+            self.event("ping", {})
+
+    def block_starts(self, kind: str) -> bytes:
+        empty = {"type": "text", "text": ""} if kind == "text" else {
+            "type": "thinking", "thinking": "", "signature": ""}
+        return self.event("content_block_start", {"index": len(self.blocks) - 1,
+                                                  "content_block": empty})
+
+    def delta(self, kind: str, text: str) -> bytes:
+        delta = {"type": "text_delta", "text": text} if kind == "text" else {
+            "type": "thinking_delta", "thinking": text}
+        return self.event("content_block_delta", {"index": len(self.blocks) - 1,
+                                                  "delta": delta})
+
+    def block_ends(self) -> bytes:
+        return self.event("content_block_stop", {"index": len(self.blocks) - 1})
+
+    def finished(self) -> bytes:
+        return self.event("message_delta", {
+            "delta": {"stop_reason": self.finish.stop_reason or "end_turn",
+                      "stop_sequence": self.finish.stop_sequence},
+            "usage": anthropic_usage(self.finish.usage)}) + self.event("message_stop", {})
+
+    def body(self) -> Dict[str, Any]:
+        content = [{"type": "text", "text": text} if kind == "text" else
+                   {"type": "thinking", "thinking": text, "signature": ""}
+                   for kind, text in self.blocks]
+        return self.message(content, self.finish.stop_reason or "end_turn", self.finish.usage)
+
+    def stream_error(self, error: APIError) -> bytes:
+        return sse(anthropic_error(error)[1], "error")
+
+
+def anthropic_error(error: APIError) -> Tuple[int, Dict[str, Any]]:
+    """Anthropic's error shape and types; an overloaded API is its 529."""
+    status = 529 if error.code == "overloaded" else error.status
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else
+                                     "invalid_request_error")
+    return status, {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+class Messages(Dialect):
+    path = "/messages"
+    name = "Anthropic Messages"
+    id_prefix = "msg_"
+
+    def parse(self, body: Any, headers: Any) -> Request:
+        return parse_messages_request(body)
+
+    def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
+        return MessagesAnswer(request, answer_id, streaming)
+
+    def error(self, error: APIError) -> Tuple[int, Dict[str, Any]]:
+        return anthropic_error(error)
+
+
+def estimate_tokens(request: Request) -> int:
+    """An estimate, not Anthropic's count: about 4 characters a token, IMAGE_TOKENS an image."""
+    chars = len(request.system or "")
+    images = 0
+    for _, blocks in request.turns:
+        for block in blocks:
+            if block["type"] == "text":
+                chars += len(block["text"])
+            elif block["source"].get("type") == "text":
+                chars += len(block["source"]["data"])
+            else:
+                images += 1
+    return max(1, (chars + 3) // 4) + images * IMAGE_TOKENS
+
+
+# -- OpenAI Responses (POST /v1/responses) ------------------------------------
+
+class ResponseStore:
+    """Recent responses' conversations, for `previous_response_id`: in memory only, at most
+    `items` of them and `size` bytes in all; the oldest go first."""
+
+    def __init__(self, items: int, size: int):
+        self.items, self.size = items, size
+        self._turns: "collections.OrderedDict[str, Tuple[List[Turn], int]]" = \
+            collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, response_id: str, turns: List[Turn]) -> None:
+        size = len(json.dumps(turns))
+        with self._lock:
+            self._turns[response_id] = (turns, size)
+            self._bytes += size
+            while self._turns and (len(self._turns) > self.items or self._bytes > self.size):
+                _, (_, dropped) = self._turns.popitem(last=False)
+                self._bytes -= dropped
+
+    def get(self, response_id: str) -> Optional[List[Turn]]:
+        with self._lock:
+            found = self._turns.get(response_id)
+            return list(found[0]) if found else None
+
+
+def responses_content(content: Any, role: str, where: str) -> List[Block]:
+    """A Responses message's content: a string or input_text / input_image / output_text
+    parts."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise invalid(where, "`%s` must be a string or a list of content parts." % where)
+    blocks = []
+    for i, part in enumerate(content):
+        at = "%s[%d]" % (where, i)
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "summary_text"):
+            if not isinstance(part.get("text"), str):
+                raise invalid(at + ".text", "`%s` parts need a string `text`." % kind)
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            blocks.append({"type": "text", "text": part["refusal"]})
+        elif kind == "input_image" and role != "assistant":
+            if not isinstance(part.get("image_url"), str):
+                raise invalid(at + ".image_url", "Give images as `image_url` (an https or "
+                              "base64 data URL); file ids are not supported.")
+            blocks.append(image_block(part["image_url"], at + ".image_url"))
+        else:
+            raise invalid(at + ".type", "Content part type %r is not supported; use input_text, "
+                          "input_image or output_text." % str(kind)[:50])
+    return blocks
+
+
+def responses_turns(items: Any) -> Tuple[List[str], List[Turn]]:
+    """Responses `input` -> (system texts, turns). Earlier reasoning items are accepted and
+    left out (Codex sends them back); unknown item types are a 400."""
+    if isinstance(items, str):
+        return [], [("user", [{"type": "text", "text": items}])]
+    if not isinstance(items, list) or not items:
+        raise invalid("input", "`input` must be a string or a non-empty list of items.")
+    system: List[str] = []
+    turns: List[Turn] = []
+    for i, item in enumerate(items):
+        where = "input[%d]" % i
+        if not isinstance(item, dict):
+            raise invalid(where, "Each input item must be an object.")
+        kind = item.get("type", "message")
+        if kind == "reasoning":
+            continue
+        if kind in ("function_call", "function_call_output", "custom_tool_call",
+                    "custom_tool_call_output", "local_shell_call", "local_shell_call_output"):
+            raise invalid(where + ".type", "`%s` items (function calling) are not supported by "
+                          "this proxy yet." % kind)
+        if kind != "message":
+            raise invalid(where + ".type", "Input item type %r is not supported; use message "
+                          "or reasoning items." % str(kind)[:50])
+        role = item.get("role")
+        if role in ("system", "developer"):
+            system.append(text_of(responses_content(item.get("content"), role, where +
+                                                    ".content")))
+        elif role in ("user", "assistant"):
+            turns.append((role, responses_content(item.get("content"), role,
+                                                  where + ".content")))
+        else:
+            raise invalid(where + ".role", "Unknown role %r; use user, assistant, system or "
+                          "developer." % str(role)[:50])
+    return system, turns
+
+
+def parse_responses_request(body: Any, store: ResponseStore) -> Request:
+    """Validate a Responses API request; `previous_response_id` is looked up in `store`."""
+    if not isinstance(body, dict):
+        raise invalid("", "The request body must be a JSON object.")
+    model, cli_model = resolve_model(body.get("model"))
+    system, turns = responses_turns(body.get("input"))
+    instructions = check_type(body, "instructions", str, "a string")
+    previous = check_type(body, "previous_response_id", str, "a string")
+    if previous:
+        earlier = store.get(previous)
+        if earlier is None:
+            raise APIError(404, "Previous response with id %r not found." % previous[:100],
+                           code="previous_response_not_found", param="previous_response_id")
+        turns = earlier + turns
+    check_turns(turns, "input")
+    reasoning = check_type(body, "reasoning", dict, "an object") or {}
+    text = check_type(body, "text", dict, "an object") or {}
+    if (text.get("format") or {"type": "text"}).get("type") != "text":
+        raise invalid("text.format", "Only the `text` format is supported by this proxy yet.")
+    no_tools_yet(body, ("tools",))
+    if body.get("background"):
+        raise invalid("background", "Background responses are not supported.")
+    check_numbers(body, {"temperature": (0, 2), "top_p": (0, 1)})
+    store_it = check_type(body, "store", bool, "true or false")
+    metadata = check_type(body, "metadata", dict, "an object") or {}
+    return Request(model=model, cli_model=cli_model,
+                   system="\n\n".join(p for p in [instructions or ""] + system if p) or None,
+                   turns=turns, stream=bool(check_type(body, "stream", bool, "true or false")),
+                   max_tokens=optional_int(body, "max_output_tokens", 1, MAX_TOKENS_LIMIT),
+                   effort=openai_effort(reasoning.get("effort"), "reasoning.effort"),
+                   echo={"instructions": instructions, "previous_response_id": previous,
+                         "store": store_it is not False, "metadata": metadata,
+                         "max_output_tokens": body.get("max_output_tokens"),
+                         "reasoning": {"effort": reasoning.get("effort"),
+                                       "summary": reasoning.get("summary")},
+                         "user": body.get("user"), "temperature": body.get("temperature", 1.0),
+                         "top_p": body.get("top_p", 1.0)})
+
+
+class ResponsesAnswer(Answer):
+    """A `response` object and its event stream: response.created, .in_progress, per output
+    item .output_item.added / (.content_part or .reasoning_summary_part).added / deltas /
+    .done, then response.completed, .incomplete at the output limit, or .failed. Thinking
+    becomes a reasoning item with a summary_text."""
+
+    def __init__(self, request: Request, answer_id: str, streaming: bool,
+                 store: ResponseStore):
+        super().__init__(request, answer_id, streaming)
+        self.store = store
+        self.sequence = 0
+        self.item_ids: List[str] = []
+        self.failed: Optional[APIError] = None
+
+    def event(self, name: str, data: Dict[str, Any]) -> bytes:
+        data = dict({"type": name, "sequence_number": self.sequence}, **data)
+        self.sequence += 1
+        return sse(data, name)
+
+    def item(self, index: int, done: bool) -> Dict[str, Any]:
+        kind, text = self.blocks[index]
+        if kind == "thinking":
+            return {"id": self.item_ids[index], "type": "reasoning",
+                    "summary": [{"type": "summary_text", "text": text}] if done else []}
+        return {"id": self.item_ids[index], "type": "message", "role": "assistant",
+                "status": "completed" if done else "in_progress",
+                "content": [self.part(text)] if done else []}
+
+    @staticmethod
+    def part(text: str) -> Dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def where(self) -> Dict[str, Any]:
+        index = len(self.blocks) - 1
+        return {"item_id": self.item_ids[index], "output_index": index}
+
+    def response(self, status: str) -> Dict[str, Any]:
+        echo = self.request.echo
+        usage = openai_usage(self.finish.usage)
+        incomplete = status == "incomplete"
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "background": False, "error": {"code": self.failed.code or "server_error",
+                                           "message": self.failed.message}
+            if self.failed else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": echo.get("instructions"), "max_output_tokens":
+                echo.get("max_output_tokens"), "model": self.model,
+            "output": [self.item(i, True) for i in range(len(self.blocks))]
+            if status != "in_progress" else [],
+            "parallel_tool_calls": True, "previous_response_id": echo.get("previous_response_id"),
+            "reasoning": echo.get("reasoning"), "store": echo.get("store", True),
+            "temperature": echo.get("temperature"), "text": {"format": {"type": "text"}},
+            "tool_choice": "auto", "tools": [], "top_p": echo.get("top_p"),
+            "truncation": "disabled", "user": echo.get("user"),
+            "metadata": echo.get("metadata") or {},
+            "usage": {"input_tokens": usage["prompt_tokens"],
+                      "input_tokens_details": {"cached_tokens":
+                                               usage["prompt_tokens_details"]["cached_tokens"]},
+                      "output_tokens": usage["completion_tokens"],
+                      "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": usage["total_tokens"]}
+            if status != "in_progress" else None,
+        }
+
+    def status(self) -> str:
+        return "incomplete" if self.finish.stop_reason == "max_tokens" else "completed"
+
+    def started(self, start: Start) -> bytes:
+        return self.event("response.created", {"response": self.response("in_progress")}) + \
+            self.event("response.in_progress", {"response": self.response("in_progress")})
+
+    def block_starts(self, kind: str) -> bytes:
+        self.item_ids.append(("rs_" if kind == "thinking" else "msg_") + uuid.uuid4().hex)
+        out = self.event("response.output_item.added", {
+            "output_index": len(self.blocks) - 1, "item": self.item(len(self.blocks) - 1,
+                                                                    False)})
+        if kind == "thinking":
+            return out + self.event("response.reasoning_summary_part.added", dict(
+                self.where(), summary_index=0, part={"type": "summary_text", "text": ""}))
+        return out + self.event("response.content_part.added", dict(
+            self.where(), content_index=0, part=self.part("")))
+
+    def delta(self, kind: str, text: str) -> bytes:
+        if kind == "thinking":
+            return self.event("response.reasoning_summary_text.delta", dict(
+                self.where(), summary_index=0, delta=text))
+        return self.event("response.output_text.delta", dict(
+            self.where(), content_index=0, delta=text, logprobs=[]))
+
+    def block_ends(self) -> bytes:
+        kind, text = self.blocks[-1]
+        if kind == "thinking":
+            out = self.event("response.reasoning_summary_text.done", dict(
+                self.where(), summary_index=0, text=text)) + \
+                self.event("response.reasoning_summary_part.done", dict(
+                    self.where(), summary_index=0, part={"type": "summary_text", "text": text}))
+        else:
+            out = self.event("response.output_text.done", dict(
+                self.where(), content_index=0, text=text, logprobs=[])) + \
+                self.event("response.content_part.done", dict(
+                    self.where(), content_index=0, part=self.part(text)))
+        return out + self.event("response.output_item.done", {
+            "output_index": len(self.blocks) - 1, "item": self.item(len(self.blocks) - 1, True)})
+
+    def finished(self) -> bytes:
+        if self.request.echo.get("store", True):
+            self.store.put(self.id, self.request.turns + [
+                ("assistant", [{"type": "text", "text": self.text()}])])
+        status = self.status()
+        return self.event("response." + status, {"response": self.response(status)})
+
+    def body(self) -> Dict[str, Any]:
+        return self.response(self.status())
+
+    def stream_error(self, error: APIError) -> bytes:
+        self.failed = error
+        return self.event("response.failed", {"response": self.response("failed")})
+
+
+class Responses(Dialect):
+    path = "/responses"
+    name = "OpenAI Responses"
+    id_prefix = "resp_"
+
+    def __init__(self) -> None:
+        self.store = ResponseStore(RESPONSE_STORE_ITEMS, RESPONSE_STORE_BYTES)
+
+    def parse(self, body: Any, headers: Any) -> Request:
+        return parse_responses_request(body, self.store)
+
+    def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
+        return ResponsesAnswer(request, answer_id, streaming, self.store)
+
+
+# The dialects served, each at /v1 + its path; the router and its 404 text read this.
+DIALECTS = (ChatCompletions, Messages, Responses)
 
 
 def model_object(model_id: str) -> Dict[str, Any]:
@@ -1034,6 +1682,17 @@ def model_object(model_id: str) -> Dict[str, Any]:
 
 def model_list() -> Dict[str, Any]:
     return {"object": "list", "data": [model_object(m) for m in MODEL_ALIASES]}
+
+
+def anthropic_model(model_id: str) -> Dict[str, Any]:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(MODELS_CREATED))
+    return {"type": "model", "id": model_id, "display_name": model_id, "created_at": created}
+
+
+def anthropic_model_list() -> Dict[str, Any]:
+    models = list(MODEL_ALIASES)
+    return {"data": [anthropic_model(m) for m in models], "has_more": False,
+            "first_id": models[0], "last_id": models[-1]}
 
 
 ##############################################################################
@@ -1505,6 +2164,78 @@ class ProcessSlots:
                         type="rate_limit_error", code=code, retry_after=QUEUE_RETRY_AFTER)
 
 
+class ClaudeRun:
+    """One request's use of the CLI, from its place in line to the reaped process:
+
+        with ClaudeRun(server, launch, client_socket, note) as run:
+            for event in run.events(): ...
+
+    Entering waits for a slot (ProcessSlots); leaving ends and reaps the CLI, then frees the
+    slot. `note` collects what the request's log line tells (queued, retried, cli_exit)."""
+
+    def __init__(self, server: "ProxyServer", launch: Launch, client: socket.socket,
+                 note: Dict[str, Any]):
+        self.server, self.launch, self.client, self.note = server, launch, client, note
+        self.process: Optional[ClaudeProcess] = None
+        self.finished = False  # the CLI gave its result and is exiting by itself
+        self._slot = contextlib.ExitStack()
+
+    def __enter__(self) -> "ClaudeRun":
+        waited = self._slot.enter_context(self.server.slots.taken(
+            self.server.settings.queue_timeout, lambda: client_gone(self.client)))
+        if waited:
+            self.note["queued"] = "%.2fs" % waited
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            self._end()
+        finally:
+            self._slot.close()
+
+    def events(self) -> Generator[Event, None, None]:
+        """Completion events from the CLI.
+
+        An authentication failure while other CLI processes were starting is retried once with
+        a fresh CLI: when several start together, one may be refreshing the subscription's
+        login token while another reads the old one.
+        """
+        settings, request = self.server.settings, self.launch.request
+        for attempt in (1, 2):
+            self.process = process = self.server.start_process(self.launch)
+            answered = False
+            try:
+                for event in completion_events(
+                        process.events(settings.timeout, settings.idle_timeout,
+                                       watch=self.client),
+                        request.stop, max_tokens_ends=request.max_tokens is not None):
+                    if isinstance(event, Finish):
+                        self.finished = not event.cut_short
+                    answered = True
+                    yield event
+                return
+            except CLIEndedWithoutResult:
+                code = process.close()
+                if self.server.stopping.is_set():
+                    raise APIError(503, "claude-max-proxy is shutting down; the request was "
+                                   "ended.", type="server_error", code="shutting_down") from None
+                tail = process.stderr_tail()
+                raise APIError(502, "Claude Code exited (code %s) without an answer. %s" % (
+                    code, ("Its last output: " + tail[-1000:]) if tail else "It printed nothing."),
+                    type="server_error", code="claude_error") from None
+            except APIError as error:
+                if (error.status != 401 or answered or attempt > 1
+                        or not self.server.overlapped(process)):
+                    raise
+                self.note["retried"] = 401
+                self._end()
+
+    def _end(self) -> None:
+        if self.process is not None:
+            self.note["cli_exit"] = self.server.end_process(self.process, self.finished)
+            self.process = None
+
+
 def parse_cli_line(line: Union[bytes, bytearray]) -> Optional[Dict[str, Any]]:
     """One stdout line as an event dict; blank or non-JSON lines (warnings) are skipped."""
     line = line.strip()
@@ -1565,6 +2296,7 @@ class ProxyServer(ThreadingHTTPServer):
         if not self.any_address:
             self.host_names.add(address[0].lower().strip("[]"))
         self.slots = ProcessSlots(settings.max_concurrency, settings.max_queue)
+        self.dialects = {dialect.path: dialect() for dialect in DIALECTS}
         self.changed = threading.Condition()  # guards the fields below; notified on changes
         self.processes: "set[ClaudeProcess]" = set()
         self.processes_started = 0
@@ -1622,9 +2354,22 @@ class ProxyServer(ThreadingHTTPServer):
             return
         log.exception("error while serving a request from %s", client_address[0])
 
-    def start_process(self, argv_for: Callable[[Optional[str]], List[str]], stdin_data: bytes,
-                      env: Dict[str, str], system: Optional[str]) -> "ClaudeProcess":
-        process = ClaudeProcess(argv_for, stdin_data, env, system, self.workdir)
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a request that runs the CLI, its answer written included: a shutdown waits
+        for these (finish_requests), and refuses new ones once it began."""
+        with self.changed:
+            self.chats += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.chats -= 1
+                self.changed.notify_all()
+
+    def start_process(self, launch: Launch) -> "ClaudeProcess":
+        process = ClaudeProcess(launch.argv, launch.stdin(), launch.environment(dict(os.environ)),
+                                launch.request.system, self.workdir)
         with self.changed:
             process.peers_at_start = len(self.processes)
             self.processes_started += 1
@@ -1690,8 +2435,16 @@ class ProxyServer(ThreadingHTTPServer):
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110, 5.1)
 
 
-class ProxyHandler(BaseHTTPRequestHandler):
-    """Checks who is asking, routes requests, turns completion events into HTTP responses."""
+class Route(NamedTuple):
+    methods: Tuple[str, ...]
+    handler: Callable[[], None]
+    dialect: Optional[Dialect] = None  # whose error shape the path's errors take
+
+
+class StrictHTTPHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 framing that leaves nothing ambiguous: deadlines for slow clients, refused
+    request lines and header blocks that http.server would misread, JSON bodies read only
+    within --max-body and --client-timeout, errors as JSON, chunked writes for streams."""
 
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streaming
     server_version = "claude-max-proxy/" + __version__
@@ -1700,8 +2453,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server: ProxyServer
     _cors_origin: Optional[str] = None  # the request's Origin, when it is an allowed one
     _linger = False  # a request body was left unread: drop it before closing (see finish)
+    _request_id = "-"
 
-    # -- plumbing ------------------------------------------------------------
 
     def setup(self) -> None:
         super().setup()
@@ -1756,9 +2509,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_error(400, "Malformed header lines.")
             return False
         if not hasattr(self, "do_" + self.command):  # BREW, PROPFIND...: a 405 with Allow
-            self._dispatch()
+            self.handle_unknown_method()
             return False
         return True
+
+    def handle_unknown_method(self) -> None:
+        self.send_error(405)
 
     def handle_expect_100(self) -> bool:
         # `Expect: 100-continue` is answered only once the request has passed every check,
@@ -1802,15 +2558,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Request-Id", getattr(self, "_request_id", "-"))
+        self.send_header("X-Request-Id", self._request_id)
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _send_error(self, error: APIError) -> None:
-        self._send_json(error.status, error.body(), error.headers.items())
 
     def _read_json(self) -> Any:
         """The request body as JSON: application/json, a Content-Length within --max-body, and
@@ -1866,6 +2620,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._body_read = True
         return raw  # json.loads takes a bytearray: no copy of a body of up to --max-body
 
+    def _write_chunk(self, data: bytes) -> None:
+        """One HTTP/1.1 chunk (the empty one ends the body), sent at once."""
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except (ConnectionError, TimeoutError, socket.timeout) as e:
+            raise ClientDisconnected() from e
+
+    def _send_error(self, error: APIError) -> None:
+        self._send_json(error.status, error.body(), error.headers.items())
+
+
+class ProxyHandler(StrictHTTPHandler):
+    """Checks who is asking, routes each path to its endpoint, and answers any dialect's
+    request with a CLI run, streamed or whole."""
+
+    _dialect: Optional[Dialect] = None
+
     # -- who may ask ---------------------------------------------------------
 
     def _check_access(self, path: str) -> None:
@@ -1907,7 +2679,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self._status = 0
-        self._request_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        hex_id = uuid.uuid4().hex[:24]
         self._note: Dict[str, Any] = {}
         self._cors_origin = None
         self._body_read = False
@@ -1916,10 +2688,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.startswith("/v1/"):
             path = path[3:]
+        route = self._route(path)
+        self._dialect = route.dialect if route else None  # errors come in its shape
+        self._request_id = (self._dialect.id_prefix if self._dialect else "req_") + hex_id
         try:
             try:
                 self._check_access(path)
-                self._route(self.command, path)
+                if route is None:
+                    raise APIError(404, "Unknown path %r. This proxy serves %s, /v1/models and "
+                                   "/health." % (path[:200], ", ".join(
+                                       "/v1" + d for d in self.server.dialects)),
+                                   code="unknown_url")
+                if self.command == "OPTIONS":
+                    self._options(route.methods)
+                elif self.command not in route.methods:
+                    raise APIError(405, "%s is not allowed on %s." % (self.command, path[:200]),
+                                   code="method_not_allowed",
+                                   headers={"Allow": ", ".join(route.methods + ("OPTIONS",))})
+                else:
+                    route.handler()
             except APIError as error:
                 self._send_error(error)
         except ClientDisconnected:
@@ -1936,29 +2723,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # The usual methods all go through _dispatch, so a wrong one gets a JSON 405 with Allow.
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+    handle_unknown_method = _dispatch
 
-    def _route(self, method: str, path: str) -> None:
-        handler: Callable[[], None]
-        allowed: Tuple[str, ...]
+    def _route(self, path: str) -> Optional[Route]:
+        """The methods, handler and dialect of a path under /v1; None when there is none."""
+        read = ("GET", "HEAD")
+        dialects = self.server.dialects
         if path == "/health":
-            allowed, handler = ("GET", "HEAD"), self._health
-        elif path == "/models":
-            allowed, handler = ("GET", "HEAD"), lambda: self._send_json(200, model_list())
-        elif path.startswith("/models/"):
-            allowed, handler = ("GET", "HEAD"), lambda: self._model(path[len("/models/"):])
-        elif path == "/chat/completions":
-            allowed, handler = ("POST",), self._chat_completions
-        else:
-            raise APIError(404, "Unknown path %r. This proxy serves /v1/chat/completions, "
-                           "/v1/models and /health." % path[:200], code="unknown_url")
-        if method == "OPTIONS":
-            self._options(allowed)
-        elif method not in allowed:
-            raise APIError(405, "%s is not allowed on %s." % (method, path[:200]),
-                           code="method_not_allowed",
-                           headers={"Allow": ", ".join(allowed + ("OPTIONS",))})
-        else:
-            handler()
+            return Route(read, self._health)
+        if path == "/models":
+            return Route(read, self._models)
+        if path.startswith("/models/"):
+            return Route(read, lambda: self._model(path[len("/models/"):]))
+        if path == "/messages/count_tokens":
+            return Route(("POST",), self._count_tokens, dialects["/messages"])
+        if path in dialects:
+            return Route(("POST",), lambda: self._answer(dialects[path]), dialects[path])
+        return None
 
     def _options(self, allowed: Tuple[str, ...]) -> None:
         """OPTIONS: the methods of a path, and for an allowed origin a CORS preflight answer."""
@@ -2003,92 +2784,46 @@ class ProxyHandler(BaseHTTPRequestHandler):
             body.pop("reason", None)
         self._send_json(200 if healthy else 503, body)
 
+    def _anthropic(self) -> bool:
+        """Anthropic's SDKs and Claude Code send this header; OpenAI's do not."""
+        return self.headers.get("anthropic-version") is not None
+
+    def _models(self) -> None:
+        self._send_json(200, anthropic_model_list() if self._anthropic() else model_list())
+
     def _model(self, quoted_name: str) -> None:
         model, _ = resolve_model(unquote(quoted_name))
-        self._send_json(200, model_object(model))
+        self._send_json(200, anthropic_model(model) if self._anthropic() else model_object(model))
 
-    def _chat_completions(self) -> None:
-        request = parse_chat_request(self._read_json())
+    def _count_tokens(self) -> None:
+        """An estimate (see estimate_tokens): the CLI has no way to ask the API's own count."""
+        request = self.server.dialects["/messages"].parse(self._read_json(), self.headers)
+        self._send_json(200, {"input_tokens": estimate_tokens(request)})
+
+    def _answer(self, dialect: Dialect) -> None:
+        """Any dialect's request: parsed, answered by one CLI run, streamed or whole."""
+        request = dialect.parse(self._read_json(), self.headers)
         self._note["model"] = request.model
-        claude = self.server.claude.require()
-        server = self.server
-        self._process: Optional[ClaudeProcess] = None
-        self._finished = False  # the CLI gave its result and is exiting by itself
-        with server.changed:
-            server.chats += 1
-        try:
-            with server.slots.taken(server.settings.queue_timeout,
-                                    lambda: client_gone(self.connection)) as waited:
-                if waited:
-                    self._note["queued"] = "%.2fs" % waited
-                try:
-                    with contextlib.closing(self._completion(request, claude)) as events:
-                        created = int(time.time())
-                        if request.stream:
-                            self._stream(request, created, events)
-                        else:
-                            body = chat_completion(self._request_id, created, events)
-                            self._note_usage(body["usage"])
-                            self._send_json(200, body)
-                finally:
-                    self._end_cli()
-        except APIError as error:
-            self._send_error(error)  # still counted in `chats`: a shutdown waits for this answer
-        finally:
-            with server.changed:
-                server.chats -= 1
-                server.changed.notify_all()
-
-    def _completion(self, request: ChatRequest, claude: str) -> Generator[Event, None, None]:
-        """Completion events from a CLI run (self._process, ended by the caller).
-
-        An authentication failure while other CLI processes were starting is retried once with
-        a fresh CLI: when several start together, one may be refreshing the subscription's
-        login token while another reads the old one.
-        """
-        settings = self.server.settings
-        for attempt in (1, 2):
-            self._process = process = self.server.start_process(
-                lambda system_file: build_cli_command(claude, request, system_file,
-                                                      settings.user_settings),
-                stdin_line(request.content), cli_environment(dict(os.environ), request.max_tokens),
-                request.system)
-            answered = False
+        launch = Launch(self.server.claude.require(), request,
+                        self.server.settings.user_settings)
+        answer = dialect.answer(request, self._request_id, request.stream)
+        with self.server.serving():
             try:
-                for event in completion_events(
-                        process.events(settings.timeout, settings.idle_timeout,
-                                       watch=self.connection),
-                        request.stop, max_tokens_ends=request.max_tokens is not None):
-                    if isinstance(event, Finish):
-                        self._finished = not event.cut_short
-                    answered = True
-                    yield event
-                return
-            except CLIEndedWithoutResult:
-                code = process.close()
-                if self.server.stopping.is_set():
-                    raise APIError(503, "claude-max-proxy is shutting down; the request was "
-                                   "ended.", type="server_error", code="shutting_down") from None
-                tail = process.stderr_tail()
-                raise APIError(502, "Claude Code exited (code %s) without an answer. %s" % (
-                    code, ("Its last output: " + tail[-1000:]) if tail else "It printed nothing."),
-                    type="server_error", code="claude_error") from None
+                with ClaudeRun(self.server, launch, self.connection, self._note) as run, \
+                        contextlib.closing(run.events()) as events:
+                    if request.stream:
+                        self._stream(answer, events)
+                    else:
+                        for event in events:
+                            answer.feed(event)
+                        self._note_usage(answer.finish.usage)
+                        self._send_json(200, answer.body())
             except APIError as error:
-                if (error.status != 401 or answered or attempt > 1
-                        or not self.server.overlapped(process)):
-                    raise
-                self._note["retried"] = 401
-                self._end_cli()
+                self._send_error(error)  # within serving(): a shutdown waits for this answer
 
-    def _end_cli(self) -> None:
-        if self._process is not None:
-            self._note["cli_exit"] = self.server.end_process(self._process, self._finished)
-            self._process = None
-
-    def _stream(self, request: ChatRequest, created: int, events: Iterator[Event]) -> None:
+    def _stream(self, answer: Answer, events: Iterator[Event]) -> None:
         """Relay events as SSE. Headers go out with the first model event, so a failure before
-        it is a real HTTP error status; after it, an error is a final `error` event."""
-        renderer = ChatCompletionStream(self._request_id, created, request.include_usage)
+        it is a real HTTP error status; after it, an error is the dialect's final error event."""
         started = False
         try:
             for event in events:
@@ -2101,28 +2836,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self.send_header("X-Request-Id", self._request_id)
                     self.send_header("X-Accel-Buffering", "no")
                     self.end_headers()
-                if isinstance(event, Finish):
-                    self._note_usage(openai_usage(event.usage))
-                data = renderer.render(event)
+                data = answer.feed(event)
                 if data:  # an empty chunk would end the body
                     self._write_chunk(data)
         except APIError as error:
             if not started:
                 raise
             self._note["error"] = error.status
-            self._write_chunk(renderer.error(error))
+            self._write_chunk(answer.stream_error(error))
+        self._note_usage(answer.finish.usage)
         self._write_chunk(b"")
 
-    def _write_chunk(self, data: bytes) -> None:
-        """One HTTP/1.1 chunk (the empty one ends the body), sent at once."""
-        try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        except (ConnectionError, TimeoutError, socket.timeout) as e:
-            raise ClientDisconnected() from e
+    def _send_error(self, error: APIError) -> None:
+        """In the shape of the dialect whose path was asked for (OpenAI's elsewhere)."""
+        if self._dialect is None:
+            super()._send_error(error)
+            return
+        status, body = self._dialect.error(error)
+        self._send_json(status, body, error.headers.items())
 
     def _note_usage(self, usage: Dict[str, Any]) -> None:
-        self._note["tokens"] = "%d/%d" % (usage["prompt_tokens"], usage["completion_tokens"])
+        if usage:
+            counts = openai_usage(usage)
+            self._note["tokens"] = "%d/%d" % (counts["prompt_tokens"], counts["completion_tokens"])
 
 
 ##############################################################################

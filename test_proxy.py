@@ -10,7 +10,10 @@ Four layers, all talking only to 127.0.0.1:
   shared/claude-cli/ (the tests do not need that folder at run time);
 * EndToEndTest: the real CLI (npm @anthropic-ai/claude-code@2.1.331) against a fake Anthropic
   Messages API served by the test; skipped when the CLI is not installed;
-* OpenAISDKTest: the official `openai` package as the client; skipped when it is not installed.
+* OpenAISDKTest and AnthropicSDKTest: the official `openai` and `anthropic` packages as the
+  clients; skipped when they are not installed.
+
+The three API dialects pass DialectContract, written once and run for each.
 
 PROXY_REQUIRE_ALL=1 turns those two skips into failures (CI sets it). PROXY_BENCH=1 runs the
 benchmark, which prints figures and asserts nothing about speed.
@@ -857,6 +860,29 @@ def chat_body(content="hi", **fields):
     return body
 
 
+def messages_to_prompt(messages):
+    """(system text, the CLI's user turn) for Chat Completions `messages`."""
+    system, turns = proxy.chat_turns(messages)
+    return system, proxy.prompt_content(turns)
+
+
+def chat_request(content="hi", **fields):
+    return proxy.parse_chat_request(chat_body(content, **fields))
+
+
+def launch_for(prompt, claude="/bin/claude", user_settings=False, **fields):
+    """The Launch the proxy makes for a Chat request with this prompt."""
+    return proxy.Launch(claude, chat_request(prompt, **fields), user_settings)
+
+
+def collected(events, request=None):
+    """Events folded into a chat.completion, as a request that does not stream gets them."""
+    answer = proxy.ChatAnswer(request or chat_request(), "c", streaming=False)
+    for event in events:
+        answer.feed(event)
+    return answer.body()
+
+
 def parse_sse(data):
     events = []
     for block in data.decode("utf-8").split("\n\n"):
@@ -970,11 +996,11 @@ class ModelTest(unittest.TestCase):
 
 class MessagesTest(unittest.TestCase):
     def test_lone_user_message_is_the_prompt_as_is(self):
-        self.assertEqual(proxy.messages_to_prompt([{"role": "user", "content": "--help"}]),
+        self.assertEqual(messages_to_prompt([{"role": "user", "content": "--help"}]),
                          (None, "--help"))
 
     def test_system_and_developer_messages_become_appended_instructions(self):
-        system, content = proxy.messages_to_prompt([
+        system, content = messages_to_prompt([
             {"role": "system", "content": "Be terse."},
             {"role": "developer", "content": [{"type": "text", "text": "Speak French."}]},
             {"role": "user", "content": "hi"}])
@@ -982,7 +1008,7 @@ class MessagesTest(unittest.TestCase):
         self.assertEqual(content, "hi")
 
     def test_conversation_becomes_a_delimited_transcript_then_the_last_message(self):
-        system, content = proxy.messages_to_prompt([
+        system, content = messages_to_prompt([
             {"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "content": "4"},
             {"role": "system", "content": "Be brief."},
@@ -994,7 +1020,7 @@ class MessagesTest(unittest.TestCase):
         self.assertTrue(content.endswith("</conversation>\n\nAnd 3+3?"))
 
     def test_images_become_anthropic_blocks(self):
-        _, content = proxy.messages_to_prompt([{"role": "user", "content": [
+        _, content = messages_to_prompt([{"role": "user", "content": [
             {"type": "text", "text": "what is this"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}},
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]}])
@@ -1005,7 +1031,7 @@ class MessagesTest(unittest.TestCase):
             {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}])
 
     def test_images_in_earlier_turns_stay_in_place(self):
-        _, content = proxy.messages_to_prompt([
+        _, content = messages_to_prompt([
             {"role": "user", "content": [{"type": "image_url", "image_url": {
                 "url": "data:image/gif;base64,R0lGODlhAQABAAAAACw="}}]},
             {"role": "assistant", "content": "A dot."},
@@ -1041,7 +1067,7 @@ class MessagesTest(unittest.TestCase):
         ]
         for messages, param in cases:
             with self.assertRaises(proxy.APIError, msg=repr(messages)) as caught:
-                proxy.messages_to_prompt(messages)
+                messages_to_prompt(messages)
             self.assertEqual((caught.exception.status, caught.exception.param), (400, param),
                              repr(messages))
 
@@ -1104,8 +1130,10 @@ class RequestTest(unittest.TestCase):
 
     def test_body_must_be_an_object(self):
         for body in ([], "x", 1, None):
-            with self.assertRaises(proxy.APIError):
+            with self.assertRaises(proxy.APIError) as caught:
                 proxy.parse_chat_request(body)
+            self.assertEqual((caught.exception.status, caught.exception.code),
+                             (400, "invalid_value"), body)
 
     def test_json_body_parsing(self):
         self.assertEqual(proxy.parse_json_body(b'{"a": 1}'), {"a": 1})
@@ -1118,9 +1146,7 @@ class RequestTest(unittest.TestCase):
 
 class CommandTest(unittest.TestCase):
     def test_cli_gets_no_tools_no_mcp_no_commands_no_session_and_no_prompt(self):
-        request = proxy.parse_chat_request({"model": "opus", "messages": [
-            {"role": "user", "content": "SECRET PROMPT"}]})
-        argv = proxy.build_cli_command("/bin/claude", request, None)
+        argv = launch_for("SECRET PROMPT").argv(None)
         self.assertEqual(argv[:2], ["/bin/claude", "-p"])
         for flags in (["--input-format", "stream-json"], ["--output-format", "stream-json"],
                       ["--model", "opus"], ["--tools", ""], ["--permission-mode", "dontAsk"]):
@@ -1131,23 +1157,27 @@ class CommandTest(unittest.TestCase):
             self.assertIn(flag, argv)
         self.assertNotIn("--mcp-config", argv)
         self.assertNotIn("--dangerously-skip-permissions", argv)
+        self.assertNotIn("--effort", argv, "the CLI's default unless asked for")
         self.assertFalse(any("SECRET" in a for a in argv))
-        self.assertEqual(proxy.build_cli_command("c", request, "/x/sys")[-2:],
+        self.assertEqual(launch_for("hi").argv("/x/sys")[-2:],
                          ["--append-system-prompt-file", "/x/sys"])
 
     def test_none_of_the_users_claude_setup_is_read(self):
-        request = proxy.parse_chat_request(chat_body())
-        argv = proxy.build_cli_command("/bin/claude", request, None)
+        argv = launch_for("hi").argv(None)
         self.assertIn("--safe-mode", argv)
         i = argv.index("--setting-sources")
         self.assertEqual(argv[i + 1], "", "no setting source: user, project and local are out")
         self.assertEqual(argv.count("--setting-sources"), 1)
         # Opted in (--user-settings): the user's own scope, still never project or local ones.
-        argv = proxy.build_cli_command("/bin/claude", request, None, user_settings=True)
+        argv = launch_for("hi", user_settings=True).argv(None)
         self.assertNotIn("--safe-mode", argv)
         self.assertEqual(argv[argv.index("--setting-sources") + 1], "user")
         for flag in ("--strict-mcp-config", "--disable-slash-commands", "--no-session-persistence"):
             self.assertIn(flag, argv)
+
+    def test_effort_is_passed_on(self):
+        argv = launch_for("hi", reasoning_effort="high").argv(None)
+        self.assertEqual(argv[argv.index("--effort") + 1], "high")
 
     def test_user_settings_are_off_unless_asked_for(self):
         self.assertFalse(settings().user_settings)
@@ -1156,20 +1186,20 @@ class CommandTest(unittest.TestCase):
             with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_USER_SETTINGS": value}):
                 self.assertIs(proxy.parse_args([]).user_settings, expected, value)
 
-    def test_stdin_line_is_one_stream_json_user_message(self):
-        line = proxy.stdin_line([{"type": "text", "text": "h\u00e9\nllo"}])
+    def test_stdin_is_one_stream_json_user_message(self):
+        line = launch_for("h\u00e9\nllo").stdin()
         self.assertTrue(line.endswith(b"\n"))
         self.assertEqual(line.count(b"\n"), 1)
         self.assertEqual(json.loads(line), {"type": "user", "message": {
-            "role": "user", "content": [{"type": "text", "text": "h\u00e9\nllo"}]}})
+            "role": "user", "content": "h\u00e9\nllo"}})
 
     def test_environment(self):
-        env = proxy.cli_environment({"PATH": "/bin", "CLAUDECODE": "1"}, 77)
+        env = launch_for("hi", max_tokens=77).environment({"PATH": "/bin", "CLAUDECODE": "1"})
         self.assertEqual(env, {"PATH": "/bin", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "77",
                                "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1"})
-        self.assertEqual(proxy.cli_environment({"CLAUDE_CODE_DISABLE_AUTO_MEMORY": "0"}, None)[
+        self.assertEqual(launch_for("hi").environment({"CLAUDE_CODE_DISABLE_AUTO_MEMORY": "0"})[
             "CLAUDE_CODE_DISABLE_AUTO_MEMORY"], "1")
-        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", proxy.cli_environment({}, None))
+        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", launch_for("hi").environment({}))
 
 
 class StopSequencesTest(unittest.TestCase):
@@ -1204,7 +1234,8 @@ class CompletionEventsTest(unittest.TestCase):
 
     def test_text_deltas_in_order_with_model_and_usage(self):
         events = self.events("hi [[fake:cache]]")
-        self.assertEqual(events[0], proxy.Start("claude-opus-5-5"))
+        self.assertEqual(events[0].model, "claude-opus-5-5")
+        self.assertEqual(events[0].usage["input_tokens"], 12, "the input, known at the start")
         self.assertEqual("".join(e.text for e in events if isinstance(e, proxy.Text)),
                          "Hello from the fake API.")
         self.assertEqual([e.text for e in events[1:-1]], ["Hello", " from", " the", " fake", " API."])
@@ -1360,13 +1391,13 @@ class BrokenStreamTest(unittest.TestCase):
         revised = [e for e in events if isinstance(e, proxy.Revised)]
         self.assertEqual([r.text for r in revised], [OTHER_WORDS])
         self.assertEqual("".join(texts(events)), "w0 w1 w2 w3 w4 ", "nothing more after it")
-        body = proxy.chat_completion("c", 1, events)
+        body = collected(events)
         self.assertEqual(body["choices"][0]["message"]["content"], OTHER_WORDS)
         self.assertEqual(body["choices"][0]["finish_reason"], "stop")
-        stream = proxy.ChatCompletionStream("c", 1, include_usage=False)
+        stream = proxy.ChatAnswer(chat_request(), "c", streaming=True)
         with self.assertRaises(proxy.APIError) as caught:
             for event in events:
-                stream.render(event)
+                stream.feed(event)
         self.assertEqual((caught.exception.status, caught.exception.code), (502, "answer_changed"))
 
     def test_a_restart_that_changes_words_mid_stream_is_held_then_revised(self):
@@ -1430,32 +1461,46 @@ class BrokenStreamTest(unittest.TestCase):
 
 class RenderTest(unittest.TestCase):
     def test_stream_chunks_follow_openai(self):
-        r = proxy.ChatCompletionStream("chatcmpl-1", 123, include_usage=True)
-        first = parse_sse(r.render(proxy.Start("claude-x")))[0]
+        r = proxy.ChatAnswer(chat_request(stream_options={"include_usage": True}), "chatcmpl-1",
+                             streaming=True)
+        first = parse_sse(r.feed(proxy.Start("claude-x")))[0]
         self.assertEqual(first["choices"][0]["delta"], {"role": "assistant", "content": "",
                                                          "refusal": None})
         self.assertEqual((first["id"], first["object"], first["created"], first["model"]),
-                         ("chatcmpl-1", "chat.completion.chunk", 123, "claude-x"))
+                         ("chatcmpl-1", "chat.completion.chunk", r.created, "claude-x"))
         self.assertIsNone(first["usage"])
-        text = parse_sse(r.render(proxy.Text("hi")))[0]
+        text = parse_sse(r.feed(proxy.Text("hi")))[0]
         self.assertEqual(text["choices"][0]["delta"], {"content": "hi"})
-        last, usage, done = parse_sse(r.render(proxy.Finish("max_tokens", {"input_tokens": 3,
-                                                                            "output_tokens": 4})))
+        last, usage, done = parse_sse(r.feed(proxy.Finish("max_tokens", {"input_tokens": 3,
+                                                                          "output_tokens": 4})))
         self.assertEqual((last["choices"][0]["delta"], last["choices"][0]["finish_reason"]),
                          ({}, "length"))
         self.assertEqual((usage["choices"], usage["usage"]["total_tokens"]), ([], 7))
         self.assertEqual(done, "[DONE]")
 
     def test_without_include_usage_there_is_no_usage(self):
-        r = proxy.ChatCompletionStream("c", 1, include_usage=False)
-        r.render(proxy.Start("m"))
-        chunks = parse_sse(r.render(proxy.Finish("end_turn", {})))
+        r = proxy.ChatAnswer(chat_request(), "c", streaming=True)
+        r.feed(proxy.Start("m"))
+        chunks = parse_sse(r.feed(proxy.Finish("end_turn", {})))
         self.assertEqual(len(chunks), 2)
         self.assertNotIn("usage", chunks[0])
 
+    def test_thinking_is_reasoning_content(self):
+        r = proxy.ChatAnswer(chat_request(), "c", streaming=True)
+        r.feed(proxy.Start("m"))
+        chunk = parse_sse(r.feed(proxy.Thinking("hmm")))[0]
+        self.assertEqual(chunk["choices"][0]["delta"], {"reasoning_content": "hmm"})
+        body = collected([proxy.Start("m"), proxy.Thinking("hm"), proxy.Thinking("m"),
+                          proxy.Text("a"), proxy.Finish("end_turn", {})])
+        self.assertEqual((body["choices"][0]["message"]["content"],
+                          body["choices"][0]["message"]["reasoning_content"]), ("a", "hmm"))
+        self.assertNotIn("reasoning_content", collected([proxy.Start("m"), proxy.Text("a"),
+                                                         proxy.Finish(None, {})])["choices"][0][
+            "message"])
+
     def test_non_streaming_is_the_same_events_collected(self):
-        body = proxy.chat_completion("c", 5, [proxy.Start("m"), proxy.Text("a"), proxy.Text("b"),
-                                              proxy.Finish("end_turn", {"output_tokens": 2})])
+        body = collected([proxy.Start("m"), proxy.Text("a"), proxy.Text("b"),
+                          proxy.Finish("end_turn", {"output_tokens": 2})])
         self.assertEqual(body["choices"][0]["message"]["content"], "ab")
         self.assertEqual(body["choices"][0]["finish_reason"], "stop")
         self.assertEqual((body["object"], body["model"], body["usage"]["completion_tokens"]),
@@ -1669,9 +1714,11 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
             "messages": [{"role": "user", "content": "[[fake:drip:0.05]]"}]}),
             headers={"Content-Type": "application/json"})
         response = conn.getresponse()
+        self.assertEqual(response.status, 200)
         seen = []
         while len(seen) < 6:
             line = response.readline()
+            self.assertTrue(line, "the stream ended after %d events" % len(seen))
             if line.startswith(b"data: "):
                 seen.append(json.loads(line[6:]))
         run = self.only_run()
@@ -1860,6 +1907,518 @@ class BrokenStreamServerTest(FakeClaudeMixin, unittest.TestCase):
         self.assert_no_cli_left(p)
 
 
+def parse_named_sse(data):
+    """[(event name, payload)] of a stream with `event:` lines (Anthropic's and Responses'):
+    every event has exactly one `event:` and one `data:` line, and its name is its type."""
+    events = []
+    for block in data.decode("utf-8").split("\n\n"):
+        if not block.strip():
+            continue
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and \
+            lines[1].startswith("data: "), block
+        name, payload = lines[0][len("event: "):], json.loads(lines[1][len("data: "):])
+        assert payload.get("type") == name, block
+        events.append((name, payload))
+    return events
+
+
+class ChatClient:
+    """How the tests speak each dialect: a request body, and what an answer, a stream and an
+    error say in neutral terms (text, thinking, finish "stop" or "length", error message)."""
+    path = "/v1/chat/completions"
+
+    def body(self, content, stream=False, stop=None, max_tokens=None):
+        body = chat_body(content, stream=stream)
+        body.update({k: v for k, v in (("stop", stop), ("max_tokens", max_tokens)) if v})
+        return body
+
+    def answer(self, body):
+        message = body["choices"][0]["message"]
+        return (message["content"], message.get("reasoning_content", ""),
+                body["choices"][0]["finish_reason"])
+
+    def error(self, body):
+        return body["error"]["message"]
+
+    def parse_stream(self, data):
+        return parse_sse(data)
+
+    def streamed(self, events):
+        """(text, thinking, finish or None, the final error's message or None)."""
+        deltas = [c["choices"][0]["delta"] for c in events if isinstance(c, dict) and
+                  c.get("choices")]
+        finish = [c["choices"][0]["finish_reason"] for c in events if isinstance(c, dict) and
+                  c.get("choices") and c["choices"][0]["finish_reason"]]
+        error = events[-1]["error"]["message"] if isinstance(events[-1], dict) and \
+            "error" in events[-1] else None
+        return ("".join(d.get("content") or "" for d in deltas),
+                "".join(d.get("reasoning_content") or "" for d in deltas),
+                finish[0] if finish and events[-1] == "[DONE]" else None, error)
+
+    def check_order(self, test, events):
+        test.assertEqual(events[0]["choices"][0]["delta"]["role"], "assistant")
+        test.assertEqual(events[-1], "[DONE]")
+        test.assertTrue(events[-2]["choices"][0]["finish_reason"])
+
+
+class MessagesClient(ChatClient):
+    path = "/v1/messages"
+    FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+
+    def body(self, content, stream=False, stop=None, max_tokens=None):
+        body = {"model": "claude-opus-5-5", "max_tokens": max_tokens or 1000, "stream": stream,
+                "messages": [{"role": "user", "content": content}]}
+        if stop:
+            body["stop_sequences"] = stop
+        return body
+
+    def answer(self, body):
+        self.test_shape(body)
+        blocks = body["content"]
+        return ("".join(b["text"] for b in blocks if b["type"] == "text"),
+                "".join(b["thinking"] for b in blocks if b["type"] == "thinking"),
+                self.FINISH[body["stop_reason"]])
+
+    @staticmethod
+    def test_shape(body):
+        assert body["type"] == "message" and body["id"].startswith("msg_"), body
+        assert set(body["usage"]) >= {"input_tokens", "output_tokens",
+                                      "cache_creation_input_tokens",
+                                      "cache_read_input_tokens"}, body
+
+    def error(self, body):
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        return body["error"]["message"]
+
+    def parse_stream(self, data):
+        return parse_named_sse(data)
+
+    def streamed(self, events):
+        deltas = [e["delta"] for name, e in events if name == "content_block_delta"]
+        stop = [e["delta"]["stop_reason"] for name, e in events if name == "message_delta"]
+        error = events[-1][1]["error"]["message"] if events[-1][0] == "error" else None
+        return ("".join(d.get("text", "") for d in deltas),
+                "".join(d.get("thinking", "") for d in deltas),
+                self.FINISH[stop[0]] if stop and events[-1][0] == "message_stop" else None, error)
+
+    def check_order(self, test, events):
+        names = [name for name, _ in events]
+        test.assertEqual(names[:2], ["message_start", "ping"])
+        test.assertEqual(names[-2:], ["message_delta", "message_stop"])
+        index = -1
+        for name, event in events[2:-2]:  # blocks, each started, filled and stopped in turn
+            if name == "content_block_start":
+                test.assertEqual(event["index"], index + 1)
+                index = event["index"]
+            else:
+                test.assertIn(name, ("content_block_delta", "content_block_stop"))
+                test.assertEqual(event["index"], index)
+        test.assertEqual(names[-3], "content_block_stop")
+
+
+class ResponsesClient(ChatClient):
+    path = "/v1/responses"
+
+    def body(self, content, stream=False, stop=None, max_tokens=None):
+        body = {"model": "claude-sonnet-4", "input": content, "stream": stream}
+        if max_tokens:
+            body["max_output_tokens"] = max_tokens
+        return body
+
+    def answer(self, body):
+        assert body["object"] == "response" and body["id"].startswith("resp_"), body
+        items = body["output"]
+        text = "".join(p["text"] for i in items if i["type"] == "message" for p in i["content"])
+        thinking = "".join(p["text"] for i in items if i["type"] == "reasoning"
+                           for p in i["summary"])
+        return text, thinking, {"completed": "stop", "incomplete": "length"}[body["status"]]
+
+    def error(self, body):
+        return body["error"]["message"]
+
+    def parse_stream(self, data):
+        return parse_named_sse(data)
+
+    def streamed(self, events):
+        text = "".join(e["delta"] for name, e in events if name == "response.output_text.delta")
+        thinking = "".join(e["delta"] for name, e in events
+                           if name == "response.reasoning_summary_text.delta")
+        last, final = events[-1]
+        finish = {"response.completed": "stop", "response.incomplete": "length"}.get(last)
+        return (text, thinking, finish,
+                final["response"]["error"]["message"] if last == "response.failed" else None)
+
+    def check_order(self, test, events):
+        names = [name for name, _ in events]
+        test.assertEqual([e["sequence_number"] for _, e in events], list(range(len(events))))
+        test.assertEqual(names[:2], ["response.created", "response.in_progress"])
+        text = [n for n in names if not n.startswith("response.reasoning")][2:]
+        test.assertEqual(text[:2], ["response.output_item.added", "response.content_part.added"])
+        test.assertEqual(set(text[2:-4]), {"response.output_text.delta"})
+        test.assertEqual(text[-4:], ["response.output_text.done", "response.content_part.done",
+                                     "response.output_item.done", "response.completed"])
+        final = events[-1][1]["response"]
+        test.assertEqual(final["output"][-1]["content"][0]["text"], self.streamed(events)[0])
+
+
+class DialectContract(FakeClaudeMixin):
+    """What every dialect does, written once; a subclass per dialect names its client."""
+    client = ChatClient()
+    ANSWER = "Hello from the fake API."
+
+    def setUp(self):
+        super().setUp()
+        self.p = self.start_proxy()
+
+    def ask(self, content, **options):
+        """(status, answer (text, thinking, finish) or the error's message)."""
+        status, _, body = self.p.request("POST", self.client.path,
+                                         self.client.body(content, **options))
+        return status, self.client.answer(body) if status == 200 else self.client.error(body)
+
+    def ask_stream(self, content, **options):
+        """(status, the parsed events, or the error's message)."""
+        conn = self.p.connect()
+        try:
+            conn.request("POST", self.client.path, body=json.dumps(self.client.body(
+                content, stream=True, **options)), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            return response.status, self.client.error(json.loads(data))
+        self.assertTrue(response.getheader("Content-Type").startswith("text/event-stream"))
+        return 200, self.client.parse_stream(data)
+
+    def test_an_answer(self):
+        self.assertEqual(self.ask("hi"), (200, (self.ANSWER, "", "stop")))
+        self.assert_no_cli_left(self.p)
+
+    def test_a_stream_in_the_dialects_order(self):
+        status, events = self.ask_stream("hi")
+        self.assertEqual(status, 200)
+        self.client.check_order(self, events)
+        self.assertEqual(self.client.streamed(events), (self.ANSWER, "", "stop", None))
+        self.assert_no_cli_left(self.p)
+
+    def test_thinking_is_relayed(self):
+        self.assertEqual(self.ask("[[fake:thinking]]"),
+                         (200, (self.ANSWER, "Let me think briefly.", "stop")))
+        status, events = self.ask_stream("[[fake:thinking]]")
+        self.assertEqual(self.client.streamed(events),
+                         (self.ANSWER, "Let me think briefly.", "stop", None))
+
+    def test_stop_sequences_cut_the_answer(self):
+        if self.client.path == "/v1/responses":
+            self.skipTest("the Responses API has no stop sequences")
+        self.assertEqual(self.ask("hi", stop=[" the"]), (200, ("Hello from", "", "stop")))
+        status, events = self.ask_stream("hi", stop=[" the"])
+        self.assertEqual(self.client.streamed(events), ("Hello from", "", "stop", None))
+        self.assert_no_cli_left(self.p)
+
+    def test_the_output_limit_ends_the_answer(self):
+        self.assertEqual(self.ask("[[fake:max_tokens]]", max_tokens=5),
+                         (200, (self.ANSWER, "", "length")))
+        status, events = self.ask_stream("[[fake:max_tokens]]", max_tokens=5)
+        self.assertEqual(self.client.streamed(events), (self.ANSWER, "", "length", None))
+        self.assertEqual(self.runs()[-1]["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "5")
+
+    def test_cli_errors_before_the_first_byte_are_http_errors(self):
+        overloaded = 529 if self.client.path == "/v1/messages" else 503
+        for prompt, status in (("[[fake:err529]]", overloaded), ("[[fake:ratelimit:60]]", 429),
+                               ("[[fake:err401]]", 401), ("[[fake:exit:3]]", 502)):
+            got, message = self.ask(prompt)
+            self.assertEqual(got, status, (prompt, message))
+            self.assertEqual(self.ask_stream(prompt)[0], status, prompt)
+        self.assert_no_cli_left(self.p)
+
+    def test_a_cli_that_dies_mid_answer_ends_the_stream_with_an_error(self):
+        self.assertEqual(self.ask("[[fake:diemid]]")[0], 502)
+        status, events = self.ask_stream("[[fake:diemid]]")
+        text, _, finish, error = self.client.streamed(events)
+        self.assertEqual((status, text, finish), (200, self.ANSWER, None))
+        self.assertIn("without an answer", error)
+        self.assert_no_cli_left(self.p)
+
+    def test_a_retry_with_other_words_is_never_streamed_as_the_answer(self):
+        prompt = "[[fake:words:12]][[fake:cut:5]][[fake:differ]]"
+        with mock.patch.dict(os.environ, {"CLAUDE_CODE_MAX_RETRIES": "0"}):
+            self.assertEqual(self.ask(prompt), (200, (OTHER_WORDS, "", "stop")))
+            status, events = self.ask_stream(prompt)
+        text, _, finish, error = self.client.streamed(events)
+        self.assertEqual((status, text, finish), (200, "w0 w1 w2 w3 w4 ", None))
+        self.assertIn("answered differently", error)
+
+    def test_a_client_that_leaves_mid_stream_ends_the_cli(self):
+        s = socket.create_connection(("127.0.0.1", self.p.port))
+        data = json.dumps(self.client.body("[[fake:drip:0.02]]", stream=True)).encode()
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (self.client.path.encode(), len(data), data))
+        received = b""
+        while b"Hello" not in received:
+            chunk = s.recv(65536)
+            self.assertTrue(chunk, "the stream ended before the first words")
+            received += chunk
+        s.close()
+        self.assert_no_cli_left(self.p)
+
+    def test_bad_bodies_are_400_in_the_dialects_shape(self):
+        for body in ([], {"model": "opus"}, {"model": 7, "messages": []}):
+            status, _, answer = self.p.request("POST", self.client.path, body)
+            self.assertEqual(status, 400, body)
+            self.assertTrue(self.client.error(answer))
+        status, _, answer = self.p.request("POST", self.client.path, raw=b"{nope")
+        self.assertEqual(status, 400)
+        self.assertIn("not valid JSON", self.client.error(answer))
+        self.assertEqual(self.runs(), [], "no CLI for a bad request")
+
+
+class ChatContractTest(DialectContract, unittest.TestCase):
+    client = ChatClient()
+
+
+class MessagesContractTest(DialectContract, unittest.TestCase):
+    client = MessagesClient()
+
+
+class ResponsesContractTest(DialectContract, unittest.TestCase):
+    client = ResponsesClient()
+
+
+class MessagesDialectTest(FakeClaudeMixin, unittest.TestCase):
+    """POST /v1/messages beyond the contract: what reaches the CLI, what is refused."""
+
+    def setUp(self):
+        super().setUp()
+        self.p = self.start_proxy()
+
+    def post(self, body, path="/v1/messages", headers=None):
+        return self.p.request("POST", path, body, headers=headers)
+
+    def test_system_images_and_documents_reach_the_cli(self):
+        pdf = "JVBERi0xLjQK"  # "%PDF-1.4\n"
+        status, _, body = self.post({"model": "claude-opus-5-5", "max_tokens": 50, "system": [
+            {"type": "text", "text": "Be terse.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [
+                {"role": "user", "content": "earlier"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm",
+                                                   "signature": "x"},
+                                                  {"type": "text", "text": "an answer"}]},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "look", "cache_control": {"type": "ephemeral"}},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": PNG_1PX}},
+                    {"type": "document", "source": {"type": "base64",
+                                                    "media_type": "application/pdf",
+                                                    "data": pdf}}]},
+                {"role": "system", "content": "Also be kind."}]})
+        self.assertEqual(status, 200, body)
+        run = self.only_run()
+        self.assertEqual(run["system"], "Be terse.\n\nAlso be kind.")
+        content = run["stdin"][0]["message"]["content"]
+        self.assertIn({"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                   "data": PNG_1PX}}, content)
+        self.assertIn({"type": "document", "source": {"type": "base64",
+                                                      "media_type": "application/pdf",
+                                                      "data": pdf}}, content)
+        text = json.dumps(content)
+        self.assertIn("an answer", text)
+        self.assertNotIn("hmm", text, "earlier thinking is not part of the transcript")
+        self.assertNotIn("cache_control", text, "the CLI places its own cache breakpoints")
+
+    def test_what_is_not_supported_is_a_400_naming_it(self):
+        def user(content):
+            return {"model": "opus", "max_tokens": 5, "messages": [{"role": "user",
+                                                                  "content": content}]}
+        cases = [
+            (dict(user("hi"), tools=[{"name": "x", "input_schema": {}}]), "tools"),
+            (user([{"type": "tool_result", "tool_use_id": "t", "content": "x"}]), "tool_result"),
+            ({"model": "opus", "max_tokens": 5, "messages": [
+                {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]},
+             "prefill"),
+            (user([{"type": "image", "source": {"type": "base64", "media_type": "image/bmp",
+                                                "data": "AAAA"}}]), "image/bmp"),
+            (user([{"type": "image", "source": {"type": "url", "url": "http://x/a.png"}}]),
+             "https"),
+            (dict(user("hi"), temperature=1.5), "temperature"),
+            (dict(user("hi"), stop_sequences=[""]), "stop_sequences"),
+            (dict(user("hi"), thinking={"type": "enabled"}), "thinking"),
+            (dict(user("hi"), output_config={"effort": "extreme"}), "effort"),
+            (dict(user("hi"), max_tokens=0), "max_tokens"),
+            ({"model": "opus", "messages": [{"role": "tool", "content": "x"}]}, "role"),
+        ]
+        for body, said in cases:
+            status, _, answer = self.post(body)
+            self.assertEqual(status, 400, body)
+            self.assertEqual(answer["type"], "error")
+            self.assertEqual(answer["error"]["type"], "invalid_request_error")
+            self.assertIn(said, answer["error"]["message"], body)
+        self.assertEqual(self.runs(), [])
+
+    def test_effort_comes_from_output_config_or_the_thinking_budget(self):
+        for extra, effort in [({"output_config": {"effort": "xhigh"}}, "xhigh"),
+                              ({"thinking": {"type": "enabled", "budget_tokens": 10000}}, "high"),
+                              ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "low"),
+                              ({"thinking": {"type": "disabled"}}, "low"),
+                              ({"thinking": {"type": "adaptive"}}, None), ({}, None)]:
+            body = dict({"model": "opus", "max_tokens": 5, "messages": [
+                {"role": "user", "content": "hi"}]}, **extra)
+            self.assertEqual(self.post(body)[0], 200)
+            argv = self.runs()[-1]["argv"]
+            self.assertEqual(argv[argv.index("--effort") + 1] if "--effort" in argv else None,
+                             effort, extra)
+
+    def test_the_stop_sequence_that_matched_is_named(self):
+        status, _, body = self.post({"model": "opus", "max_tokens": 50, "stop_sequences": [
+            "zzz", " fake"], "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual((body["stop_reason"], body["stop_sequence"]), ("stop_sequence", " fake"))
+        self.assertEqual(body["content"], [{"type": "text", "text": "Hello from the"}])
+
+    def test_count_tokens_is_an_estimate_and_models_come_in_anthropic_shape(self):
+        status, _, body = self.post({"model": "opus", "messages": [
+            {"role": "user", "content": "x" * 400}]}, path="/v1/messages/count_tokens")
+        self.assertEqual((status, body), (200, {"input_tokens": 100}))
+        self.assertEqual(self.runs(), [], "counting starts no CLI")
+        status, _, body = self.p.request("GET", "/v1/models",
+                                         headers={"anthropic-version": "2023-06-01"})
+        self.assertEqual(body["data"][0]["type"], "model")
+        self.assertIn("has_more", body)
+        status, _, body = self.p.request("GET", "/v1/models/claude-opus-5-5",
+                                         headers={"anthropic-version": "2023-06-01"})
+        self.assertEqual((body["type"], body["id"]), ("model", "claude-opus-5-5"))
+        self.assertEqual(self.p.request("GET", "/v1/models")[2]["object"], "list")
+
+    def test_the_proxys_own_errors_come_in_anthropic_shape(self):
+        p = self.start_proxy(api_keys=["k1"])
+        hello = {"model": "opus", "max_tokens": 5, "messages": [{"role": "user",
+                                                                 "content": "hi"}]}
+        status, _, body = p.request("POST", "/v1/messages", hello)
+        self.assertEqual((status, body["error"]["type"]), (401, "authentication_error"))
+        status, _, body = p.request("POST", "/v1/messages", hello, headers={
+            "x-api-key": "k1", "anthropic-version": "2023-06-01",
+            "anthropic-beta": "interleaved-thinking-2025-05-14"})
+        self.assertEqual(status, 200, body)
+        status, _, body = p.request("GET", "/v1/messages", headers={"x-api-key": "k1"})
+        self.assertEqual((status, body["type"]), (405, "error"))
+
+    def test_a_request_as_claude_code_sends_it(self):
+        """The keys and shapes Claude Code 2.1.331 sends (EndToEndTest runs the real one)."""
+        body = {"model": "claude-opus-5-5", "max_tokens": 32000, "stream": True,
+                "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=1"},
+                           {"type": "text", "text": "You are Claude Code.",
+                            "cache_control": {"type": "ephemeral"}}],
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+                    {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}],
+                "thinking": {"type": "adaptive", "display": "updates"},
+                "output_config": {"effort": "medium"}, "metadata": {"user_id": "{}"},
+                "context_management": {"edits": []}, "tools": []}
+        conn = self.p.connect()
+        conn.request("POST", "/v1/messages?beta=true", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        events = parse_named_sse(response.read())
+        conn.close()
+        self.assertEqual(MessagesClient().streamed(events)[0], "Hello from the fake API.")
+        argv = self.only_run()["argv"]
+        self.assertEqual(argv[argv.index("--model") + 1], "claude-opus-5-5")
+        self.assertEqual(argv[argv.index("--effort") + 1], "medium")
+
+
+class ResponsesDialectTest(FakeClaudeMixin, unittest.TestCase):
+    """POST /v1/responses beyond the contract: conversations, Codex's input, what is refused."""
+
+    def setUp(self):
+        super().setUp()
+        self.p = self.start_proxy()
+
+    def post(self, **body):
+        body.setdefault("model", "sonnet")
+        return self.p.request("POST", "/v1/responses", body)
+
+    def test_previous_response_id_continues_the_conversation(self):
+        status, _, first = self.post(input="My name is Ada.", instructions="Be brief.")
+        self.assertEqual(status, 200, first)
+        status, _, second = self.post(input="What is my name?",
+                                      previous_response_id=first["id"])
+        self.assertEqual((status, second["previous_response_id"]), (200, first["id"]))
+        prompt = json.dumps(self.runs()[-1]["stdin"])
+        self.assertIn("My name is Ada.", prompt)
+        self.assertIn("Hello from the fake API.", prompt, "the earlier answer is a turn too")
+        self.assertIsNone(self.runs()[-1]["system"], "instructions are not carried over")
+        status, _, body = self.post(input="x", previous_response_id="resp_nope")
+        self.assertEqual((status, body["error"]["code"]), (404, "previous_response_not_found"))
+        status, _, unstored = self.post(input="forget me", store=False)
+        self.assertEqual(unstored["store"], False)
+        status, _, _ = self.post(input="x", previous_response_id=unstored["id"])
+        self.assertEqual(status, 404, "store: false keeps nothing")
+
+    def test_codex_style_input_is_accepted(self):
+        status, _, body = self.post(
+            instructions="You are Codex.", store=False, stream=False,
+            include=["reasoning.encrypted_content"], reasoning={"effort": "minimal",
+                                                                "summary": "auto"},
+            parallel_tool_calls=False, prompt_cache_key="abc", tool_choice="auto", tools=[],
+            input=[{"type": "message", "role": "developer", "content": [
+                {"type": "input_text", "text": "Follow AGENTS.md."}]},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "first question"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
+                {"type": "message", "role": "assistant", "content": [
+                    {"type": "output_text", "text": "first answer"}]},
+                {"role": "user", "content": [
+                    {"type": "input_text", "text": "second"},
+                    {"type": "input_image", "image_url": "data:image/png;base64," + PNG_1PX}]}])
+        self.assertEqual(status, 200, body)
+        run = self.only_run()
+        self.assertEqual(run["system"], "You are Codex.\n\nFollow AGENTS.md.")
+        self.assertEqual(run["argv"][run["argv"].index("--effort") + 1], "low")
+        prompt = json.dumps(run["stdin"])
+        self.assertIn("first answer", prompt)
+        self.assertIn(PNG_1PX, prompt)
+        self.assertEqual(body["reasoning"], {"effort": "minimal", "summary": "auto"})
+
+    def test_what_is_not_supported_is_a_400_naming_it(self):
+        cases = [
+            ({"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                         "arguments": "{}"}]}, "function_call"),
+            ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+            ({"input": "hi", "text": {"format": {"type": "json_schema"}}}, "text.format"),
+            ({"input": [{"role": "user", "content": [{"type": "input_file",
+                                                      "file_id": "f"}]}]}, "input_file"),
+            ({"input": [{"type": "item_reference", "id": "x"}]}, "item_reference"),
+            ({"input": []}, "input"), ({"input": "hi", "background": True}, "background"),
+            ({"input": "hi", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+        ]
+        for body, said in cases:
+            status, _, answer = self.post(**body)
+            self.assertEqual(status, 400, body)
+            self.assertIn(said, answer["error"]["message"] + (answer["error"]["param"] or ""),
+                          body)
+        self.assertEqual(self.runs(), [])
+
+    def test_the_output_limit_makes_an_incomplete_response(self):
+        status, _, body = self.post(input="[[fake:max_tokens]]", max_output_tokens=20)
+        self.assertEqual((body["status"], body["incomplete_details"]),
+                         ("incomplete", {"reason": "max_output_tokens"}))
+        self.assertEqual(body["usage"]["output_tokens"], 9)
+
+    def test_the_store_is_bounded(self):
+        store = proxy.ResponseStore(items=2, size=10 ** 6)
+        for name in "abc":
+            store.put(name, [("user", [{"type": "text", "text": name}])])
+        self.assertEqual([store.get(n) is not None for n in "abc"], [False, True, True])
+        store = proxy.ResponseStore(items=100, size=200)
+        store.put("big", [("user", [{"type": "text", "text": "x" * 150}])])
+        store.put("next", [("user", [{"type": "text", "text": "y" * 150}])])
+        self.assertEqual((store.get("big"), store.get("next") is not None), (None, True))
+        store.put("huge", [("user", [{"type": "text", "text": "z" * 500}])])
+        self.assertIsNone(store.get("huge"), "one larger than the cap is not kept")
+
+
 class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
     """A client that goes away gets its CLI process group ended, in both modes."""
 
@@ -1933,7 +2492,7 @@ class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
 class LeakTest(FakeClaudeMixin, unittest.TestCase):
     def test_cli_faults_leave_the_daemon_healthy_and_leak_nothing(self):
         p = self.start_proxy(idle_timeout=0.5)
-        p.chat()  # warm up lazily created state
+        self.assertEqual(p.chat()[0], 200)  # warms up lazily created state
         before, threads = open_fds(), threading.active_count()
         # (prompt, status, status when streamed, last streamed event)
         cases = [("[[fake:diemid]]", 502, 200, "error"),  # crashes mid-answer
@@ -1963,11 +2522,13 @@ class LeakTest(FakeClaudeMixin, unittest.TestCase):
 
     def test_no_descriptors_or_processes_leak(self):
         p = self.start_proxy()
-        p.chat()  # warm up lazily created state
+        self.assertEqual(p.chat()[0], 200)  # warms up lazily created state
         before = open_fds()
         for i in range(15):
-            p.chat("[[fake:err529]]" if i % 3 == 0 else "hi")
-            p.stream("hi", stream_options={"include_usage": True})
+            status, _, _ = p.chat("[[fake:err529]]" if i % 3 == 0 else "hi")
+            self.assertEqual(status, 503 if i % 3 == 0 else 200)
+            status, _, events = p.stream("hi", stream_options={"include_usage": True})
+            self.assertEqual((status, events[-1]), (200, "[DONE]"))
         self.assert_no_cli_left(p)
         if before is not None:
             wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
@@ -3216,6 +3777,58 @@ class EndToEndTest(unittest.TestCase):
         self.assertEqual(run.memory, [])
         self.assert_same_prompt_prefix(run.sent)
 
+    def test_each_dialect_through_the_real_cli(self):
+        status, _, body = self.proxy.request("POST", "/v1/messages", {
+            "model": "claude-opus-5-5", "max_tokens": 100, "output_config": {"effort": "high"},
+            "messages": [{"role": "user", "content": "[[api:thinking]] e2e-marker-m"}]})
+        self.assertEqual(status, 200, body)
+        self.assertEqual([(b["type"], b.get("text", b.get("thinking"))) for b in body["content"]],
+                         [("thinking", "Let me think."), ("text", "Hello from the fake API.")])
+        sent, _ = self.api_request("e2e-marker-m")
+        self.assertEqual((sent["model"], sent["output_config"]), ("claude-opus-5-5",
+                                                                 {"effort": "high"}))
+        conn = self.proxy.connect()
+        conn.request("POST", "/v1/messages", body=json.dumps({
+            "model": "sonnet", "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "e2e-marker-ms"}]}),
+            headers={"Content-Type": "application/json"})
+        events = parse_named_sse(conn.getresponse().read())
+        conn.close()
+        MessagesClient().check_order(self, events)
+        self.assertEqual(MessagesClient().streamed(events),
+                         ("Hello from the fake API.", "", "stop", None))
+        status, _, body = self.proxy.request("POST", "/v1/responses", {
+            "model": "haiku", "input": "e2e-marker-r", "reasoning": {"effort": "minimal"},
+            "instructions": "Be brief."})
+        self.assertEqual(ResponsesClient().answer(body), ("Hello from the fake API.", "",
+                                                          "stop"))
+        sent, _ = self.api_request("e2e-marker-r")
+        self.assertEqual(sent["output_config"], {"effort": "low"})
+        self.assertIn("Be brief.", json.dumps(sent["system"]))
+
+    def test_the_real_cli_as_a_client_of_messages(self):
+        """Claude Code itself pointed at the proxy (ANTHROPIC_BASE_URL), its own CLI behind it."""
+        client_home = tempfile.mkdtemp(prefix="proxy-e2e-client-")
+        self.addCleanup(shutil.rmtree, client_home, True)
+        env = dict(os.environ, HOME=client_home, ANTHROPIC_API_KEY="sk-ant-dummy",
+                   ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.proxy.port)
+
+        def client(*flags):  # the prompt on stdin: --tools takes every word after it
+            done = subprocess.run([self.claude, "-p", "--output-format", "json", "--safe-mode",
+                                   "--setting-sources", "", *flags], input=b"client-marker",
+                                  env=env, capture_output=True, timeout=120, cwd=client_home)
+            self.assertTrue(done.stdout, done.stderr)
+            return json.loads(done.stdout)
+        result = client("--tools", "")
+        self.assertEqual((result["is_error"], result["result"]),
+                         (False, "Hello from the fake API."), result)
+        sent, _ = self.api_request("client-marker")
+        self.assertEqual(sent["model"], "claude-opus-5-5", "its default model, by full id")
+        # With its ~20 built-in tools, the only refusal is theirs, until function calling lands.
+        result = client()
+        self.assertTrue(result["is_error"])
+        self.assertIn("`tools` (function calling) is not supported", result["result"])
+
     def test_api_errors_become_http_errors(self):
         for marker, status, code in [("[[api:err401]]", 401, "claude_not_logged_in"),
                                      ("[[api:toolong]]", 400, "context_length_exceeded"),
@@ -3241,13 +3854,11 @@ class EndToEndTest(unittest.TestCase):
 
     def run_real_cli(self, prompt, **env):
         """The real CLI run exactly as the proxy runs it, without the proxy: its stdout lines."""
-        request = proxy.parse_chat_request({"model": "sonnet", "messages": [
-            {"role": "user", "content": prompt}]})
+        launch = launch_for(prompt, self.claude, model="sonnet")
         run_env = {k: v for k, v in os.environ.items() if k not in env or env[k] is not None}
         run_env.update({k: v for k, v in env.items() if v is not None})
-        done = subprocess.run(proxy.build_cli_command(self.claude, request, None),
-                              input=proxy.stdin_line(prompt), capture_output=True, env=run_env,
-                              cwd=self.home, timeout=120)
+        done = subprocess.run(launch.argv(None), input=launch.stdin(), capture_output=True,
+                              env=launch.environment(run_env), cwd=self.home, timeout=120)
         return [json.loads(line) for line in done.stdout.decode().splitlines() if line.strip()]
 
     def test_the_fake_speaks_like_the_real_cli(self):
@@ -3519,6 +4130,103 @@ class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
         self.assertIn("answered differently", str(caught.exception))
 
 
+    def test_responses_create_stream_and_follow_up(self):
+        response = self.client.responses.create(model="sonnet", input="hi",
+                                                instructions="Be brief.")
+        self.assertEqual(response.output_text, "Hello from the fake API.")
+        self.assertEqual((response.status, response.usage.output_tokens), ("completed", 9))
+        follow_up = self.client.responses.create(model="sonnet", input="and?",
+                                                 previous_response_id=response.id)
+        self.assertEqual(follow_up.previous_response_id, response.id)
+        kinds = []
+        with self.client.responses.stream(model="sonnet", input="[[fake:thinking]]",
+                                          reasoning={"effort": "high"}) as stream:
+            for event in stream:
+                kinds.append(event.type)
+            final = stream.get_final_response()
+        self.assertEqual(final.output_text, "Hello from the fake API.")
+        self.assertEqual(kinds[0], "response.created")
+        self.assertEqual(kinds[-1], "response.completed")
+        self.assertIn("response.reasoning_summary_text.delta", kinds)
+        with self.assertRaises(openai.NotFoundError):
+            self.client.responses.create(model="sonnet", input="x",
+                                         previous_response_id="resp_gone")
+        with self.assertRaises(openai.BadRequestError):
+            self.client.responses.create(model="sonnet", input="x", tools=[{
+                "type": "function", "name": "f", "parameters": {"type": "object"}}])
+
+
+##############################################################################
+# The official Anthropic Python SDK as the client
+##############################################################################
+
+try:
+    import anthropic
+except ImportError:
+    anthropic = None
+
+
+@unittest.skipUnless(anthropic is not None or REQUIRE_ALL, "the anthropic package is not installed")
+class AnthropicSDKTest(FakeClaudeMixin, unittest.TestCase):
+    """anthropic.Anthropic(base_url=...) against /v1/messages."""
+
+    def setUp(self):
+        super().setUp()
+        if anthropic is None:
+            self.fail("PROXY_REQUIRE_ALL=1 but the anthropic package is not installed")
+        self.proxy = self.start_proxy(api_keys=["sdk-key"])
+        self.client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.proxy.port,
+                                          api_key="sdk-key", max_retries=0, timeout=30)
+        self.addCleanup(self.client.close)
+
+    def ask(self, content, **fields):
+        return self.client.messages.create(model="claude-opus-5-5", max_tokens=100, messages=[
+            {"role": "user", "content": content}], **fields)
+
+    def test_create(self):
+        message = self.ask("hi", system="Be brief.", stop_sequences=[" fake"])
+        self.assertEqual([b.text for b in message.content], ["Hello from the"])
+        self.assertEqual((message.stop_reason, message.stop_sequence), ("stop_sequence", " fake"))
+        # The CLI was stopped at the stop sequence: the usage it had reported by then.
+        self.assertEqual((message.usage.input_tokens, message.usage.output_tokens), (12, 1))
+        self.assertEqual(self.runs()[-1]["system"], "Be brief.")
+        self.assertEqual(self.ask("hi").usage.output_tokens, 9)
+
+    def test_stream(self):
+        with self.client.messages.stream(model="claude-opus-5-5", max_tokens=100, messages=[
+                {"role": "user", "content": "[[fake:thinking]]"}]) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        self.assertEqual(text, "Hello from the fake API.")
+        self.assertEqual([b.type for b in final.content], ["thinking", "text"])
+        self.assertEqual(final.content[0].thinking, "Let me think briefly.")
+        self.assertEqual(final.stop_reason, "end_turn")
+
+    def test_errors_raise_the_sdk_exceptions(self):
+        for prompt, error, status in [("[[fake:ratelimit:60]]", anthropic.RateLimitError, 429),
+                                      ("[[fake:err401]]", anthropic.AuthenticationError, 401),
+                                      ("[[fake:err529]]", anthropic.APIStatusError, 529),
+                                      ("[[fake:toolong]]", anthropic.BadRequestError, 400)]:
+            with self.assertRaises(error) as caught:
+                self.ask(prompt)
+            self.assertEqual(caught.exception.status_code, status, prompt)
+        wrong = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.proxy.port,
+                                    api_key="wrong", max_retries=0)
+        self.addCleanup(wrong.close)
+        with self.assertRaises(anthropic.AuthenticationError):
+            wrong.messages.create(model="opus", max_tokens=5, messages=[
+                {"role": "user", "content": "hi"}])
+        with self.assertRaises(anthropic.APIError):
+            with self.client.messages.stream(model="opus", max_tokens=5, messages=[
+                    {"role": "user", "content": "[[fake:diemid]]"}]) as stream:
+                "".join(stream.text_stream)
+
+    def test_count_tokens_and_models(self):
+        self.assertGreater(self.client.messages.count_tokens(model="opus", messages=[
+            {"role": "user", "content": "hello " * 100}]).input_tokens, 100)
+        self.assertIn("claude-opus-4", [m.id for m in self.client.models.list()])
+
+
 ##############################################################################
 # Soak run (opt-in: PROXY_SOAK=1)
 ##############################################################################
@@ -3659,15 +4367,14 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
 
     def direct(self, claude, prompt, env=None):
         """Run the CLI as the proxy does, without the proxy: (first token s, result line s)."""
-        request = proxy.parse_chat_request({"model": "sonnet", "messages": [
-            {"role": "user", "content": prompt}]})
+        launch = launch_for(prompt, claude, model="sonnet")
         cwd = tempfile.mkdtemp(prefix="proxy-bench-")  # as the proxy does: not in a git repo
         self.addCleanup(shutil.rmtree, cwd, True)
         begun = time.perf_counter()
-        proc = subprocess.Popen(proxy.build_cli_command(claude, request, None),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, env=env, cwd=cwd)
-        proc.stdin.write(proxy.stdin_line(prompt))
+        proc = subprocess.Popen(launch.argv(None), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=launch.environment(
+                                    env or dict(os.environ)), cwd=cwd)
+        proc.stdin.write(launch.stdin())
         proc.stdin.close()
         first = answered = None
         for line in proc.stdout:
@@ -3872,7 +4579,7 @@ class FakeFidelityTest(unittest.TestCase):
     def test_recorded_broken_streams_fold_into_the_whole_answer_once(self):
         for name in ("p-midstream-cut-noretry", "p-midstream-cut-retry"):
             events = list(proxy.completion_events(self.recorded(name)))
-            body = proxy.chat_completion("c", 1, events)
+            body = collected(events)
             self.assertEqual(body["choices"][0]["message"]["content"],
                              " ".join("w%d" % i for i in range(12)), name)
             self.assertEqual("".join(texts(events)), body["choices"][0]["message"]["content"])
