@@ -2381,6 +2381,37 @@ class ResponsesDialectTest(FakeClaudeMixin, unittest.TestCase):
         self.assertIn(PNG_1PX, prompt)
         self.assertEqual(body["reasoning"], {"effort": "minimal", "summary": "auto"})
 
+    def test_a_request_as_codex_sends_it(self):
+        """The keys and item kinds Codex 0.169 sends (captured from the real one, texts cut)."""
+        body = {
+            "model": "claude-sonnet-4", "stream": True, "tool_choice": "auto",
+            "parallel_tool_calls": True, "reasoning": {"summary": "auto"}, "store": False,
+            "include": ["reasoning.encrypted_content"], "prompt_cache_key": "01a2-key",
+            "client_metadata": {"x-codex-window-id": "01a2:0", "session_id": "01a2"},
+            "input": [
+                {"type": "message", "role": "developer", "content": [
+                    {"type": "input_text", "text": "<permissions instructions>read-only"}]},
+                {"type": "message", "role": "developer", "content": [
+                    {"type": "input_text", "text": "You are Codex."},
+                    {"type": "input_text", "text": "<collaboration_mode>default"}]},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "<environment_context>cwd"}]},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "say hi"}]}],
+            "tools": [{"type": "function", "name": "exec_command", "strict": False,
+                       "parameters": {"type": "object", "properties": {}}},
+                      {"type": "web_search"}]}
+        status, _, answer = self.post(**body)
+        self.assertEqual((status, answer["error"]["param"]), (400, "tools"),
+                         "its tools wait for function calling")
+        status, response, events = self.p.request("POST", "/v1/responses",
+                                                  dict(body, tools=[]))
+        self.assertEqual(status, 200)
+        run = self.only_run()
+        self.assertEqual(run["system"], "<permissions instructions>read-only\n\nYou are Codex."
+                                        "<collaboration_mode>default")
+        self.assertIn("say hi", json.dumps(run["stdin"]))
+
     def test_what_is_not_supported_is_a_400_naming_it(self):
         cases = [
             ({"input": [{"type": "function_call", "call_id": "c", "name": "f",
@@ -4154,6 +4185,53 @@ class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
         with self.assertRaises(openai.BadRequestError):
             self.client.responses.create(model="sonnet", input="x", tools=[{
                 "type": "function", "name": "f", "parameters": {"type": "object"}}])
+
+
+##############################################################################
+# The OpenAI Agents SDK as the client
+##############################################################################
+
+try:
+    import agents
+except ImportError:
+    agents = None
+
+
+@unittest.skipUnless(agents is not None or REQUIRE_ALL, "the openai-agents package is not "
+                     "installed")
+class AgentsSDKTest(FakeClaudeMixin, unittest.TestCase):
+    """An agent of the OpenAI Agents SDK on each of its two model kinds, against the proxy."""
+
+    def test_an_agent_answers_streams_and_goes_on(self):
+        if agents is None:
+            self.fail("PROXY_REQUIRE_ALL=1 but the openai-agents package is not installed")
+        import asyncio
+        agents.set_tracing_disabled(True)  # its traces would go to OpenAI
+        p = self.start_proxy()
+
+        async def talk(model_kind):
+            client = openai.AsyncOpenAI(base_url="http://127.0.0.1:%d/v1" % p.port,
+                                        api_key="unused", max_retries=0)
+            try:
+                agent = agents.Agent(name="Assistant", instructions="Be brief.", model=model_kind(
+                    model="claude-sonnet-4", openai_client=client))
+                first = await agents.Runner.run(agent, "say hi")
+                streamed = agents.Runner.run_streamed(agent, "[[fake:thinking]] again")
+                kinds = {event.data.type async for event in streamed.stream_events()
+                         if event.type == "raw_response_event"}
+                follow = await agents.Runner.run(agent, first.to_input_list() + [
+                    {"role": "user", "content": "and then?"}])
+                return first.final_output, streamed.final_output, kinds, follow.final_output
+            finally:
+                await client.close()
+
+        for kind in (agents.OpenAIResponsesModel, agents.OpenAIChatCompletionsModel):
+            first, streamed, kinds, follow = asyncio.run(talk(kind))
+            self.assertEqual((first, streamed, follow), ("Hello from the fake API.",) * 3, kind)
+            self.assertIn("response.reasoning_summary_text.delta", kinds, kind)
+            # The follow-up sent the first answer back, and it reached the CLI as a turn.
+            self.assertIn("Hello from the fake API.", json.dumps(self.runs()[-1]["stdin"]))
+            self.assertEqual(self.runs()[-1]["system"], "Be brief.")
 
 
 ##############################################################################
