@@ -51,7 +51,8 @@ Sections: Settings; Errors; The neutral request (and Chat Completions' parsing);
 CLI events -> completion events (AnswerFold); Dialects (an Answer and a Dialect class each for
 Chat Completions, Anthropic Messages, OpenAI Responses, and the DIALECTS registry the router
 reads); Who may use it; The CLI process (ClaudeCLI, ClaudeProcess, ProcessSlots, ClaudeRun);
-HTTP (ProxyServer, StrictHTTPHandler, ProxyHandler); Command line.
+HTTP (ProxyServer, StrictHTTPHandler, ProxyHandler); Command line; Running at login (the
+`service` commands: launchd or systemd); main().
 
 A security reviewer reads: "The CLI launch" (the flags that make the CLI a model, never an
 agent, and keep the user's ~/.claude out), "Who may use it" with ProxyHandler._check_access
@@ -67,13 +68,16 @@ import contextlib
 import email.errors
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import os
+import plistlib
 import re
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -1113,12 +1117,13 @@ class Dialect:
     path = ""  # under /v1
     name = ""
     id_prefix = ""  # of its answers' ids
+    answer_class = Answer
 
     def parse(self, body: Any, headers: Any) -> Request:
         raise NotImplementedError
 
     def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
-        raise NotImplementedError
+        return self.answer_class(request, answer_id, streaming)
 
     def error(self, error: APIError) -> Tuple[int, Dict[str, Any]]:
         """(status, body) of an error in this dialect's shape."""
@@ -1194,12 +1199,10 @@ class ChatCompletions(Dialect):
     path = "/chat/completions"
     name = "OpenAI Chat Completions"
     id_prefix = "chatcmpl-"
+    answer_class = ChatAnswer
 
     def parse(self, body: Any, headers: Any) -> Request:
         return parse_chat_request(body)
-
-    def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
-        return ChatAnswer(request, answer_id, streaming)
 
 
 # -- Anthropic Messages (POST /v1/messages) -----------------------------------
@@ -1380,12 +1383,10 @@ class Messages(Dialect):
     path = "/messages"
     name = "Anthropic Messages"
     id_prefix = "msg_"
+    answer_class = MessagesAnswer
 
     def parse(self, body: Any, headers: Any) -> Request:
         return parse_messages_request(body)
-
-    def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
-        return MessagesAnswer(request, answer_id, streaming)
 
     def error(self, error: APIError) -> Tuple[int, Dict[str, Any]]:
         return anthropic_error(error)
@@ -1663,7 +1664,7 @@ class Responses(Dialect):
     id_prefix = "resp_"
 
     def __init__(self) -> None:
-        self.store = ResponseStore(RESPONSE_STORE_ITEMS, RESPONSE_STORE_BYTES)
+        self.store = ResponseStore(RESPONSE_STORE_ITEMS, RESPONSE_STORE_BYTES)  # this daemon's
 
     def parse(self, body: Any, headers: Any) -> Request:
         return parse_responses_request(body, self.store)
@@ -2697,7 +2698,8 @@ class ProxyHandler(StrictHTTPHandler):
                 if route is None:
                     raise APIError(404, "Unknown path %r. This proxy serves %s, /v1/models and "
                                    "/health." % (path[:200], ", ".join(
-                                       "/v1" + d for d in self.server.dialects)),
+                                       "/v1%s (%s)" % (d.path, d.name)
+                                       for d in self.server.dialects.values())),
                                    code="unknown_url")
                 if self.command == "OPTIONS":
                     self._options(route.methods)
@@ -2913,8 +2915,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     env = os.environ.get
     parser = _ArgumentParser(
         prog="claude-max-api",
-        description="OpenAI-compatible API on top of the Claude Code CLI and your Claude "
-                    "subscription. Every flag can also be set by the environment variable named.")
+        description="OpenAI and Anthropic APIs on top of the Claude Code CLI and your Claude "
+                    "subscription. Every flag can also be set by the environment variable named.",
+        epilog="To run it at login with these flags: claude-max-api service install [FLAGS] "
+               "(also: service uninstall, service status, service install --print).")
     add = parser.add_argument
 
     def number(flag: str, variable: str, default: float, check: Callable[[str], Any],
@@ -3001,7 +3005,325 @@ def listens_on_loopback_only(host: str) -> bool:
     return all(is_loopback(str(address[4][0])) for address in addresses)
 
 
+##############################################################################
+# Running at login: `service install`, `uninstall`, `status` (launchd or systemd --user)
+##############################################################################
+
+SERVICE_LABEL = "com.claude-max-api"  # launchd's label; systemd's unit is claude-max-api.service
+SERVICE_UNIT = "claude-max-api.service"
+# launchd's own PATH (/usr/bin:/bin:/usr/sbin:/sbin) misses the CLI: these follow its own dir.
+SERVICE_PATH = ("~/.local/bin", "~/.claude/local", "/opt/homebrew/bin", "/usr/local/bin",
+                "/usr/bin", "/bin", "/usr/sbin", "/sbin")
+SERVICE_KEY_FILE = "~/.config/claude-max-api/keys"  # where `install --api-key` puts keys
+HEALTH_WAIT = 20.0  # seconds `install` waits for the new daemon's /health
+MARK = "written by claude-max-proxy service install"  # and the sha256 of what follows it
+
+
+def marked(head: str, body: str, comment: str) -> str:
+    """`head`, then a comment line that names its writer and the digest of `body`, then `body`:
+    a later install can tell a file it wrote from one changed by hand."""
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    return head + comment % ("%s, sha256 %s" % (MARK, digest)) + "\n" + body
+
+
+def changed_by_hand(path: str) -> bool:
+    """Whether the file at `path` exists and is not as `install` wrote it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        return True
+    found = re.search(re.escape(MARK) + r", sha256 ([0-9a-f]{64})[^\n]*\n", text)
+    return not found or found.group(1) != hashlib.sha256(
+        text[found.end():].encode("utf-8")).hexdigest()
+
+
+def service_flags(flags: List[str]) -> Tuple[List[str], Optional[str], argparse.Namespace]:
+    """The daemon's flags as a service gets them: an --api-key moves to a key file (returned,
+    to be written) and the service gets --api-key-file instead, never the key in clear."""
+    settings = parse_args(flags)  # a bad flag fails here, not at every login
+    out, keys, i = [], None, 0
+    while i < len(flags):
+        flag = flags[i]
+        name, eq, value = flag.partition("=")
+        if name == "--api-key":
+            if not eq:
+                i += 1
+                value = flags[i]
+            keys = value
+        else:
+            out.append(flag)
+        i += 1
+    if keys:
+        out += ["--api-key-file", os.path.expanduser(SERVICE_KEY_FILE)]
+    return out, keys, settings
+
+
+class Service:
+    """One way of running the daemon at login; each subclass has these members in this order."""
+    kind = ""
+
+    def __init__(self, flags: List[str]):
+        self.flags, self.keys, self.settings = service_flags(flags)
+        self.claude = find_claude(self.settings.claude_bin)
+        first = [os.path.dirname(self.claude)] if self.claude else []
+        seen: List[str] = []
+        for entry in first + [os.path.expanduser(p) for p in SERVICE_PATH]:
+            if entry not in seen:
+                seen.append(entry)
+        self.path_variable = ":".join(seen)
+        self.program = [sys.executable, os.path.abspath(__file__)] + self.flags
+
+    def file(self) -> str:
+        raise NotImplementedError
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        raise NotImplementedError
+
+    def load_commands(self) -> List[List[str]]:
+        raise NotImplementedError
+
+    def unload_commands(self) -> List[List[str]]:
+        raise NotImplementedError
+
+    def loaded(self) -> bool:
+        raise NotImplementedError
+
+    def note(self) -> str:
+        return ""
+
+
+class LaunchdService(Service):
+    kind = "launchd"
+
+    def file(self) -> str:
+        return os.path.expanduser("~/Library/LaunchAgents/%s.plist" % SERVICE_LABEL)
+
+    def log(self) -> str:
+        return os.path.expanduser("~/Library/Logs/claude-max-api.log")
+
+    def text(self) -> str:
+        plist = {
+            "Label": SERVICE_LABEL, "ProgramArguments": self.program,
+            "EnvironmentVariables": {"PATH": self.path_variable},
+            "RunAtLoad": True, "KeepAlive": True,  # and again whenever it stops
+            "ThrottleInterval": 10,  # a failing start does not spin
+            "ExitTimeOut": 20,  # SIGTERM: --shutdown-grace (10 s), then the CLIs are ended
+            # Not Background (nor unset, nor Standard): those throttle the CPU and I/O of the
+            # daemon and of every CLI it starts, and someone waits on every answer.
+            "ProcessType": "Interactive",
+            "StandardOutPath": self.log(), "StandardErrorPath": self.log(),
+        }
+        head, _, body = plistlib.dumps(plist).decode("utf-8").partition("<plist")
+        return marked(head, "<plist" + body, "<!-- %s -->")
+
+    def target(self) -> str:
+        return "gui/%d" % os.getuid()
+
+    def load_commands(self) -> List[List[str]]:
+        commands = [["launchctl", "bootout", "%s/%s" % (self.target(), SERVICE_LABEL)]] \
+            if self.loaded() else []
+        return commands + [["launchctl", "bootstrap", self.target(), self.file()]]
+
+    def unload_commands(self) -> List[List[str]]:
+        return [["launchctl", "bootout", "%s/%s" % (self.target(), SERVICE_LABEL)]]
+
+    def loaded(self) -> bool:
+        return run_quietly(["launchctl", "print", "%s/%s" % (self.target(), SERVICE_LABEL)])
+
+
+class SystemdService(Service):
+    kind = "systemd --user"
+
+    def file(self) -> str:
+        config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        return os.path.join(config, "systemd", "user", SERVICE_UNIT)
+
+    def log(self) -> str:
+        return "journalctl --user -u %s" % SERVICE_UNIT
+
+    def text(self) -> str:
+        def quoted(arg: str) -> str:  # systemd's quoting; % starts a specifier, $ a variable
+            return '"%s"' % arg.replace("\\", "\\\\").replace('"', '\\"').replace(
+                "%", "%%").replace("$", "$$")
+        return marked("", "\n".join([
+            "[Unit]",
+            "Description=claude-max-proxy: OpenAI and Anthropic APIs on the Claude Code CLI",
+            "After=network.target",
+            "",
+            "[Service]",
+            "ExecStart=" + " ".join(quoted(a) for a in self.program),
+            "Environment=" + quoted("PATH=" + self.path_variable),
+            "Restart=always",
+            "RestartSec=5",
+            "KillMode=mixed",  # SIGTERM to the daemon, which ends its CLIs; then the rest
+            "TimeoutStopSec=20",
+            "",
+            "[Install]",
+            "WantedBy=default.target",
+            ""]), "# %s")
+
+    def load_commands(self) -> List[List[str]]:
+        commands = [["systemctl", "--user", "daemon-reload"],
+                    ["systemctl", "--user", "enable", "--now", SERVICE_UNIT]]
+        if self.loaded():  # running with the old unit: take the new one
+            commands.append(["systemctl", "--user", "restart", SERVICE_UNIT])
+        return commands
+
+    def unload_commands(self) -> List[List[str]]:
+        return [["systemctl", "--user", "disable", "--now", SERVICE_UNIT]]
+
+    def loaded(self) -> bool:
+        return run_quietly(["systemctl", "--user", "is-active", "--quiet", SERVICE_UNIT])
+
+    def note(self) -> str:
+        return (" It runs while you are logged in; `loginctl enable-linger %s` keeps it "
+                "running after you log out." % (os.environ.get("USER") or "$USER"))
+
+
+def run_quietly(command: List[str]) -> bool:
+    """Whether `command` ran and succeeded (its output is not wanted)."""
+    try:
+        return subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def health(settings: argparse.Namespace, timeout: float) -> Optional[Dict[str, Any]]:
+    """The daemon's /health as it answers on its port, or None when nothing answers."""
+    host = settings.host if listens_on_loopback_only(settings.host) else "127.0.0.1"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection(host, settings.port, timeout=5)
+            conn.request("GET", "/health", headers={"Authorization": "Bearer %s" % (
+                (settings.api_keys or [""])[0])})
+            body = json.loads(conn.getresponse().read())
+            conn.close()
+            return body if isinstance(body, dict) else None
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.2)
+
+
+def service_main(argv: List[str]) -> int:
+    """`service install [--print] [--force] [daemon flags]`, `service uninstall`, `service
+    status`."""
+    parser = _ArgumentParser(prog="claude-max-api service", description=(
+        "Run the daemon at login (launchd on macOS, systemd --user on Linux)."))
+    parser.add_argument("action", choices=("install", "uninstall", "status"))
+    parser.add_argument("--print", action="store_true", dest="dry_run",
+                        help="show what install would write and run, and change nothing")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite a service file that was changed by hand")
+    args, flags = parser.parse_known_args(argv)
+    if sys.platform == "darwin":
+        service: Service = LaunchdService(flags)
+    elif sys.platform.startswith("linux"):
+        service = SystemdService(flags)
+    else:
+        raise SystemExit("claude-max-api service: only macOS (launchd) and Linux (systemd) are "
+                         "supported; run the daemon as you run other services there.")
+    if args.action == "install":
+        return service_install(service, args.dry_run, args.force)
+    if args.action == "uninstall":
+        return service_uninstall(service)
+    return service_status(service)
+
+
+def service_install(service: Service, dry_run: bool, force: bool) -> int:
+    path, text = service.file(), service.text()
+    if dry_run:
+        print("the claude CLI found now: %s" % (service.claude or "none (PATH, then %s)"
+                                                 % ", ".join(CLAUDE_SEARCH_PATHS)))
+        print("would write %s (%s):\n\n%s" % (path, service.kind, text))
+        if service.keys:
+            print("would write the API key(s) to %s (mode 0600)" % SERVICE_KEY_FILE)
+        for command in service.load_commands():
+            print("would run: " + " ".join(shlex.quote(a) for a in command))
+        return 0
+    if changed_by_hand(path) and not force:
+        raise SystemExit("claude-max-api service: %s was changed by hand; not overwriting it. "
+                         "Run `service install --force` to replace it." % path)
+    if service.keys:
+        write_private(os.path.expanduser(SERVICE_KEY_FILE), service.keys + "\n")
+    write_private(path, text, mode=0o644)
+    if service.kind == "launchd":
+        os.makedirs(os.path.dirname(service.log()), exist_ok=True)
+    for command in service.load_commands():
+        try:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SystemExit("claude-max-api service: %s failed: %s" % (command[0], e)) from None
+        if done.returncode != 0 and command[1] != "bootout":
+            raise SystemExit("claude-max-api service: `%s` failed (%d): %s" % (
+                " ".join(command), done.returncode,
+                (done.stderr or done.stdout).decode("utf-8", "replace").strip()[-500:]))
+    answer = health(service.settings, HEALTH_WAIT)
+    url = "http://%s:%d/v1" % (service.settings.host, service.settings.port)
+    if answer is None:
+        raise SystemExit("claude-max-api service: installed %s, but nothing answers on %s after "
+                         "%g s; see the log (%s)." % (path, url, HEALTH_WAIT, service.log()))
+    claude = answer.get("claude") or {}
+    if answer.get("status") != "ok":
+        raise SystemExit("claude-max-api service: installed and running on %s, but %s. Log: %s"
+                         % (url, answer.get("reason") or "it is not healthy", service.log()))
+    print("claude-max-api runs at login (%s): serving %s with Claude Code %s (%s); log: %s.%s"
+          % (service.kind, url, claude.get("version"), claude.get("path") or service.claude,
+             service.log(), service.note()))
+    return 0
+
+
+def service_uninstall(service: Service) -> int:
+    path = service.file()
+    if not os.path.exists(path):
+        print("claude-max-api service: not installed (%s does not exist)." % path)
+        return 0
+    for command in service.unload_commands():
+        run_quietly(command)
+    os.unlink(path)
+    if service.kind != "launchd":
+        run_quietly(["systemctl", "--user", "daemon-reload"])
+    keys = os.path.expanduser(SERVICE_KEY_FILE)
+    print("claude-max-api service: stopped and removed %s.%s" % (
+        path, " The key file %s is kept." % keys if os.path.exists(keys) else ""))
+    return 0
+
+
+def service_status(service: Service) -> int:
+    path = service.file()
+    installed, loaded = os.path.exists(path), service.loaded()
+    answer = health(service.settings, 0) if installed or loaded else None
+    print("installed: %s\nloaded: %s (%s)\nanswering: %s\nlog: %s" % (
+        "yes, " + path if installed else "no", "yes" if loaded else "no", service.kind,
+        "yes, %s with Claude Code %s" % (answer.get("status"), (answer.get("claude") or {}).get(
+            "version")) if answer else "no", service.log()))
+    return 0 if installed and loaded and answer else 3  # 3: "not running", as LSB says
+
+
+def write_private(path: str, text: str, mode: int = 0o600) -> None:
+    """Replace the file at `path` whole, created with `mode` (0600 for keys)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    partial = "%s.%d.tmp" % (path, os.getpid())
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w",
+              encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(partial, mode)
+    os.replace(partial, path)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["service"]:
+        return service_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")

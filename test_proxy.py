@@ -21,7 +21,9 @@ benchmark, which prints figures and asserts nothing about speed.
 
 import argparse
 import collections
+import contextlib
 import http.client
+import io
 import json
 import os
 import plistlib
@@ -3381,6 +3383,9 @@ class PackagingTest(unittest.TestCase):
         self.assertIn("/usr/local/bin", path)
         for key in ("StandardOutPath", "StandardErrorPath"):
             self.assertTrue(os.path.isabs(plist[key]))
+        self.assertEqual(plist["ProcessType"], "Interactive", "not throttled by launchd")
+        self.assertEqual(plist["ProcessType"], plistlib.loads(proxy.LaunchdService(
+            ["--port", "3456"]).text().encode())["ProcessType"], "what install writes")
 
     def test_module_imports_only_the_standard_library(self):
         import ast
@@ -3407,6 +3412,288 @@ class PackagingTest(unittest.TestCase):
         self.assertIn('py-modules = ["claude_max_proxy"]', pyproject)
         with open(os.path.join(HERE, ".ci", "run")) as f:
             self.assertIn("python3 -m unittest -v test_proxy", f.read())
+
+
+##############################################################################
+# Running at login: `service` with stand-ins for launchctl and systemctl
+##############################################################################
+
+# launchctl and systemctl as far as `service` uses them. Each records its arguments, then does
+# what the real one would: bootstrap / enable --now / restart start the daemon from the written
+# plist's ProgramArguments and PATH, or the unit's ExecStart and Environment (as the test's
+# grandchild, in its own session); bootout / disable --now end it; print / is-active say
+# whether it runs. $STANDIN_DIR holds the log and the daemon's pid.
+STANDIN = r'''
+import json, os, plistlib, re, shlex, signal, subprocess, sys, time
+here = os.environ["STANDIN_DIR"]
+args = sys.argv[1:]
+with open(os.path.join(here, "calls.jsonl"), "a") as f:
+    f.write(json.dumps([os.path.basename(sys.argv[0])] + args) + "\n")
+pidfile = os.path.join(here, "daemon.pid")
+
+def running():
+    try:
+        pid = int(open(pidfile).read())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+def start(argv, path, log):
+    env = dict(os.environ, PATH=path)
+    out = open(log, "ab")
+    proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    open(pidfile, "w").write(str(proc.pid))
+
+def stop():
+    pid = running()
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                try:
+                    os.kill(pid, 0)
+                except OSError:
+                    break
+            time.sleep(0.05)
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+
+def unit():
+    path = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+                        "systemd", "user", "claude-max-api.service")
+    text = open(path).read().replace("%%", "\0").replace("$$", "$")
+    execstart = shlex.split(re.search(r"^ExecStart=(.*)$", text, re.M).group(1))
+    env = shlex.split(re.search(r"^Environment=(.*)$", text, re.M).group(1))[0]
+    return [a.replace("\0", "%") for a in execstart], env.split("=", 1)[1]
+
+name = os.path.basename(sys.argv[0])
+if name == "launchctl":
+    if args[0] == "print":
+        sys.exit(0 if running() else 113)
+    if args[0] == "bootstrap":
+        if running():
+            sys.exit("Bootstrap failed: 5: Input/output error")
+        with open(args[2], "rb") as f:
+            plist = plistlib.load(f)
+        start(plist["ProgramArguments"], plist["EnvironmentVariables"]["PATH"],
+              plist["StandardOutPath"])
+    elif args[0] == "bootout":
+        if not running():
+            sys.exit("Boot-out failed: 3: No such process")
+        stop()
+else:
+    action = args[1]
+    if action == "is-active":
+        sys.exit(0 if running() else 3)
+    if action == "enable" and "--now" in args and not running():
+        start(*unit(), log=os.path.join(here, "journal.log"))
+    elif action == "restart":
+        stop()
+        start(*unit(), log=os.path.join(here, "journal.log"))
+    elif action == "disable" and "--now" in args:
+        stop()
+'''
+
+
+def health_of(port):
+    """(status, body) of /health on `port`, or None when nothing answers there."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    except ConnectionRefusedError:
+        return None
+    finally:
+        conn.close()
+
+
+class ServiceTest(FakeClaudeMixin, unittest.TestCase):
+    """`service install / status / uninstall` in a temp HOME, for launchd and systemd."""
+
+    def setUp(self):
+        super().setUp()
+        root = tempfile.mkdtemp(prefix="proxy-service-")
+        self.addCleanup(shutil.rmtree, root, True)
+        self.home, self.standin = os.path.join(root, "home"), os.path.join(root, "standin")
+        os.makedirs(self.home)
+        os.makedirs(os.path.join(self.standin, "bin"))
+        for name in ("launchctl", "systemctl"):
+            path = os.path.join(self.standin, "bin", name)
+            with open(path, "w") as f:
+                f.write("#!%s\n%s" % (sys.executable, STANDIN))
+            os.chmod(path, 0o755)
+        patch = mock.patch.dict(os.environ, {
+            "HOME": self.home, "STANDIN_DIR": self.standin, "XDG_CONFIG_HOME": "",
+            "PATH": os.path.join(self.standin, "bin") + os.pathsep + os.environ["PATH"]})
+        patch.start()
+        self.addCleanup(patch.stop)
+        self.addCleanup(self.stop_daemon)
+        with socket.socket() as s:  # a free port for the daemon the service starts
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+
+    def stop_daemon(self):
+        try:
+            pid = int(open(os.path.join(self.standin, "daemon.pid")).read())
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+    def service(self, platform, *args):
+        """(exit code, what it printed) of `claude-max-api service ARGS` on `platform`."""
+        out = io.StringIO()
+        with mock.patch.object(sys, "platform", platform), \
+                contextlib.redirect_stdout(out):
+            try:
+                code = proxy.main(["service"] + list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+                out.write(str(e.code))
+        return code, out.getvalue()
+
+    def calls(self):
+        try:
+            with open(os.path.join(self.standin, "calls.jsonl")) as f:
+                return [json.loads(line) for line in f]
+        except FileNotFoundError:
+            return []
+
+    def plist(self):
+        with open(os.path.join(self.home, "Library", "LaunchAgents",
+                               "com.claude-max-api.plist"), "rb") as f:
+            return plistlib.load(f)
+
+    def test_launchd_install_status_again_and_uninstall(self):
+        code, said = self.service("darwin", "install", "--port", str(self.port))
+        self.assertEqual(code, 0, said)
+        self.assertIn("serving http://127.0.0.1:%d/v1 with Claude Code 2.1.331" % self.port,
+                      said)
+        log = os.path.join(self.home, "Library", "Logs", "claude-max-api.log")
+        self.assertIn("log: " + log, said)
+        plist = self.plist()
+        self.assertEqual(plist["Label"], "com.claude-max-api")
+        self.assertEqual(plist["ProgramArguments"], [
+            sys.executable, os.path.abspath(proxy.__file__), "--port", str(self.port)])
+        self.assertEqual(plist["EnvironmentVariables"]["PATH"].split(":")[0], self.bin_dir,
+                         "the directory of the claude found now comes first")
+        self.assertEqual((plist["StandardOutPath"], plist["StandardErrorPath"]), (log, log))
+        self.assertEqual((plist["ProcessType"], plist["RunAtLoad"], plist["KeepAlive"]),
+                         ("Interactive", True, True))
+        uid = os.getuid()
+        self.assertIn(["launchctl", "bootstrap", "gui/%d" % uid, os.path.join(
+            self.home, "Library", "LaunchAgents", "com.claude-max-api.plist")], self.calls())
+        self.assertEqual(health_of(self.port)[0], 200)
+        code, said = self.service("darwin", "status", "--port", str(self.port))
+        self.assertEqual(code, 0, said)
+        self.assertIn("answering: yes, ok with Claude Code 2.1.331", said)
+        # Again: harmless; the loaded one is booted out, the new one bootstrapped.
+        code, said = self.service("darwin", "install", "--port", str(self.port))
+        self.assertEqual(code, 0, said)
+        self.assertEqual([c[1] for c in self.calls() if c[1] != "print"],
+                         ["bootstrap", "bootout", "bootstrap"])
+        code, said = self.service("darwin", "uninstall")
+        self.assertEqual(code, 0, said)
+        self.assertFalse(os.path.exists(os.path.join(self.home, "Library", "LaunchAgents",
+                                                     "com.claude-max-api.plist")))
+        self.assertEqual(health_of(self.port), None, "the daemon is gone")
+        code, said = self.service("darwin", "status", "--port", str(self.port))
+        self.assertEqual((code, said.splitlines()[0]), (3, "installed: no"))
+
+    def test_systemd_install_status_again_and_uninstall(self):
+        code, said = self.service("linux", "install", "--port", str(self.port),
+                                  "--max-concurrency", "2")
+        self.assertEqual(code, 0, said)
+        self.assertIn("systemd --user", said)
+        self.assertIn("loginctl enable-linger", said)
+        unit = os.path.join(self.home, ".config", "systemd", "user", "claude-max-api.service")
+        with open(unit) as f:
+            text = f.read()
+        self.assertIn('ExecStart="%s" "%s" "--port" "%d" "--max-concurrency" "2"' % (
+            sys.executable, os.path.abspath(proxy.__file__), self.port), text)
+        self.assertIn('Environment="PATH=%s:' % self.bin_dir, text)
+        self.assertIn("WantedBy=default.target", text)
+        self.assertEqual(health_of(self.port)[1]["max_concurrency"], 2)
+        code, said = self.service("linux", "install", "--port", str(self.port))
+        self.assertEqual(code, 0, said)
+        self.assertEqual(health_of(self.port)[1]["max_concurrency"], 4,
+                         "a second install restarts it with its new flags")
+        self.assertEqual([c[2:] for c in self.calls() if c[2] != "is-active"], [
+            ["daemon-reload"], ["enable", "--now", "claude-max-api.service"],
+            ["daemon-reload"], ["enable", "--now", "claude-max-api.service"],
+            ["restart", "claude-max-api.service"]])
+        self.assertEqual(self.service("linux", "status", "--port", str(self.port))[0], 0)
+        code, said = self.service("linux", "uninstall")
+        self.assertEqual(code, 0, said)
+        self.assertFalse(os.path.exists(unit))
+        self.assertIsNone(health_of(self.port))
+
+    def test_keys_go_to_a_private_file_never_into_the_service(self):
+        code, said = self.service("darwin", "install", "--port", str(self.port),
+                                  "--api-key", "sk-secret-1")
+        self.assertEqual(code, 0, said)
+        keys = os.path.join(self.home, ".config", "claude-max-api", "keys")
+        self.assertEqual(os.stat(keys).st_mode & 0o777, 0o600)
+        with open(keys) as f:
+            self.assertEqual(f.read().strip(), "sk-secret-1")
+        arguments = self.plist()["ProgramArguments"]
+        self.assertEqual(arguments[-2:], ["--api-key-file", keys])
+        with open(os.path.join(self.home, "Library", "LaunchAgents",
+                               "com.claude-max-api.plist")) as f:
+            self.assertNotIn("sk-secret-1", f.read())
+        status, _, _ = raw_request(self.port)
+        self.assertEqual(status, 401, "the daemon asks for the key")
+        status, _, _ = raw_request(self.port, headers=(("Host", "127.0.0.1"), (
+            "Authorization", "Bearer sk-secret-1")))
+        self.assertEqual(status, 200)
+
+    def test_print_changes_nothing(self):
+        for platform in ("darwin", "linux"):
+            code, said = self.service(platform, "install", "--print", "--api-key",
+                                      "sk-print-secret", "--port", "4000")
+            self.assertEqual(code, 0, said)
+            self.assertIn("would run:", said)
+            self.assertIn("the claude CLI found now: " + self.fake_path, said)
+            self.assertIn("--api-key-file", said)
+            self.assertNotIn("sk-print-secret", said)
+        self.assertEqual(os.listdir(self.home), [], "nothing written")
+        questions = [["launchctl", "print"], ["systemctl", "--user", "is-active"]]
+        self.assertEqual([c for c in self.calls() if c[:2] not in questions and
+                          c[:3] not in questions], [], "only questions were asked")
+
+    def test_a_file_changed_by_hand_is_kept_without_force(self):
+        self.assertEqual(self.service("linux", "install", "--port", str(self.port))[0], 0)
+        unit = os.path.join(self.home, ".config", "systemd", "user", "claude-max-api.service")
+        with open(unit, "a") as f:
+            f.write("Nice=5\n")
+        code, said = self.service("linux", "install", "--port", str(self.port))
+        self.assertEqual(code, 1)
+        self.assertIn("changed by hand", said)
+        with open(unit) as f:
+            self.assertIn("Nice=5", f.read())
+        self.assertEqual(self.service("linux", "install", "--force", "--port",
+                                      str(self.port))[0], 0)
+        with open(unit) as f:
+            self.assertNotIn("Nice=5", f.read())
+
+    def test_unit_text_quotes_what_systemd_would_expand(self):
+        with mock.patch.object(sys, "platform", "linux"):
+            service = proxy.SystemdService(["--allowed-host", "a%b$c"])
+        line = [l for l in service.text().splitlines() if l.startswith("ExecStart=")][0]
+        self.assertIn('"--allowed-host" "a%%b$$c"', line)
+        self.assertFalse(proxy.changed_by_hand(os.path.join(self.home, "absent")))
+
+    def test_bad_flags_and_platforms_are_one_line(self):
+        code, said = self.service("linux", "install", "--port", "notanumber")
+        self.assertEqual(code, 2)
+        code, said = self.service("win32", "install")
+        self.assertEqual(code, 1)
+        self.assertIn("only macOS (launchd) and Linux (systemd)", said)
 
 
 ##############################################################################
