@@ -1557,12 +1557,19 @@ class ResponsesAnswer(Answer):
         self.sequence += 1
         return sse(data, name)
 
+    def item_id(self, index: int) -> str:
+        """The id of output item `index`, made when first asked for (a revision may add some)."""
+        while len(self.item_ids) <= index:
+            kind = self.blocks[len(self.item_ids)][0]
+            self.item_ids.append(("rs_" if kind == "thinking" else "msg_") + uuid.uuid4().hex)
+        return self.item_ids[index]
+
     def item(self, index: int, done: bool) -> Dict[str, Any]:
         kind, text = self.blocks[index]
         if kind == "thinking":
-            return {"id": self.item_ids[index], "type": "reasoning",
+            return {"id": self.item_id(index), "type": "reasoning",
                     "summary": [{"type": "summary_text", "text": text}] if done else []}
-        return {"id": self.item_ids[index], "type": "message", "role": "assistant",
+        return {"id": self.item_id(index), "type": "message", "role": "assistant",
                 "status": "completed" if done else "in_progress",
                 "content": [self.part(text)] if done else []}
 
@@ -1572,7 +1579,7 @@ class ResponsesAnswer(Answer):
 
     def where(self) -> Dict[str, Any]:
         index = len(self.blocks) - 1
-        return {"item_id": self.item_ids[index], "output_index": index}
+        return {"item_id": self.item_id(index), "output_index": index}
 
     def response(self, status: str) -> Dict[str, Any]:
         echo = self.request.echo
@@ -1611,7 +1618,6 @@ class ResponsesAnswer(Answer):
             self.event("response.in_progress", {"response": self.response("in_progress")})
 
     def block_starts(self, kind: str) -> bytes:
-        self.item_ids.append(("rs_" if kind == "thinking" else "msg_") + uuid.uuid4().hex)
         out = self.event("response.output_item.added", {
             "output_index": len(self.blocks) - 1, "item": self.item(len(self.blocks) - 1,
                                                                     False)})

@@ -2439,6 +2439,17 @@ class ResponsesDialectTest(FakeClaudeMixin, unittest.TestCase):
                          ("incomplete", {"reason": "max_output_tokens"}))
         self.assertEqual(body["usage"]["output_tokens"], 9)
 
+    def test_a_revision_replaces_the_collected_output(self):
+        answer = proxy.ResponsesAnswer(proxy.parse_responses_request(
+            {"model": "opus", "input": "hi"}, proxy.ResponseStore(1, 1000)), "resp_x", False,
+            proxy.ResponseStore(1, 1000))
+        for event in (proxy.Start("m"), proxy.Text("w0 "), proxy.Revised(
+                (("thinking", "new plan"), ("text", "v0 v1"))), proxy.Finish("end_turn", {})):
+            answer.feed(event)
+        body = answer.body()
+        self.assertEqual([i["type"] for i in body["output"]], ["reasoning", "message"])
+        self.assertEqual(ResponsesClient().answer(body), ("v0 v1", "new plan", "stop"))
+
     def test_the_store_is_bounded(self):
         store = proxy.ResponseStore(items=2, size=10 ** 6)
         for name in "abc":
