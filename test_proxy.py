@@ -4095,6 +4095,29 @@ class EndToEndTest(unittest.TestCase):
         self.assert_same_prompt_prefix(run.sent)
         self.assertEqual(run.sent[0].get("tools") or [], [])
 
+    def test_the_subscription_login_still_authenticates(self):
+        """OAuth credentials are not settings: --safe-mode --setting-sources "" keeps them."""
+        home = tempfile.mkdtemp(prefix="proxy-e2e-login-")
+        self.addCleanup(shutil.rmtree, home, True)
+        os.makedirs(os.path.join(home, ".claude"))
+        credentials = os.path.join(home, ".claude", ".credentials.json")  # Linux's login
+        with open(os.open(credentials, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            json.dump({"claudeAiOauth": {
+                "accessToken": "sk-ant-oat01-from-login", "refreshToken": "sk-ant-ort01-x",
+                "expiresAt": int(time.time() * 1000) + 3600000,
+                "scopes": ["user:inference", "user:profile"], "subscriptionType": "max"}}, f)
+        with mock.patch.dict(os.environ, {"HOME": home}):
+            del os.environ["ANTHROPIC_API_KEY"]
+            status, _, body = self.proxy.chat("login-marker-1")
+            with mock.patch.dict(os.environ, {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-env"}):
+                status2, _, _ = self.proxy.chat("login-marker-2")
+        self.assertEqual((status, status2), (200, 200), body)
+        sent = {json.dumps(b["messages"]): h for b, h in zip(self.api.requests,
+                                                           self.api.request_headers)}
+        auth = [h.get("Authorization") or h.get("authorization") for m, h in sent.items()
+                if "login-marker" in m]
+        self.assertEqual(auth, ["Bearer sk-ant-oat01-from-login", "Bearer sk-ant-oat01-env"])
+
     def test_user_settings_opt_in_brings_the_users_own_scope_only(self):
         run = self.through_customized_home(user_settings=True)
         # The test can tell: with the opt-in the user's own setup arrives and their hooks run...
