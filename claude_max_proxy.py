@@ -667,6 +667,26 @@ def add_usage(total: Dict[str, Any], usage: Dict[str, Any]) -> None:
             total[key] = total.get(key, 0) + value
 
 
+class Pieces:
+    """Text that grows by small pieces: appending costs nothing, the text is joined when read
+    (a long answer comes in tens of thousands of deltas)."""
+
+    __slots__ = ("parts", "length")
+
+    def __init__(self, text: str = ""):
+        self.parts = [text] if text else []
+        self.length = len(text)
+
+    def append(self, piece: str) -> None:
+        self.parts.append(piece)
+        self.length += len(piece)
+
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+
 class Message:
     """One API message as the CLI prints it: streamed (message_start, blocks of deltas, the
     whole block as an `assistant` line, message_delta) or printed whole as one `assistant`."""
@@ -677,19 +697,22 @@ class Message:
         self.base = base  # the answer block its block 0 stands for
         self.usage = dict(usage)
         self.new_paragraph = new_paragraph  # its first text starts a paragraph: "\n\n" first
-        self.blocks: List[List[str]] = []  # [kind, text]
+        self.blocks: List[Tuple[str, Pieces]] = []  # (kind, text)
+        self.caught_up: "set[int]" = set()  # blocks the client has exactly as they are now
         self.stop_reason: Optional[str] = None
         self.diverged = False  # its deltas contradict what was sent: settled when it ends
 
     def block(self, index: int, kind: str) -> None:
         while len(self.blocks) <= index:
-            self.blocks.append([kind, ""])
-        self.blocks[index][0] = kind
+            self.blocks.append((kind, Pieces()))
+        if self.blocks[index][0] != kind:
+            self.blocks[index] = (kind, self.blocks[index][1])
 
     def projected(self, index: int) -> str:
         """Block `index` as the client sees it (a paragraph break before a later message)."""
-        kind, text = self.blocks[index]
-        first_text = next((i for i, (k, t) in enumerate(self.blocks) if k == "text"), None)
+        kind, pieces = self.blocks[index]
+        text = pieces.text()
+        first_text = next((i for i, (k, _) in enumerate(self.blocks) if k == "text"), None)
         if text and self.new_paragraph and index == first_text:
             return "\n\n" + text
         return text
@@ -720,7 +743,7 @@ class AnswerFold:
         self.rate_limit: Optional[Dict[str, Any]] = None
         self.started = False
         self.finished = False
-        self.sent: List[List[str]] = []
+        self.sent: List[List[Any]] = []  # [kind, Pieces]
         self.answer: List[List[str]] = []
         self.streaming: Optional[Message] = None  # between message_start and its end
         self.whole: Optional[Message] = None  # printed whole; settled at the next other line
@@ -781,11 +804,16 @@ class AnswerFold:
                 return
             if index >= len(message.blocks) or message.blocks[index][0] != block_kind:
                 self._block(message, index, block_kind)
-            message.blocks[index][1] += delta[key]
-            if not message.diverged:
+            message.blocks[index][1].append(delta[key])
+            if message.diverged:
+                return
+            if index in message.caught_up:  # the usual case: the piece is simply new
+                self.sent[message.base + index][1].append(delta[key])
+                self._emit(block_kind, delta[key])
+            else:
                 self._relay(message, index)
-                if self.stops.hit:
-                    self._finish("stop_sequence", cut_short=True)
+            if self.stops.hit:
+                self._finish("stop_sequence", cut_short=True)
         elif kind == "message_delta":
             message.stop_reason = (inner.get("delta") or {}).get("stop_reason")
             message.usage.update(inner.get("usage") or {})
@@ -853,19 +881,20 @@ class AnswerFold:
         message.block(index, kind)
         position = message.base + index
         if position == len(self.sent):
-            self.sent.append([kind, ""])
+            self.sent.append([kind, Pieces()])
         elif not self._fits(position, kind):
             message.diverged = True
 
     def _fits(self, position: int, kind: str) -> bool:
         """Whether a block of `kind` can stand at `position` of what was sent."""
         return position >= len(self.sent) or self.sent[position][0] == kind \
-            or not self.sent[position][1]
+            or not self.sent[position][1].length
 
     def _final_block(self, message: Message, index: int, block: Dict[str, Any]) -> None:
         key = BLOCK_TEXT.get(str(block.get("type")))
         if key and isinstance(block.get(key), str):
-            message.blocks[index][1] = block[key]
+            message.blocks[index] = (message.blocks[index][0], Pieces(block[key]))
+            message.caught_up.discard(index)  # compared again when it settles
 
     def _relay(self, message: Message, index: int) -> None:
         """Send what block `index` holds beyond what was sent; a block that contradicts what
@@ -874,17 +903,18 @@ class AnswerFold:
         text = message.projected(index)
         position = message.base + index
         while len(self.sent) <= position:
-            self.sent.append([kind, ""])
-        sent_kind, sent = self.sent[position]
+            self.sent.append([kind, Pieces()])
+        sent_kind, sent = self.sent[position][0], self.sent[position][1].text()
         if sent_kind != kind and not sent:
-            self.sent[position] = [kind, ""]
+            self.sent[position] = [kind, Pieces()]
         elif sent_kind != kind:
             message.diverged = True
             return
         if text.startswith(sent):
             if len(text) > len(sent):
-                self.sent[position][1] = text
+                self.sent[position][1] = Pieces(text)
                 self._emit(kind, text[len(sent):])
+            message.caught_up.add(index)
         elif not sent.startswith(text):  # else a restarted attempt, still repeating
             message.diverged = True
 
@@ -894,9 +924,9 @@ class AnswerFold:
         ends = message.base + len(message.blocks)
         consistent = not message.diverged and all(
             self._fits(message.base + i, kind)
-            and message.projected(i).startswith(self.sent[message.base + i][1])
+            and message.projected(i).startswith(self.sent[message.base + i][1].text())
             for i, (kind, _) in enumerate(message.blocks) if message.base + i < len(self.sent))
-        consistent = consistent and not any(text for _, text in self.sent[ends:])
+        consistent = consistent and not any(text.length for _, text in self.sent[ends:])
         self.answer[message.base:] = [[kind, message.projected(i)]
                                       for i, (kind, _) in enumerate(message.blocks)]
         add_usage(self.usage, message.usage)
@@ -920,7 +950,7 @@ class AnswerFold:
                 blocks.append((kind, self.stops.feed(text) if kind == "text" else text))
             if self.stops.hit:
                 break
-        self.sent = [list(block) for block in self.answer]
+        self.sent = [[kind, Pieces(text)] for kind, text in self.answer]
         self.out.append(Revised(tuple(blocks)))
         if self.stops.hit:
             self._finish("stop_sequence", cut_short=True)
@@ -1076,7 +1106,7 @@ class Answer:
                 self.blocks.append([kind, ""])
                 out += self.block_starts(kind)
             self.blocks[-1][1] += event.text
-            return out + self.delta(kind, event.text)
+            return out + self.delta(kind, event.text) if self.streaming else b""
         if isinstance(event, Revised):
             if self.streaming:
                 raise answer_changed()
