@@ -4668,6 +4668,19 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
                 response = conn.getresponse()
                 response.read()
                 return response.status
+            if kind.startswith(("messages", "responses")):  # the other two dialects
+                client = MessagesClient() if kind.startswith("messages") else ResponsesClient()
+                stream = kind.endswith("stream")
+                conn.request("POST", client.path, body=json.dumps(client.body("hi", stream)),
+                             headers=dict(self.KEY, **{"Content-Type": "application/json"}))
+                response = conn.getresponse()
+                data = response.read()
+                if response.status != 200:
+                    return response.status
+                got = client.streamed(client.parse_stream(data))[:3] if stream else \
+                    client.answer(json.loads(data))
+                expected = ("Hello from the fake API.", "", "stop")
+                return 200 if tuple(got) == expected else "wrong: %.80r" % (got,)
             if kind == "leave at once":
                 sock = send_chat(port, chat_body("[[fake:silent]]"))
                 sock.close()
@@ -4697,10 +4710,12 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
 
     EXPECTED = {"chat": 200, "stream": 200, "health": 200, "models": 200, "leave at once": "left",
                 "leave mid-stream": "left", "overloaded": 503, "exits early": 502,
-                "dies mid-stream": 200, "bad request": 400, "no key": 401}
-    WEIGHTS = {"chat": 35, "stream": 25, "health": 4, "models": 4, "leave at once": 5,
+                "dies mid-stream": 200, "bad request": 400, "no key": 401, "messages": 200,
+                "messages stream": 200, "responses": 200, "responses stream": 200}
+    WEIGHTS = {"chat": 20, "stream": 15, "health": 4, "models": 4, "leave at once": 5,
                "leave mid-stream": 8, "overloaded": 4, "exits early": 4, "dies mid-stream": 4,
-               "bad request": 4, "no key": 3}
+               "bad request": 4, "no key": 3, "messages": 7, "messages stream": 6,
+               "responses": 6, "responses stream": 6}
 
     def test_soak(self):
         import concurrent.futures
