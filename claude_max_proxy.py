@@ -1091,7 +1091,7 @@ class Answer:
         self.created = int(time.time())
         self.streaming = streaming
         self.model = request.model
-        self.blocks: List[List[str]] = []  # [kind, text]: "text" and "thinking" blocks
+        self.blocks: List[Tuple[str, Pieces]] = []  # (kind, text): text and thinking blocks
         self.finish = Finish(None, {})
 
     def feed(self, event: Event) -> bytes:
@@ -1103,20 +1103,26 @@ class Answer:
             out = b""
             if not self.blocks or self.blocks[-1][0] != kind:
                 out += self.block_ends() if self.blocks else b""
-                self.blocks.append([kind, ""])
+                self.blocks.append((kind, Pieces()))
                 out += self.block_starts(kind)
-            self.blocks[-1][1] += event.text
-            return out + self.delta(kind, event.text) if self.streaming else b""
+            self.blocks[-1][1].append(event.text)
+            if not self.streaming:
+                return b""  # a collected answer needs no bytes for its deltas
+            return out + self.delta(kind, event.text)
         if isinstance(event, Revised):
             if self.streaming:
                 raise answer_changed()
-            self.blocks = [[kind, text] for kind, text in event.blocks if text]
+            self.blocks = [(kind, Pieces(text)) for kind, text in event.blocks if text]
             return b""
         self.finish = event
         return (self.block_ends() if self.blocks else b"") + self.finished()
 
     def text(self, kind: str = "text") -> str:
-        return "".join(text for k, text in self.blocks if k == kind)
+        return "".join(text.text() for k, text in self.blocks if k == kind)
+
+    def block_text(self, index: int) -> Tuple[str, str]:
+        kind, text = self.blocks[index]
+        return kind, text.text()
 
     # Each dialect's own: its events for these moments, its whole body, its errors.
     def started(self, start: Start) -> bytes:
@@ -1149,7 +1155,7 @@ class Dialect:
     id_prefix = ""  # of its answers' ids
     answer_class = Answer
 
-    def parse(self, body: Any, headers: Any) -> Request:
+    def parse(self, body: Any) -> Request:
         raise NotImplementedError
 
     def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
@@ -1231,7 +1237,7 @@ class ChatCompletions(Dialect):
     id_prefix = "chatcmpl-"
     answer_class = ChatAnswer
 
-    def parse(self, body: Any, headers: Any) -> Request:
+    def parse(self, body: Any) -> Request:
         return parse_chat_request(body)
 
 
@@ -1394,7 +1400,7 @@ class MessagesAnswer(Answer):
     def body(self) -> Dict[str, Any]:
         content = [{"type": "text", "text": text} if kind == "text" else
                    {"type": "thinking", "thinking": text, "signature": ""}
-                   for kind, text in self.blocks]
+                   for kind, text in map(self.block_text, range(len(self.blocks)))]
         return self.message(content, self.finish.stop_reason or "end_turn", self.finish.usage)
 
     def stream_error(self, error: APIError) -> bytes:
@@ -1415,7 +1421,7 @@ class Messages(Dialect):
     id_prefix = "msg_"
     answer_class = MessagesAnswer
 
-    def parse(self, body: Any, headers: Any) -> Request:
+    def parse(self, body: Any) -> Request:
         return parse_messages_request(body)
 
     def error(self, error: APIError) -> Tuple[int, Dict[str, Any]]:
@@ -1595,7 +1601,7 @@ class ResponsesAnswer(Answer):
         return self.item_ids[index]
 
     def item(self, index: int, done: bool) -> Dict[str, Any]:
-        kind, text = self.blocks[index]
+        kind, text = self.block_text(index)
         if kind == "thinking":
             return {"id": self.item_id(index), "type": "reasoning",
                     "summary": [{"type": "summary_text", "text": text}] if done else []}
@@ -1665,7 +1671,7 @@ class ResponsesAnswer(Answer):
             self.where(), content_index=0, delta=text, logprobs=[]))
 
     def block_ends(self) -> bytes:
-        kind, text = self.blocks[-1]
+        kind, text = self.block_text(len(self.blocks) - 1)
         if kind == "thinking":
             out = self.event("response.reasoning_summary_text.done", dict(
                 self.where(), summary_index=0, text=text)) + \
@@ -1702,7 +1708,7 @@ class Responses(Dialect):
     def __init__(self) -> None:
         self.store = ResponseStore(RESPONSE_STORE_ITEMS, RESPONSE_STORE_BYTES)  # this daemon's
 
-    def parse(self, body: Any, headers: Any) -> Request:
+    def parse(self, body: Any) -> Request:
         return parse_responses_request(body, self.store)
 
     def answer(self, request: Request, answer_id: str, streaming: bool) -> Answer:
@@ -2835,12 +2841,12 @@ class ProxyHandler(StrictHTTPHandler):
 
     def _count_tokens(self) -> None:
         """An estimate (see estimate_tokens): the CLI has no way to ask the API's own count."""
-        request = self.server.dialects["/messages"].parse(self._read_json(), self.headers)
+        request = self.server.dialects["/messages"].parse(self._read_json())
         self._send_json(200, {"input_tokens": estimate_tokens(request)})
 
     def _answer(self, dialect: Dialect) -> None:
         """Any dialect's request: parsed, answered by one CLI run, streamed or whole."""
-        request = dialect.parse(self._read_json(), self.headers)
+        request = dialect.parse(self._read_json())
         self._note["model"] = request.model
         launch = Launch(self.server.claude.require(), request,
                         self.server.settings.user_settings)
