@@ -409,7 +409,7 @@ def openai_effort(value: Any, field: str) -> Optional[str]:
     """OpenAI's reasoning effort as the CLI's --effort (see EFFORTS)."""
     if value is None:
         return None
-    if value not in OPENAI_EFFORTS:
+    if not isinstance(value, str) or value not in OPENAI_EFFORTS:
         raise invalid(field, "`%s` must be one of %s." % (field, ", ".join(OPENAI_EFFORTS)))
     return OPENAI_EFFORTS[value]
 
@@ -1552,7 +1552,8 @@ def parse_responses_request(body: Any, store: ResponseStore) -> Request:
     check_turns(turns, "input")
     reasoning = check_type(body, "reasoning", dict, "an object") or {}
     text = check_type(body, "text", dict, "an object") or {}
-    if (text.get("format") or {"type": "text"}).get("type") != "text":
+    text_format = text.get("format") or {"type": "text"}
+    if not isinstance(text_format, dict) or text_format.get("type") != "text":
         raise invalid("text.format", "Only the `text` format is supported by this proxy yet.")
     no_tools_yet(body, ("tools",))
     if body.get("background"):

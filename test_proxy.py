@@ -1929,6 +1929,12 @@ class ChatClient:
     """How the tests speak each dialect: a request body, and what an answer, a stream and an
     error say in neutral terms (text, thinking, finish "stop" or "length", error message)."""
     path = "/v1/chat/completions"
+    FIELDS = ("stream_options", "max_tokens", "max_completion_tokens", "stop", "n",
+              "temperature", "top_p", "logprobs", "tools", "tool_choice", "response_format",
+              "reasoning_effort", "functions", "function_call", "user", "seed")
+    NESTED = (("stream_options", {"include_usage": "yes"}), ("reasoning_effort", ["high"]),
+              ("messages", [{"role": "user", "content": [{"type": "image_url",
+                                                          "image_url": {"url": 7}}]}]))
 
     def body(self, content, stream=False, stop=None, max_tokens=None):
         body = chat_body(content, stream=stream)
@@ -1966,6 +1972,13 @@ class ChatClient:
 
 class MessagesClient(ChatClient):
     path = "/v1/messages"
+    FIELDS = ("system", "max_tokens", "stop_sequences", "thinking", "output_config", "metadata",
+              "temperature", "top_p", "top_k", "tools", "tool_choice", "mcp_servers",
+              "service_tier", "context_management")
+    NESTED = (("thinking", {"type": []}), ("output_config", {"effort": {}}),
+              ("system", [{"type": "text", "text": 7}]),
+              ("messages", [{"role": "user", "content": [{"type": "image", "source": {
+                  "type": "base64", "media_type": "image/png", "data": 7}}]}]))
     FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
     def body(self, content, stream=False, stop=None, max_tokens=None):
@@ -2021,6 +2034,13 @@ class MessagesClient(ChatClient):
 
 class ResponsesClient(ChatClient):
     path = "/v1/responses"
+    FIELDS = ("instructions", "max_output_tokens", "reasoning", "text", "tools", "store",
+              "previous_response_id", "metadata", "background", "temperature", "top_p",
+              "include", "user", "parallel_tool_calls", "prompt_cache_key")
+    NESTED = (("text", {"format": "json"}), ("reasoning", {"effort": []}),
+              ("input", [{"role": "user", "content": [{"type": "input_image",
+                                                       "image_url": {"url": "x"}}]}]),
+              ("input", [{"role": [], "content": "x"}]))
 
     def body(self, content, stream=False, stop=None, max_tokens=None):
         body = {"model": "claude-sonnet-4", "input": content, "stream": stream}
@@ -2175,6 +2195,30 @@ class DialectContract(FakeClaudeMixin):
         self.assertEqual(status, 400)
         self.assertIn("not valid JSON", self.client.error(answer))
         self.assertEqual(self.runs(), [], "no CLI for a bad request")
+
+
+    def test_a_wrong_type_in_any_field_is_a_400(self):
+        """Every field the dialect reads, and a few it ignores, with values of every JSON type
+        but its own: a 4xx in the dialect's shape each time, never a 500, and no CLI."""
+        wrong = ([], {}, "x", 7, 1.5, True, [{"type": "text"}], {"type": 3})
+        base = self.client.body("hi")
+        fields = set(base) | set(self.client.FIELDS)
+        answered = 0
+        for field in sorted(fields):
+            for value in wrong:
+                body = dict(base, **{field: value})
+                status, _, answer = self.p.request("POST", self.client.path, body)
+                if status == 200:
+                    answered += 1  # a value it may take (an ignored field, a string prompt)
+                    continue
+                self.assertTrue(400 <= status < 500, (field, value, status, answer))
+                self.assertTrue(self.client.error(answer), (field, value))
+        for field, value in self.client.NESTED:
+            status, _, answer = self.p.request("POST", self.client.path,
+                                               dict(base, **{field: value}))
+            self.assertEqual(status, 400, (field, value, answer))
+            self.assertTrue(self.client.error(answer), (field, value))
+        self.assertEqual(len(self.runs()), answered, "a CLI ran for a refused request")
 
 
 class ChatContractTest(DialectContract, unittest.TestCase):
