@@ -3086,7 +3086,15 @@ def changed_by_hand(path: str) -> bool:
 def service_flags(flags: List[str]) -> Tuple[List[str], Optional[str], argparse.Namespace]:
     """The daemon's flags as a service gets them: an --api-key moves to a key file (returned,
     to be written) and the service gets --api-key-file instead, never the key in clear."""
-    settings = parse_args(flags)  # a bad flag fails here, not at every login
+    # Parsed as the service will see them: a bad flag fails here, not at every login, and the
+    # installer's own CLAUDE_MAX_API_* and CLAUDE_BIN (which the service does not get) count not.
+    ours = [name for name in os.environ if name.startswith("CLAUDE_MAX_API_") or
+            name == "CLAUDE_BIN"]
+    kept = {name: os.environ.pop(name) for name in ours}
+    try:
+        settings = parse_args(flags)
+    finally:
+        os.environ.update(kept)
     out, keys, i = [], None, 0
     while i < len(flags):
         flag = flags[i]

@@ -3495,7 +3495,10 @@ def running():
         return None
 
 def start(argv, path, log):
-    env = dict(os.environ, PATH=path)
+    # What launchd and systemd give a service: not the caller's environment, only this (and
+    # the fake claude's log directory, for the test).
+    env = {"HOME": os.environ["HOME"], "PATH": path,
+           "FAKE_CLAUDE_LOG": os.environ.get("FAKE_CLAUDE_LOG", "")}
     out = open(log, "ab")
     proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                             start_new_session=True)
@@ -3706,6 +3709,15 @@ class ServiceTest(FakeClaudeMixin, unittest.TestCase):
         status, _, _ = raw_request(self.port, headers=(("Host", "127.0.0.1"), (
             "Authorization", "Bearer sk-secret-1")))
         self.assertEqual(status, 200)
+
+    def test_only_the_flags_count_not_the_installers_environment(self):
+        with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_PORT": "1", "CLAUDE_BIN": "/nope",
+                                          "CLAUDE_MAX_API_KEY": "shell-key"}):
+            code, said = self.service("linux", "install", "--port", str(self.port))
+            self.assertEqual(os.environ["CLAUDE_MAX_API_PORT"], "1", "left as it was")
+        self.assertEqual(code, 0, said)
+        self.assertIn("serving http://127.0.0.1:%d/v1" % self.port, said)
+        self.assertEqual(raw_request(self.port)[0], 200, "no key: the service got none")
 
     def test_print_changes_nothing(self):
         for platform in ("darwin", "linux"):
