@@ -195,6 +195,32 @@ IMAGE_TOKENS = 1600  # /v1/messages/count_tokens counts an image as this (a ~1 M
 RESPONSE_STORE_ITEMS = 256
 RESPONSE_STORE_BYTES = 64 * 1024 * 1024
 
+# Function calling: the client's functions reach the model as the tools of one MCP server, this
+# same file run by the CLI as `claude_max_proxy.py mcp-bridge FILE` (see bridge_main). The model
+# sees each as mcp__proxy__<name>; its calls go back under the client's own names. The bridge
+# runs nothing: the CLI ends at the model's first turn that calls a tool (--max-turns 1), and a
+# call it does try is answered with an error.
+BRIDGE_SERVER = "proxy"
+BRIDGE_PREFIX = "mcp__%s__" % BRIDGE_SERVER
+OPENAI_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+ANTHROPIC_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+CLI_TOOL_NAME_LIMIT = 64  # a longer bridged name gets a short alias (see bridge_names)
+MAX_TOOLS = 512
+STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's own tool for --json-schema
+# A freeform ("custom") tool is offered as a function of one string.
+CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {"input": {
+    "type": "string", "description": "The tool's whole input, as free text."}},
+    "required": ["input"]}
+# Tool types of the APIs that run on their provider's servers: the CLI cannot offer them, so
+# they are left out of what the model sees (logged once each), never a failed request.
+HOSTED_TOOL_TYPES = re.compile(
+    r"(web_search|web_fetch|file_search|computer|code_interpreter|code_execution|image_generation"
+    r"|mcp|local_shell|shell|apply_patch|bash|text_editor|memory|tool_search)(_.*)?")
+
+MCP_VERSION = "2025-06-18"  # the bridge's, when the CLI names none
+BRIDGE_SCRIPT = os.path.abspath(__file__)
+MAX_SCHEMA_BYTES = 64 * 1024  # --json-schema goes on the command line (128 KiB per argument)
+
 # Anthropic stop_reason -> OpenAI finish_reason.
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -247,6 +273,20 @@ Block = Dict[str, Any]  # an Anthropic content block: text, image, document
 Turn = Tuple[str, List[Block]]  # (role, its blocks): "user" or "assistant"
 
 
+class Tool(NamedTuple):
+    """One of the client's functions, as the model is offered it."""
+    name: str  # the client's own name for it
+    description: str
+    schema: Dict[str, Any]  # JSON Schema of its input, an object
+    custom: bool = False  # freeform: its input is one string (CUSTOM_TOOL_SCHEMA's `input`)
+    namespace: Optional[str] = None  # Responses: the namespace it came in
+
+    @property
+    def key(self) -> str:
+        """Unique among a request's tools: what the bridge names it (before any alias)."""
+        return "%s__%s" % (self.namespace, self.name) if self.namespace else self.name
+
+
 class Request(NamedTuple):
     """What a client asks for, in no dialect's terms; each dialect's parse() makes one."""
     model: str  # the name the client asked for, provider prefix stripped
@@ -259,6 +299,10 @@ class Request(NamedTuple):
     effort: Optional[str] = None  # --effort
     include_usage: bool = False  # Chat Completions: a usage chunk ends the stream
     echo: Dict[str, Any] = {}  # fields a dialect repeats in its answer (Responses)
+    tools: Tuple[Tool, ...] = ()  # offered to the model (none with tool_choice "none")
+    tool_choice: str = "auto"  # "auto", "required" (some tool) or a Tool.key
+    parallel_tools: bool = True  # False: at most one call in an answer
+    output_schema: Optional[Dict[str, Any]] = None  # the answer is JSON of this schema
 
 
 def resolve_model(name: Any) -> Tuple[str, str]:
@@ -338,29 +382,68 @@ TRANSCRIPT_TAIL = "</conversation>\n\n"
 
 
 def check_turns(turns: List[Turn], where: str) -> None:
-    """The conversation must end with a user turn that has something in it."""
+    """The conversation must end with a user turn that has something in it, and each tool
+    result must answer a call made before it."""
     if not turns or turns[-1][0] != "user":
         raise invalid(where, "The last message (other than system messages) must have role "
                       "`user`.")
     if not any(b["type"] != "text" or b["text"].strip() for b in turns[-1][1]):
         # The Messages API refuses empty text; say so before starting a CLI for it.
         raise invalid(where, "The last user message is empty.")
+    called: "set[str]" = set()
+    for role, blocks in turns:
+        for block in blocks:
+            if block["type"] == "tool_use":
+                called.add(block["id"])
+            elif block["type"] == "tool_result" and block["tool_use_id"] not in called:
+                raise invalid(where, "The tool result for %r answers no tool call made before "
+                              "it." % block["tool_use_id"][:80])
 
 
-def prompt_content(turns: List[Turn]) -> Union[str, List[Block]]:
+def tool_text(block: Block, names: Mapping[str, str]) -> List[Block]:
+    """A tool_use or tool_result block as transcript text (its images kept as they are)."""
+    if block["type"] == "tool_use":
+        name = names.get(block["name"], block["name"])
+        return [{"type": "text", "text": '<tool_call id="%s" name="%s">\n%s\n</tool_call>\n' % (
+            block["id"], name, json.dumps(block["input"], ensure_ascii=False))}]
+    error = ' is_error="true"' if block.get("is_error") else ""
+    return ([{"type": "text", "text": '<tool_result tool_call_id="%s"%s>\n' % (
+        block["tool_use_id"], error)}] + list(block["content"]) +
+        [{"type": "text", "text": "\n</tool_result>\n"}])
+
+
+def as_text(blocks: List[Block], names: Mapping[str, str]) -> List[Block]:
+    out: List[Block] = []
+    for block in blocks:
+        out.extend(tool_text(block, names) if block["type"] in ("tool_use", "tool_result")
+                   else [block])
+    return out
+
+
+TOOL_RESULTS_TAIL = ("The results of your tool calls are in the last message above. Continue "
+                     "from them: call more tools if you need to, or answer.")
+
+
+def prompt_content(turns: List[Turn], names: Mapping[str, str] = {}
+                   ) -> Union[str, List[Block]]:
     """The one user turn the CLI gets: a lone user message as it is; a longer conversation as
     a transcript of the earlier turns, each in a <message role="..."> element inside
-    <conversation> tags, followed by the last (user) message."""
+    <conversation> tags, followed by the last (user) message. Tool calls and results are
+    <tool_call> and <tool_result> elements, a call under the name the model knows it by
+    (`names`: client name -> offered name); a last message of only tool results goes into
+    the transcript, followed by TOOL_RESULTS_TAIL."""
     *earlier, (_, last) = turns
+    if not any(b["type"] != "tool_result" for b in last):
+        earlier, last = list(turns), [{"type": "text", "text": TOOL_RESULTS_TAIL}]
     if not earlier:
         return join_blocks(last)
     blocks = [{"type": "text", "text": TRANSCRIPT_HEAD}]
     for role, turn in earlier:
         blocks.append({"type": "text", "text": '<message role="%s">\n' % role})
-        blocks.extend(turn)
+        blocks.extend(as_text(turn, names))
         blocks.append({"type": "text", "text": "\n</message>\n"})
     blocks.append({"type": "text", "text": TRANSCRIPT_TAIL})
-    blocks.extend(last)
+    blocks.extend(as_text(last, names))
     return join_blocks(blocks)
 
 
@@ -414,11 +497,118 @@ def openai_effort(value: Any, field: str) -> Optional[str]:
     return OPENAI_EFFORTS[value]
 
 
-def no_tools_yet(body: Dict[str, Any], fields: Iterable[str]) -> None:
-    for field in fields:
-        if body.get(field):
-            raise invalid(field, "`%s` (function calling) is not supported by this proxy yet."
-                          % field)
+def tool_schema(value: Any, where: str) -> Dict[str, Any]:
+    """A function's parameters as JSON Schema (absent: none); the top level is an object."""
+    if value is None:
+        return {"type": "object", "properties": {}}
+    if not isinstance(value, dict) or value.get("type", "object") != "object":
+        raise invalid(where, "`%s` must be a JSON Schema object with `type: object`." % where)
+    return dict(value, type="object")
+
+
+def make_tool(name: Any, description: Any, schema: Dict[str, Any], where: str,
+              pattern: "re.Pattern[str]", custom: bool = False,
+              namespace: Optional[str] = None) -> Tool:
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        raise invalid(where + ".name", "Tool names must be 1 to %d letters, digits, `_` or `-` "
+                      "(got %r)." % (64 if pattern is OPENAI_TOOL_NAME else 128, str(name)[:80]))
+    if description is not None and not isinstance(description, str):
+        raise invalid(where + ".description", "A tool's `description` must be a string.")
+    return Tool(name, description or "", schema, custom, namespace)
+
+
+def offered_tools(tools: List[Tool], field: str) -> Tuple[Tool, ...]:
+    """The request's tools, each name once, in a fixed order (the prompt's tool list is then
+    the same for the same tools, as a cached prompt prefix needs)."""
+    if len(tools) > MAX_TOOLS:
+        raise invalid(field, "At most %d tools can be offered." % MAX_TOOLS)
+    seen: Dict[str, Tool] = {}
+    for tool in tools:
+        if tool.key in seen:
+            raise invalid(field, "Two tools are named %r." % tool.key)
+        seen[tool.key] = tool
+    return tuple(sorted(seen.values(), key=lambda t: t.key))
+
+
+_LEFT_OUT: "set[str]" = set()
+
+
+def leave_out(kind: str, dialect: str) -> None:
+    """A hosted tool (web search, say) that the CLI cannot offer; said once per kind."""
+    if kind not in _LEFT_OUT:
+        _LEFT_OUT.add(kind)
+        log.warning("%s tools of type %r run on the provider's servers and cannot be offered "
+                    "through Claude Code: they are left out (said once).", dialect, kind[:50])
+
+
+def choose_tools(tools: Tuple[Tool, ...], choice: str, field: str
+                 ) -> Tuple[Tuple[Tool, ...], str]:
+    """(the tools offered, the choice): "none" offers none; a named tool must be there."""
+    if choice == "none":
+        return (), "auto"  # nothing offered: nothing to choose
+    if choice not in ("auto", "required") and choice not in {t.key for t in tools}:
+        raise invalid(field, "`%s` names %r, which is not among the request's tools."
+                      % (field, choice[:80]))
+    return tools, choice if tools else "auto"
+
+
+def output_schema(value: Any, where: str) -> Optional[Dict[str, Any]]:
+    """An OpenAI output format ({"type": "text" | "json_object" | "json_schema"}) as the
+    schema the answer must follow, or None for text. `json_object` is any object."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        # Chat nests it under `json_schema`; Responses' text.format holds it directly.
+        spec = value.get("json_schema", value) if where == "response_format" else value
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+            raise invalid(where, "A `json_schema` format needs a `schema` whose top level is "
+                          "an object (`type: object`).")
+        return dict(schema, type="object")
+    raise invalid(where + ".type", "`%s` must be of type text, json_object or json_schema."
+                  % where)
+
+
+def tool_input(arguments: Any, where: str) -> Dict[str, Any]:
+    """A call's arguments as the client sent them back (a JSON string) as its input object."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str):
+        raise invalid(where, "`%s` must be a string of JSON." % where)
+    if not arguments.strip():
+        return {}
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        raise invalid(where, "`%s` is not valid JSON." % where) from None
+    if not isinstance(value, dict):
+        raise invalid(where, "`%s` must be a JSON object." % where)
+    return value
+
+
+def tool_result(call_id: Any, content: List[Block], where: str,
+                is_error: bool = False) -> Block:
+    if not isinstance(call_id, str) or not call_id:
+        raise invalid(where, "A tool result needs the id of its call.")
+    block: Block = {"type": "tool_result", "tool_use_id": call_id, "content": content}
+    if is_error:
+        block["is_error"] = True
+    return block
+
+
+def add_to_turn(turns: List[Turn], role: str, blocks: List[Block]) -> None:
+    """Blocks joined to the last turn when it has this role and holds tool blocks (an
+    assistant's calls, the results that answer them), else a new turn."""
+    if turns and turns[-1][0] == role and any(
+            b["type"] in ("tool_use", "tool_result") for b in turns[-1][1] + blocks):
+        turns[-1] = (role, turns[-1][1] + blocks)
+    else:
+        turns.append((role, blocks))
 
 
 def chat_content(content: Any, where: str, images: bool = True) -> List[Block]:
@@ -452,13 +642,42 @@ def chat_content(content: Any, where: str, images: bool = True) -> List[Block]:
     return blocks
 
 
+def chat_calls(message: Dict[str, Any], where: str, index: int) -> List[Block]:
+    """An assistant message's `tool_calls` (or legacy `function_call`) as tool_use blocks."""
+    calls = message.get("tool_calls")
+    if message.get("function_call") is not None:  # legacy: one call, matched by name
+        calls = [{"id": "call_%d" % index, "type": "function",
+                  "function": message["function_call"]}]
+        where += ".function_call"
+    elif not isinstance(calls, list):
+        raise invalid(where + ".tool_calls", "`tool_calls` must be a list.")
+    else:
+        where += ".tool_calls"
+    blocks = []
+    for i, call in enumerate(calls):
+        at = "%s[%d]" % (where, i) if message.get("function_call") is None else where
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or \
+                call.get("type", "function") != "function":
+            raise invalid(at, "Each tool call needs an `id` and a `function` with `name` and "
+                          "`arguments`.")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise invalid(at + ".function.name", "A tool call needs the function's `name`.")
+        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"],
+                       "input": tool_input(function.get("arguments"),
+                                           at + ".function.arguments")})
+    return blocks
+
+
 def chat_turns(messages: Any) -> Tuple[Optional[str], List[Turn]]:
     """Chat `messages` -> (system text or None, turns). `system` and `developer` messages
-    become appended system instructions."""
+    become appended system instructions; an assistant's tool calls become tool_use blocks and
+    `tool` (or legacy `function`) messages tool_result blocks of the user's next turn."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "`messages` must be a non-empty list.")
     system_parts: List[str] = []
     turns: List[Turn] = []
+    legacy_calls: Dict[str, List[str]] = {}  # function name -> ids of its unanswered calls
     for i, message in enumerate(messages):
         where = "messages[%d]" % i
         if not isinstance(message, dict):
@@ -467,17 +686,86 @@ def chat_turns(messages: Any) -> Tuple[Optional[str], List[Turn]]:
         if role in ("system", "developer"):
             system_parts.append(text_of(chat_content(message.get("content"), where + ".content",
                                                      images=False)))
-        elif role in ("user", "assistant"):
-            if message.get("tool_calls") or message.get("function_call"):
-                raise invalid(where, "Tool calls are not supported by this proxy yet.")
-            turns.append((role, chat_content(message.get("content"), where + ".content")))
-        elif role in ("tool", "function"):
-            raise invalid(where + ".role", "Tool messages are not supported by this proxy yet.")
+        elif role == "user":
+            if message.get("tool_calls") is not None:
+                raise invalid(where + ".tool_calls", "Only assistant messages have tool calls.")
+            add_to_turn(turns, "user", chat_content(message.get("content"), where + ".content"))
+        elif role == "assistant":
+            blocks = chat_content(message.get("content"), where + ".content")
+            if message.get("tool_calls") or message.get("function_call") is not None:
+                calls = chat_calls(message, where, i)
+                if message.get("function_call") is not None:
+                    legacy_calls.setdefault(calls[0]["name"], []).append(calls[0]["id"])
+                blocks += calls
+            add_to_turn(turns, "assistant", blocks)
+        elif role == "tool":
+            add_to_turn(turns, "user", [tool_result(
+                message.get("tool_call_id"), chat_content(message.get("content"),
+                                                          where + ".content"),
+                where + ".tool_call_id")])
+        elif role == "function":
+            waiting = legacy_calls.get(str(message.get("name")))
+            add_to_turn(turns, "user", [tool_result(
+                waiting.pop(0) if waiting else "call_%s" % message.get("name"),
+                chat_content(message.get("content"), where + ".content"), where + ".name")])
         else:
-            raise invalid(where + ".role", "Unknown role %r; use system, developer, user or "
-                          "assistant." % str(role)[:50])
+            raise invalid(where + ".role", "Unknown role %r; use system, developer, user, "
+                          "assistant or tool." % str(role)[:50])
     check_turns(turns, "messages")
     return "\n\n".join(p for p in system_parts if p) or None, turns
+
+
+def chat_tool_choice(value: Any, field: str, tools: List[Tool]) -> Tuple[str, List[Tool]]:
+    """Chat's tool_choice (or legacy function_call) as (choice, the tools it allows)."""
+    if value is None:
+        return "auto", tools
+    if value in ("none", "auto", "required"):
+        return str(value), tools
+    if isinstance(value, dict):
+        if value.get("type") == "allowed_tools" and isinstance(value.get("allowed_tools"), dict):
+            allowed = value["allowed_tools"]
+            names = {t.get("function", {}).get("name") if isinstance(t, dict) else None
+                     for t in allowed.get("tools") or []}
+            mode = allowed.get("mode", "auto")
+            if mode in ("auto", "required") and None not in names:
+                return str(mode), [t for t in tools if t.name in names]
+        function = value.get("function", value)  # legacy function_call: {"name": ...}
+        if isinstance(function, dict) and isinstance(function.get("name"), str) and \
+                value.get("type", "function") == "function":
+            return function["name"], tools
+    raise invalid(field, "`%s` must be \"none\", \"auto\", \"required\" or name a function."
+                  % field)
+
+
+def chat_tools(body: Dict[str, Any]) -> Tuple[Tuple[Tool, ...], str, bool]:
+    """A Chat request's `tools` (or legacy `functions`): (offered tools, choice, parallel)."""
+    tools_value = check_type(body, "tools", list, "a list of tools")
+    functions = check_type(body, "functions", list, "a list of functions")
+    if tools_value and functions:
+        raise invalid("functions", "Give `tools` or the older `functions`, not both.")
+    field, items = ("functions", functions) if functions else ("tools", tools_value or [])
+    tools = []
+    for i, item in enumerate(items):
+        at = "%s[%d]" % (field, i)
+        function = item if field == "functions" else (
+            item.get("function") if isinstance(item, dict) else None)
+        if field == "tools" and isinstance(item, dict) and item.get("type") != "function":
+            raise invalid(at + ".type", "Tool type %r is not supported; use function."
+                          % str(item.get("type"))[:50])
+        if not isinstance(function, dict):
+            raise invalid(at, "Each tool needs a `function` object with a `name`.")
+        where = at if field == "functions" else at + ".function"
+        tools.append(make_tool(function.get("name"), function.get("description"),
+                               tool_schema(function.get("parameters"), where + ".parameters"),
+                               where, OPENAI_TOOL_NAME))
+    legacy = field == "functions" or (body.get("tool_choice") is None and
+                                      body.get("function_call") is not None)
+    choice_field = "function_call" if legacy else "tool_choice"
+    choice, tools = chat_tool_choice(body.get(choice_field), choice_field, tools)
+    parallel = check_type(body, "parallel_tool_calls", bool, "true or false")
+    offered, choice = choose_tools(offered_tools(tools, field), choice, choice_field)
+    # The older API returns at most one function_call.
+    return offered, choice, parallel is not False and field == "tools"
 
 
 def parse_chat_request(body: Any) -> Request:
@@ -500,62 +788,169 @@ def parse_chat_request(body: Any) -> Request:
     check_numbers(body, NUMBER_RANGES)
     if body.get("logprobs") not in (None, False):
         raise invalid("logprobs", "`logprobs` are not available through Claude Code.")
-    no_tools_yet(body, ("tools", "functions"))
-    for field in ("tool_choice", "function_call"):
-        if body.get(field) not in (None, "none"):
-            raise invalid(field, "`%s` is not supported by this proxy yet." % field)
-    response_format = body.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict) or response_format.get("type") != "text":
-            raise invalid("response_format", "Only `response_format: {\"type\": \"text\"}` is "
-                          "supported by this proxy yet.")
+    tools, choice, parallel = chat_tools(body)
     return Request(model=model, cli_model=cli_model, system=system, turns=turns,
                    stream=bool(stream), max_tokens=max_tokens,
                    stop=stop_sequences(body.get("stop"), "stop", 4),
                    effort=openai_effort(body.get("reasoning_effort"), "reasoning_effort"),
-                   include_usage=include_usage)
+                   include_usage=include_usage, tools=tools, tool_choice=choice,
+                   parallel_tools=parallel,
+                   output_schema=output_schema(body.get("response_format"), "response_format"),
+                   echo={"functions": bool(body.get("functions"))})
 
 
 ##############################################################################
 # The CLI launch (pure functions)
 ##############################################################################
 
+def bridge_names(tools: Iterable[Tool]) -> Dict[str, Tool]:
+    """What the bridge calls each tool (the model sees BRIDGE_PREFIX + that) -> the tool. A
+    name that would make the model's name longer than CLI_TOOL_NAME_LIMIT gets a short alias
+    ending in a hash of it; no name can reach anything but the bridge, as every one the model
+    sees carries the bridge's prefix."""
+    names: Dict[str, Tool] = {}
+    room = CLI_TOOL_NAME_LIMIT - len(BRIDGE_PREFIX)
+    for tool in tools:
+        name = tool.key
+        if len(name) > room:
+            name = "%s_%s" % (name[:room - 9], hashlib.sha256(name.encode()).hexdigest()[:8])
+        if name in names:
+            raise invalid("tools", "The tool names %r and %r are too much alike to offer both."
+                          % (names[name].key[:80], tool.key[:80]))
+        names[name] = tool
+    return names
+
+
+def bridge_main(argv: List[str]) -> int:
+    """`claude_max_proxy.py mcp-bridge TOOLS_FILE`: the stdio MCP server the CLI starts for a
+    request with tools. It lists the file's tools and runs none: a call is answered with an
+    error (the CLI ends at the model's turn that asks, before any call would be made)."""
+    if len(argv) != 1:
+        sys.stderr.write("usage: claude_max_proxy.py mcp-bridge TOOLS_FILE\n")
+        return 2
+    with open(argv[0], encoding="utf-8") as f:
+        tools = json.load(f)
+    out = sys.stdout
+    for line in sys.stdin:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(message, dict) or "id" not in message or "method" not in message:
+            continue  # a notification, or a response to nothing we asked
+        method, params = message["method"], message.get("params") or {}
+        if method == "initialize":
+            result: Any = {"protocolVersion": params.get("protocolVersion", MCP_VERSION),
+                           "capabilities": {"tools": {"listChanged": False}},
+                           "serverInfo": {"name": "claude-max-proxy", "version": __version__}}
+        elif method == "tools/list":
+            result = {"tools": tools}
+        elif method == "tools/call":
+            result = {"isError": True, "content": [{"type": "text", "text": (
+                "This tool is run by the API client, not here: the call was handed back.")}]}
+        elif method == "ping":
+            result = {}
+        else:
+            reply = {"jsonrpc": "2.0", "id": message["id"],
+                     "error": {"code": -32601, "message": "Method not found"}}
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+            continue
+        out.write(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}) + "\n")
+        out.flush()
+    return 0
+
+
+def tool_instructions(request: Request, names: Mapping[str, str]) -> str:
+    """Told to the model with the system prompt when it is offered the client's tools: what
+    they are, and the tool_choice, which the CLI has no switch for (so: best effort)."""
+    if not request.tools:
+        return ""
+    parts = ["The tools whose names begin with %s are functions of the application you are "
+             "talking to: calling one ends your turn, and the application runs it and gives "
+             "you the result." % BRIDGE_PREFIX]
+    if request.tool_choice == "required":
+        parts.append("In this answer you must call at least one of those tools.")
+    elif request.tool_choice != "auto":
+        parts.append("In this answer you must call the tool %s." % names[request.tool_choice])
+    if not request.parallel_tools:
+        parts.append("Call at most one tool in this answer.")
+    return " ".join(parts)
+
+
 class Launch(NamedTuple):
-    """One CLI run, described: its command line, environment and stdin all derive from this."""
+    """One CLI run, described: its command line, environment, files and stdin all derive from
+    this."""
     claude: str  # the CLI's path
     request: Request
     user_settings: bool = False  # --user-settings
 
-    def argv(self, system_file: Optional[str]) -> List[str]:
-        """A model with no tools, MCP servers, slash commands or saved session, and none of the
-        user's own Claude Code setup unless `user_settings`."""
+    def bridge(self) -> Dict[str, Tool]:
+        return bridge_names(self.request.tools)
+
+    def offered_names(self) -> Dict[str, str]:
+        """Each tool's key -> the name the model knows it by."""
+        return {tool.key: BRIDGE_PREFIX + name for name, tool in self.bridge().items()}
+
+    def files(self) -> Dict[str, str]:
+        """The run's private files: "system" (the appended system prompt), "tools" (the
+        bridge's tool list). Written beside the working directory for the run's length."""
+        files = {}
+        system = "\n\n".join(p for p in (
+            self.request.system, tool_instructions(self.request, self.offered_names())) if p)
+        if system:
+            files["system"] = system
+        if self.request.tools:
+            files["tools"] = json.dumps([
+                {"name": name, "description": tool.description, "inputSchema": tool.schema}
+                for name, tool in self.bridge().items()], ensure_ascii=False)
+        return files
+
+    def argv(self, paths: Mapping[str, str]) -> List[str]:
+        """A model with no tools but the client's, no slash commands or saved session, and
+        none of the user's own Claude Code setup unless `user_settings`. `paths` are where
+        the files() were written."""
         argv = [
             self.claude, "-p",
             "--input-format", "stream-json",
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
             "--model", self.request.cli_model,
-            "--tools", "",
-            "--strict-mcp-config",
+            "--tools", "",  # none of the CLI's own: the client's come through the bridge
+            "--strict-mcp-config",  # no MCP server but the bridge
             "--disable-slash-commands",
-            "--permission-mode", "dontAsk",
+            "--permission-mode", "dontAsk",  # a tool call is denied, never run
             "--no-session-persistence",
         ]
         # Measured with the real CLI 2.1.331 and a ~/.claude holding one of everything: each
         # flag alone leaves something through. `--setting-sources ""` keeps out settings,
         # hooks, output styles, agents and CLAUDE.md, but not auto-memory (a directory per
-        # working directory under ~/.claude/projects, and its path in the system prompt).
-        # `--safe-mode` ends memory, hooks, skills, agents, plugins and output styles, but
-        # still applies settings.json's `env` block. Both together let nothing through; the
-        # OAuth login is not a setting and still works.
+        # working directory under ~/.claude/projects, and its path in the system prompt; the
+        # environment turns it off). `--safe-mode` ends memory, hooks, skills, agents,
+        # plugins and output styles, but still applies settings.json's `env` block. Both
+        # together let nothing through; the OAuth login is not a setting and still works.
+        # `--safe-mode` also turns off every MCP server, the bridge too, so a request with
+        # tools runs without it (EndToEndTest checks that nothing comes through either way).
         if self.user_settings:
             argv += ["--setting-sources", "user"]  # the user's scope only: no project, local
+        elif self.request.tools:
+            argv += ["--setting-sources", ""]
         else:
             argv += ["--safe-mode", "--setting-sources", ""]
+        if self.request.tools:
+            server = {"type": "stdio", "command": sys.executable or "python3",
+                      "args": ["-I", BRIDGE_SCRIPT, "mcp-bridge", paths["tools"]]}
+            argv += ["--mcp-config", json.dumps({"mcpServers": {BRIDGE_SERVER: server}}),
+                     # Ends the run after the model's first turn: the CLI denies the calls
+                     # (dontAsk) and would otherwise ask the model again, a wasted turn.
+                     "--max-turns", "1"]
+        if self.request.output_schema is not None:
+            argv += ["--json-schema", json.dumps(self.request.output_schema,
+                                                 ensure_ascii=False)]
         if self.request.effort:
             argv += ["--effort", self.request.effort]
-        if system_file:
+        if "system" in paths:
             # A file, not an argument: Linux caps one argument at 128 KiB.
-            argv += ["--append-system-prompt-file", system_file]
+            argv += ["--append-system-prompt-file", paths["system"]]
         return argv
 
     def environment(self, base: Dict[str, str]) -> Dict[str, str]:
@@ -567,12 +962,15 @@ class Launch(NamedTuple):
         env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = "1"
         if self.request.max_tokens is not None:
             env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(self.request.max_tokens)
+        if self.request.tools:
+            # Else the CLI may defer MCP tools behind its own ToolSearch tool, which is off.
+            env["ENABLE_TOOL_SEARCH"] = "false"
         return env
 
     def stdin(self) -> bytes:
         """The one stream-json user line the CLI reads from stdin."""
-        line = {"type": "user", "message": {"role": "user",
-                                            "content": prompt_content(self.request.turns)}}
+        content = prompt_content(self.request.turns, self.offered_names())
+        line = {"type": "user", "message": {"role": "user", "content": content}}
         return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
@@ -596,12 +994,28 @@ class Thinking(NamedTuple):
     text: str
 
 
+class ToolCall(NamedTuple):
+    """The model calls one of the client's tools: a new block, its input (JSON text) follows
+    as ToolInput pieces."""
+    id: str
+    name: str  # the client's name for the tool
+    namespace: Optional[str] = None
+    custom: bool = False  # a freeform tool: its input is the string in {"input": ...}
+
+
+class ToolInput(NamedTuple):
+    """More of the current tool call's input, JSON text to be appended."""
+    text: str
+
+
 class Revised(NamedTuple):
     """The answer settled differently from what was already sent: after the API stream broke,
     the CLI's retry produced other words. `blocks` is the whole answer as it now stands, as
-    (kind, text) pairs: a collected answer is replaced by it; a stream cannot take back what
-    it sent, and ends with an error."""
+    (kind, text) pairs, and `calls` the ToolCall of each tool_use block among them (by
+    index): a collected answer is replaced by it; a stream cannot take back what it sent, and
+    ends with an error."""
     blocks: Tuple[Tuple[str, str], ...]
+    calls: Tuple[Tuple[int, ToolCall], ...] = ()
 
     @property
     def text(self) -> str:
@@ -615,7 +1029,7 @@ class Finish(NamedTuple):
     stop_sequence: Optional[str] = None  # the one that matched
 
 
-Event = Union[Start, Text, Thinking, Revised, Finish]
+Event = Union[Start, Text, Thinking, ToolCall, ToolInput, Revised, Finish]
 
 
 class CLIEndedWithoutResult(Exception):
@@ -655,9 +1069,24 @@ class StopSequences:
         return rest
 
 
-# Content block kinds whose text reaches the client, and where a block keeps its text.
-BLOCK_TEXT = {"text": "text", "thinking": "thinking"}
-DELTA_KINDS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking")}
+# Content block kinds whose text reaches the client, and where a block keeps its text. A tool
+# call's text is its input as JSON: "tool_use" is a call of a client's tool, "structured" the
+# CLI's StructuredOutput call, "hidden" any block the client is not shown.
+BLOCK_TEXT = {"text": "text", "thinking": "thinking", "tool_use": "input"}
+TOOL_KINDS = ("tool_use", "structured", "hidden")
+DELTA_KINDS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
+               "input_json_delta": ("tool_use", "partial_json")}
+
+
+def input_text(streamed: str, value: Any) -> str:
+    """A finished tool call's input as text: what streamed when it is that input (so a
+    collected answer and a stream say the same), else the input as JSON."""
+    try:
+        if streamed and json.loads(streamed) == value:
+            return streamed
+    except ValueError:
+        pass
+    return json.dumps(value, ensure_ascii=False)
 
 
 def add_usage(total: Dict[str, Any], usage: Dict[str, Any]) -> None:
@@ -698,6 +1127,7 @@ class Message:
         self.usage = dict(usage)
         self.new_paragraph = new_paragraph  # its first text starts a paragraph: "\n\n" first
         self.blocks: List[Tuple[str, Pieces]] = []  # (kind, text)
+        self.calls: Dict[int, ToolCall] = {}  # its tool_use blocks' calls
         self.caught_up: "set[int]" = set()  # blocks the client has exactly as they are now
         self.stop_reason: Optional[str] = None
         self.diverged = False  # its deltas contradict what was sent: settled when it ends
@@ -734,7 +1164,15 @@ class AnswerFold:
     """
 
     def __init__(self, stop: Iterable[str] = (), max_tokens_ends: bool = False,
-                 now: Optional[float] = None):
+                 now: Optional[float] = None, tools: Mapping[str, Tool] = {},
+                 schema: bool = False, single_call: bool = False):
+        """`tools`: the client's tools by the name the model sees; `schema`: the answer is the
+        CLI's structured output (other text is not shown); `single_call`: at most one call."""
+        self.tools = dict(tools)
+        self.schema = schema
+        self.single_call = single_call
+        self.calls: Dict[int, ToolCall] = {}  # the call of each tool_use block of `sent`
+        self.announced: "set[int]" = set()  # the blocks whose ToolCall went out
         self.stop = tuple(stop)
         self.stops = StopSequences(self.stop)
         self.max_tokens_ends = max_tokens_ends
@@ -744,7 +1182,7 @@ class AnswerFold:
         self.started = False
         self.finished = False
         self.sent: List[List[Any]] = []  # [kind, Pieces]
-        self.answer: List[List[str]] = []
+        self.answer: List[List[Any]] = []  # [kind, text, its ToolCall or None]
         self.streaming: Optional[Message] = None  # between message_start and its end
         self.whole: Optional[Message] = None  # printed whole; settled at the next other line
         self.abandoned: Optional[Tuple[int, int]] = None  # (base, blocks kept) of the last one
@@ -793,23 +1231,28 @@ class AnswerFold:
             return
         elif kind == "content_block_start":
             block = inner.get("content_block") or {}
-            self._block(message, inner.get("index"), str(block.get("type")))
+            self._open_block(message, inner.get("index"), block)
         elif kind == "content_block_delta":
             delta = inner.get("delta") or {}
             if delta.get("type") not in DELTA_KINDS:
-                return  # signatures; tool input (later)
+                return  # signatures
             block_kind, key = DELTA_KINDS[delta["type"]]
             index = inner.get("index")
             if not isinstance(index, int) or index < 0 or not isinstance(delta.get(key), str):
                 return
-            if index >= len(message.blocks) or message.blocks[index][0] != block_kind:
+            known = message.blocks[index][0] if index < len(message.blocks) else None
+            if known in ("hidden", "structured") or block_kind == "text" and self.schema:
+                return  # not shown (a structured answer is its result's)
+            if block_kind == "tool_use" and known != "tool_use":
+                return  # the input of a call that never began
+            if known != block_kind:
                 self._block(message, index, block_kind)
             message.blocks[index][1].append(delta[key])
             if message.diverged:
                 return
             if index in message.caught_up:  # the usual case: the piece is simply new
                 self.sent[message.base + index][1].append(delta[key])
-                self._emit(block_kind, delta[key])
+                self._emit(block_kind, delta[key], message.base + index)
             else:
                 self._relay(message, index)
             if self.stops.hit:
@@ -819,8 +1262,13 @@ class AnswerFold:
             message.usage.update(inner.get("usage") or {})
             self.streaming = None
             self._settle(message)
+            if self.finished:
+                return
             if message.stop_reason == "max_tokens" and self.max_tokens_ends:
                 self._finish("max_tokens", cut_short=True)
+            elif message.stop_reason == "tool_use" and self._called():
+                # The model's turn is over and every call in it arrived: hand them back.
+                self._finish("tool_use", cut_short=True)
         elif kind == "message_stop":
             abandoned = line.get("abandoned_blocks")
             kept = abandoned.get("from_block_index") if isinstance(abandoned, dict) else 0
@@ -841,28 +1289,46 @@ class AnswerFold:
             self._begin()
         for block in content:
             index = len(self.whole.blocks)
-            self._block(self.whole, index, str(block.get("type")))
+            self._open_block(self.whole, index, block)
             self._final_block(self.whole, index, block)
 
     def _result(self, result: Dict[str, Any]) -> None:
         self._abandon()
+        subtype = result.get("subtype")
         if self.started and result.get("api_error") == "max_output_tokens":
             # The CLI resumed at the output limit three times and gave up: the text stands.
             self._finish("max_tokens")
             return
-        if result.get("is_error") or result.get("subtype") != "success":
+        if self._called() and subtype in ("success", "error_max_turns"):
+            self._finish("tool_use")  # calls that came whole: --max-turns 1 ended the run
+            return
+        if subtype == "error_max_turns" and self.schema:
+            raise no_structured_output()
+        if subtype == "error_max_turns" and self.settled_any:
+            self._finish(self.last_stop)  # the model called a tool it does not have
+            return
+        if result.get("is_error") or subtype != "success":
             raise error_from_result(result, self.rate_limit, self.now)
         if not self.settled_any:  # no partial messages came: answer from the result alone
             self._begin()
-            self._emit("text", result.get("result") or "")
             self.usage = dict(result.get("usage") or {})
+            if not self.schema:
+                self._emit("text", result.get("result") or "")
+        if self.schema:
+            value = result.get("structured_output")
+            if value is None:
+                raise no_structured_output()
+            said = result.get("result")
+            self._emit("text", input_text(said if isinstance(said, str) else "", value))
+            self._finish("end_turn")
+            return
         self._finish(result.get("stop_reason") or self.last_stop)
 
     # -- the ledger --------------------------------------------------------
 
     def _new_message(self, message_id: Optional[str], usage: Dict[str, Any]) -> Message:
         # Laid over an attempt that broke, as it too began where the settled answer ends.
-        wrote = any(kind == "text" and text for kind, text in self.answer)
+        wrote = any(kind == "text" and text for kind, text, _ in self.answer)
         return Message(message_id, len(self.answer), usage,
                        wrote and self.last_stop != "max_tokens")  # a resumed answer joins
 
@@ -871,6 +1337,29 @@ class AnswerFold:
         message, self.streaming = self.streaming, None
         if message is not None:
             self.abandoned = (message.base, kept)
+
+    def _called(self) -> bool:
+        return any(kind == "tool_use" for kind, _, _ in self.answer)
+
+    def _open_block(self, message: Message, index: Any, block: Dict[str, Any]) -> None:
+        """A content block begins: of which kind it is for the client (see BLOCK_TEXT)."""
+        kind = str(block.get("type"))
+        if kind == "text" and self.schema:
+            kind = "hidden"  # the answer is the structured output
+        elif kind == "tool_use":
+            tool = self.tools.get(str(block.get("name")))
+            earlier = any(k == "tool_use" for k, _, _ in self.answer[:message.base]) or any(
+                k == "tool_use" for k, _ in message.blocks[:index if isinstance(index, int)
+                                                            else None])
+            if block.get("name") == STRUCTURED_OUTPUT_TOOL and self.schema:
+                kind = "structured"
+            elif tool is None or (self.single_call and earlier):
+                kind = "hidden"  # not a client's tool, or a call beyond the one allowed
+            elif isinstance(index, int):
+                message.calls[index] = ToolCall(str(block.get("id") or "toolu_" +
+                                                    uuid.uuid4().hex[:24]),
+                                                tool.name, tool.namespace, tool.custom)
+        self._block(message, index, kind)
 
     def _block(self, message: Message, index: Any, kind: str) -> None:
         if not isinstance(index, int) or index < 0:
@@ -882,8 +1371,15 @@ class AnswerFold:
         position = message.base + index
         if position == len(self.sent):
             self.sent.append([kind, Pieces()])
+            self._place_call(message, index)
         elif not self._fits(position, kind):
             message.diverged = True
+
+    def _place_call(self, message: Message, index: int) -> None:
+        """Block `index` of `message` stands where nothing was sent: its call stands there."""
+        position = message.base + index
+        if index in message.calls and position not in self.announced:
+            self.calls[position] = message.calls[index]
 
     def _fits(self, position: int, kind: str) -> bool:
         """Whether a block of `kind` can stand at `position` of what was sent."""
@@ -891,6 +1387,11 @@ class AnswerFold:
             or not self.sent[position][1].length
 
     def _final_block(self, message: Message, index: int, block: Dict[str, Any]) -> None:
+        if message.blocks[index][0] in ("tool_use", "structured"):
+            text = input_text(message.blocks[index][1].text(), block.get("input") or {})
+            message.blocks[index] = (message.blocks[index][0], Pieces(text))
+            message.caught_up.discard(index)
+            return
         key = BLOCK_TEXT.get(str(block.get("type")))
         if key and isinstance(block.get(key), str):
             message.blocks[index] = (message.blocks[index][0], Pieces(block[key]))
@@ -907,13 +1408,14 @@ class AnswerFold:
         sent_kind, sent = self.sent[position][0], self.sent[position][1].text()
         if sent_kind != kind and not sent:
             self.sent[position] = [kind, Pieces()]
-        elif sent_kind != kind:
+        elif sent_kind != kind or not self._same_call(message, index):
             message.diverged = True
             return
+        self._place_call(message, index)
         if text.startswith(sent):
             if len(text) > len(sent):
                 self.sent[position][1] = Pieces(text)
-                self._emit(kind, text[len(sent):])
+                self._emit(kind, text[len(sent):], position)
             message.caught_up.add(index)
         elif not sent.startswith(text):  # else a restarted attempt, still repeating
             message.diverged = True
@@ -923,12 +1425,13 @@ class AnswerFold:
         self._begin()
         ends = message.base + len(message.blocks)
         consistent = not message.diverged and all(
-            self._fits(message.base + i, kind)
+            self._fits(message.base + i, kind) and self._same_call(message, i)
             and message.projected(i).startswith(self.sent[message.base + i][1].text())
             for i, (kind, _) in enumerate(message.blocks) if message.base + i < len(self.sent))
         consistent = consistent and not any(text.length for _, text in self.sent[ends:])
-        self.answer[message.base:] = [[kind, message.projected(i)]
-                                      for i, (kind, _) in enumerate(message.blocks)]
+        self.answer[message.base:] = [
+            [kind, message.projected(i), self.calls.get(message.base + i, message.calls.get(i))
+             if kind == "tool_use" else None] for i, (kind, _) in enumerate(message.blocks)]
         add_usage(self.usage, message.usage)
         self.settled_any, self.last_stop, self.abandoned = True, message.stop_reason, None
         if not consistent:
@@ -941,17 +1444,28 @@ class AnswerFold:
                 self._finish("stop_sequence", cut_short=True)
                 return
 
+    def _same_call(self, message: Message, index: int) -> bool:
+        """Whether block `index` calls the same tool as the call sent where it stands."""
+        sent = self.calls.get(message.base + index)
+        call = message.calls.get(index)
+        return sent is None or call is None or sent.name == call.name
+
     def _revise(self) -> None:
         """Replace what was sent by the settled answer, through new stop sequence checks."""
         self.stops = StopSequences(self.stop)
-        blocks = []
-        for kind, text in self.answer:
+        blocks: List[Tuple[str, str]] = []
+        calls: List[Tuple[int, ToolCall]] = []
+        for kind, text, call in self.answer:
             if kind in BLOCK_TEXT:
+                if call is not None:
+                    calls.append((len(blocks), call))
                 blocks.append((kind, self.stops.feed(text) if kind == "text" else text))
             if self.stops.hit:
                 break
-        self.sent = [[kind, Pieces(text)] for kind, text in self.answer]
-        self.out.append(Revised(tuple(blocks)))
+        self.sent = [[kind, Pieces(text)] for kind, text, _ in self.answer]
+        self.calls = {i: call for i, (_, _, call) in enumerate(self.answer) if call is not None}
+        self.announced = set(self.calls)
+        self.out.append(Revised(tuple(blocks), tuple(calls)))
         if self.stops.hit:
             self._finish("stop_sequence", cut_short=True)
 
@@ -963,8 +1477,16 @@ class AnswerFold:
             first = self.streaming or self.whole
             self.out.append(Start(self.model or "claude", dict(first.usage) if first else {}))
 
-    def _emit(self, kind: str, text: str) -> None:
-        if kind == "thinking" and text:
+    def _emit(self, kind: str, text: str, position: int = -1) -> None:
+        if kind == "tool_use":
+            if position not in self.announced:
+                if position not in self.calls:
+                    return
+                self.announced.add(position)
+                self.out.append(self.calls[position])
+            if text:
+                self.out.append(ToolInput(text))
+        elif kind == "thinking" and text:
             self.out.append(Thinking(text))
         elif kind == "text":
             safe = self.stops.feed(text)
@@ -983,11 +1505,26 @@ class AnswerFold:
         self.finished = True
 
 
+def no_structured_output() -> APIError:
+    return APIError(502, "The model did not answer in the requested JSON format: Claude Code "
+                    "gave no structured output. Ask again.", type="server_error",
+                    code="invalid_structured_output")
+
+
 def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] = (),
-                      max_tokens_ends: bool = False,
-                      now: Optional[float] = None) -> Iterator[Event]:
-    """Fold the CLI's stream-json events into Start, Text and Thinking pieces, and one Finish
-    (a Revised among them when a retried answer contradicts what was sent: see AnswerFold).
+                      max_tokens_ends: bool = False, now: Optional[float] = None,
+                      tools: Mapping[str, Tool] = {}, schema: bool = False,
+                      single_call: bool = False) -> Iterator[Event]:
+    """Fold the CLI's stream-json events into Start, Text, Thinking, ToolCall and ToolInput
+    pieces, and one Finish (a Revised among them when a retried answer contradicts what was
+    sent: see AnswerFold).
+
+    `tools` are the client's, by the name the model sees (Launch.bridge() with BRIDGE_PREFIX):
+    a call of one is a ToolCall and its input, and the end of the model's turn that made calls
+    ends the answer with stop_reason tool_use, every call of the turn in it (the CLI would
+    deny them and ask the model again). With `single_call` only the first call is kept. With
+    `schema` the answer is the result's `structured_output` as one Text (the model's other
+    text is not shown); none is a 502.
 
     When a message stops at its output limit, the CLI asks the model to go on ("Output token
     limit hit. Resume directly...") up to three times, then gives up with an error result
@@ -998,7 +1535,7 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
     Raises APIError for other results with `is_error`, and CLIEndedWithoutResult when the stream
     ends with no result. Key order and line order are never relied on; unknown events are skipped.
     """
-    fold = AnswerFold(stop, max_tokens_ends, now)
+    fold = AnswerFold(stop, max_tokens_ends, now, tools, schema, single_call)
     for event in cli_events:
         yield from fold.feed(event)
         if fold.finished:
@@ -1091,20 +1628,29 @@ class Answer:
         self.created = int(time.time())
         self.streaming = streaming
         self.model = request.model
-        self.blocks: List[Tuple[str, Pieces]] = []  # (kind, text): text and thinking blocks
+        # (kind, text): text, thinking and tool_use blocks (a call's text: its input as JSON)
+        self.blocks: List[Tuple[str, Pieces]] = []
+        self.calls: Dict[int, ToolCall] = {}  # the call of each tool_use block
         self.finish = Finish(None, {})
 
     def feed(self, event: Event) -> bytes:
         if isinstance(event, Start):
             self.model = event.model
             return self.started(event)
-        if isinstance(event, (Text, Thinking)):
-            kind = "text" if isinstance(event, Text) else "thinking"
+        if isinstance(event, (Text, Thinking, ToolCall, ToolInput)):
+            kind = "text" if isinstance(event, Text) else "thinking" if isinstance(
+                event, Thinking) else "tool_use"
             out = b""
-            if not self.blocks or self.blocks[-1][0] != kind:
+            if isinstance(event, ToolCall) or not self.blocks or self.blocks[-1][0] != kind:
+                if kind == "tool_use" and not isinstance(event, ToolCall):
+                    return b""  # input with no call before it: nothing to add it to
                 out += self.block_ends() if self.blocks else b""
                 self.blocks.append((kind, Pieces()))
+                if isinstance(event, ToolCall):
+                    self.calls[len(self.blocks) - 1] = event
                 out += self.block_starts(kind)
+            if isinstance(event, ToolCall):
+                return out if self.streaming else b""
             self.blocks[-1][1].append(event.text)
             if not self.streaming:
                 return b""  # a collected answer needs no bytes for its deltas
@@ -1112,13 +1658,49 @@ class Answer:
         if isinstance(event, Revised):
             if self.streaming:
                 raise answer_changed()
-            self.blocks = [(kind, Pieces(text)) for kind, text in event.blocks if text]
+            kept = [(i, kind, text) for i, (kind, text) in enumerate(event.blocks)
+                    if text or kind == "tool_use"]
+            calls = dict(event.calls)
+            self.blocks = [(kind, Pieces(text)) for _, kind, text in kept]
+            self.calls = {n: calls[i] for n, (i, _, _) in enumerate(kept) if i in calls}
             return b""
         self.finish = event
         return (self.block_ends() if self.blocks else b"") + self.finished()
 
     def text(self, kind: str = "text") -> str:
         return "".join(text.text() for k, text in self.blocks if k == kind)
+
+    def tool_calls(self) -> List[Tuple[int, ToolCall, str]]:
+        """(block index, call, its input as JSON text) of each tool call, in order."""
+        return [(i, call, self.blocks[i][1].text() or "{}") for i, call in
+                sorted(self.calls.items())]
+
+    @staticmethod
+    def custom_input(arguments: str) -> str:
+        """A freeform tool's input: the string its one parameter holds."""
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            return arguments
+        if isinstance(value, dict) and isinstance(value.get("input"), str):
+            return str(value["input"])
+        return arguments
+
+    def call_block(self, index: int, key: bool = False) -> Block:
+        """Tool call block `index` as an Anthropic tool_use block; `key`: named by Tool.key."""
+        call = self.calls[index]
+        try:
+            value = json.loads(self.blocks[index][1].text() or "{}")
+        except ValueError:
+            value = None
+        name = "%s__%s" % (call.namespace, call.name) if key and call.namespace else call.name
+        return {"type": "tool_use", "id": call.id, "name": name,
+                "input": value if isinstance(value, dict) else {}}
+
+    def turn(self) -> Turn:
+        """The answer as the assistant turn of a conversation (what Responses stores)."""
+        blocks: List[Block] = [{"type": "text", "text": self.text()}] if self.text() else []
+        return "assistant", blocks + [self.call_block(i, key=True) for i in sorted(self.calls)]
 
     def block_text(self, index: int) -> Tuple[str, str]:
         kind, text = self.blocks[index]
@@ -1203,11 +1785,38 @@ class ChatAnswer(Answer):
     def started(self, start: Start) -> bytes:
         return self.chunk({"role": "assistant", "content": "", "refusal": None})
 
+    def legacy(self) -> bool:
+        return bool(self.request.echo.get("functions"))
+
+    def call_delta(self, arguments: str, first: bool) -> Dict[str, Any]:
+        """A streamed piece of the last call: its id, type and name come with the first."""
+        index = len(self.blocks) - 1
+        call = self.calls[index]
+        function: Dict[str, Any] = {"name": call.name, "arguments": arguments} if first else {
+            "arguments": arguments}
+        if self.legacy():
+            return {"function_call": function}
+        piece: Dict[str, Any] = {"index": sorted(self.calls).index(index)}
+        if first:
+            piece.update(id=call.id, type="function")
+        piece["function"] = function
+        return {"tool_calls": [piece]}
+
+    def block_starts(self, kind: str) -> bytes:
+        return self.chunk(self.call_delta("", True)) if kind == "tool_use" else b""
+
     def delta(self, kind: str, text: str) -> bytes:
+        if kind == "tool_use":
+            return self.chunk(self.call_delta(text, False))
         return self.chunk({"content": text} if kind == "text" else {"reasoning_content": text})
 
+    def finish_reason(self) -> str:
+        if self.calls and self.finish.stop_reason == "tool_use":
+            return "function_call" if self.legacy() else "tool_calls"
+        return finish_reason(self.finish.stop_reason)
+
     def finished(self) -> bytes:
-        out = self.chunk({}, finish_reason(self.finish.stop_reason))
+        out = self.chunk({}, self.finish_reason())
         if self.request.include_usage:
             out += sse({"id": self.id, "object": "chat.completion.chunk",
                         "created": self.created, "model": self.model,
@@ -1216,14 +1825,21 @@ class ChatAnswer(Answer):
         return out + sse("[DONE]")
 
     def body(self) -> Dict[str, Any]:
-        message = {"role": "assistant", "content": self.text(), "refusal": None}
+        calls = self.tool_calls()
+        message: Dict[str, Any] = {"role": "assistant", "content": self.text() or (
+            None if calls else ""), "refusal": None}
+        if calls and self.legacy():
+            message["function_call"] = {"name": calls[0][1].name, "arguments": calls[0][2]}
+        elif calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.name, "arguments": arguments}} for _, call, arguments in calls]
         if self.text("thinking"):
             message["reasoning_content"] = self.text("thinking")
         return {
             "id": self.id, "object": "chat.completion", "created": self.created,
             "model": self.model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": finish_reason(self.finish.stop_reason)}],
+                         "finish_reason": self.finish_reason()}],
             "usage": openai_usage(self.finish.usage),
         }
 
@@ -1261,12 +1877,23 @@ def anthropic_blocks(content: Any, where: str) -> List[Block]:
             blocks.append(anthropic_source(kind, block.get("source"), at + ".source"))
         elif kind in ("thinking", "redacted_thinking"):
             continue  # the model's own earlier reasoning: not part of the transcript
-        elif kind in ("tool_use", "tool_result", "server_tool_use", "web_search_tool_result"):
-            raise invalid(at + ".type", "`%s` blocks (function calling) are not supported by "
-                          "this proxy yet." % kind)
+        elif kind == "tool_use":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise invalid(at, "`tool_use` blocks need an `id` and a `name`.")
+            blocks.append({"type": "tool_use", "id": block["id"], "name": block["name"],
+                           "input": tool_input(block.get("input", {}), at + ".input")})
+        elif kind == "tool_result":
+            content = block.get("content", "")
+            blocks.append(tool_result(block.get("tool_use_id"), [
+                b for b in anthropic_blocks(content, at + ".content")
+                if b["type"] not in ("tool_use", "tool_result")], at + ".tool_use_id",
+                block.get("is_error") is True))
+        elif isinstance(kind, str) and (kind.startswith("server_tool_use") or
+                                        kind.endswith("_tool_result")):
+            continue  # what a hosted tool did, in another provider's conversation
         else:
             raise invalid(at + ".type", "Content block type %r is not supported; use text, "
-                          "image or document." % str(kind)[:50])
+                          "image, document, tool_use or tool_result." % str(kind)[:50])
     return blocks
 
 
@@ -1318,6 +1945,35 @@ def thinking_effort(body: Dict[str, Any]) -> Optional[str]:
     return next(effort for limit, effort in THINKING_BUDGETS if budget <= limit)
 
 
+def messages_tools(body: Dict[str, Any]) -> Tuple[Tuple[Tool, ...], str, bool]:
+    """A Messages request's `tools` and `tool_choice`: (offered tools, choice, parallel)."""
+    tools = []
+    for i, item in enumerate(check_type(body, "tools", list, "a list of tools") or []):
+        at = "tools[%d]" % i
+        if not isinstance(item, dict):
+            raise invalid(at, "Each tool must be an object with a `name`.")
+        kind = item.get("type")
+        if kind not in (None, "custom"):
+            if isinstance(kind, str) and HOSTED_TOOL_TYPES.fullmatch(kind):
+                leave_out(kind, "Anthropic")
+                continue
+            raise invalid(at + ".type", "Tool type %r is not supported." % str(kind)[:50])
+        tools.append(make_tool(item.get("name"), item.get("description"),
+                               tool_schema(item.get("input_schema"), at + ".input_schema"),
+                               at, ANTHROPIC_TOOL_NAME))
+    choice_value = check_type(body, "tool_choice", dict, "an object") or {"type": "auto"}
+    kind = choice_value.get("type")
+    if kind == "tool" and isinstance(choice_value.get("name"), str):
+        choice = choice_value["name"]
+    elif kind in ("auto", "any", "none"):
+        choice = {"any": "required"}.get(kind, kind)
+    else:
+        raise invalid("tool_choice", "`tool_choice.type` must be auto, any, tool (with a "
+                      "`name`) or none.")
+    offered, choice = choose_tools(offered_tools(tools, "tools"), choice, "tool_choice")
+    return offered, choice, choice_value.get("disable_parallel_tool_use") is not True
+
+
 def parse_messages_request(body: Any) -> Request:
     """Validate a Messages API request; every problem is a 400 naming the field."""
     if not isinstance(body, dict):
@@ -1344,14 +2000,21 @@ def parse_messages_request(body: Any) -> Request:
     stream = check_type(body, "stream", bool, "true or false")
     check_numbers(body, ANTHROPIC_NUMBER_RANGES)
     check_type(body, "metadata", dict, "an object")
-    no_tools_yet(body, ("tools", "mcp_servers"))
+    if body.get("mcp_servers"):
+        raise invalid("mcp_servers", "`mcp_servers` (remote MCP servers) is not supported: an "
+                      "API caller cannot make Claude Code connect anywhere.")
+    tools, choice, parallel = messages_tools(body)
+    config = check_type(body, "output_config", dict, "an object") or {}
+    schema = output_schema(config.get("format") or body.get("output_format"),
+                           "output_config.format")
     return Request(model=model, cli_model=cli_model,
                    system="\n\n".join(p for p in system_parts if p) or None, turns=turns,
                    stream=bool(stream), max_tokens=optional_int(body, "max_tokens", 1,
                                                                 MAX_TOKENS_LIMIT),
                    stop=stop_sequences(body.get("stop_sequences"), "stop_sequences",
                                        MAX_STOP_SEQUENCES),
-                   effort=thinking_effort(body))
+                   effort=thinking_effort(body), tools=tools, tool_choice=choice,
+                   parallel_tools=parallel, output_schema=schema)
 
 
 def anthropic_usage(usage: Dict[str, Any]) -> Dict[str, int]:
@@ -1377,14 +2040,18 @@ class MessagesAnswer(Answer):
             self.event("ping", {})
 
     def block_starts(self, kind: str) -> bytes:
-        empty = {"type": "text", "text": ""} if kind == "text" else {
+        index = len(self.blocks) - 1
+        empty: Dict[str, Any] = {"type": "text", "text": ""} if kind == "text" else {
             "type": "thinking", "thinking": "", "signature": ""}
-        return self.event("content_block_start", {"index": len(self.blocks) - 1,
-                                                  "content_block": empty})
+        if kind == "tool_use":
+            call = self.calls[index]
+            empty = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+        return self.event("content_block_start", {"index": index, "content_block": empty})
 
     def delta(self, kind: str, text: str) -> bytes:
         delta = {"type": "text_delta", "text": text} if kind == "text" else {
-            "type": "thinking_delta", "thinking": text}
+            "type": "thinking_delta", "thinking": text} if kind == "thinking" else {
+            "type": "input_json_delta", "partial_json": text}
         return self.event("content_block_delta", {"index": len(self.blocks) - 1,
                                                   "delta": delta})
 
@@ -1398,9 +2065,10 @@ class MessagesAnswer(Answer):
             "usage": anthropic_usage(self.finish.usage)}) + self.event("message_stop", {})
 
     def body(self) -> Dict[str, Any]:
-        content = [{"type": "text", "text": text} if kind == "text" else
-                   {"type": "thinking", "thinking": text, "signature": ""}
-                   for kind, text in map(self.block_text, range(len(self.blocks)))]
+        content = [self.call_block(i) if kind == "tool_use" else {"type": "text", "text": text}
+                   if kind == "text" else {"type": "thinking", "thinking": text, "signature": ""}
+                   for i, (kind, text) in enumerate(map(self.block_text,
+                                                        range(len(self.blocks))))]
         return self.message(content, self.finish.stop_reason or "end_turn", self.finish.usage)
 
     def stream_error(self, error: APIError) -> bytes:
@@ -1515,24 +2183,105 @@ def responses_turns(items: Any) -> Tuple[List[str], List[Turn]]:
         kind = item.get("type", "message")
         if kind == "reasoning":
             continue
-        if kind in ("function_call", "function_call_output", "custom_tool_call",
-                    "custom_tool_call_output", "local_shell_call", "local_shell_call_output"):
-            raise invalid(where + ".type", "`%s` items (function calling) are not supported by "
-                          "this proxy yet." % kind)
+        if kind in ("function_call", "custom_tool_call"):
+            name = item.get("name")
+            if not isinstance(name, str) or not name:
+                raise invalid(where + ".name", "A `%s` item needs the tool's `name`." % kind)
+            if isinstance(item.get("namespace"), str) and item["namespace"]:
+                name = "%s__%s" % (item["namespace"], name)
+            arguments = tool_input(item.get("arguments"), where + ".arguments") \
+                if kind == "function_call" else {"input": str(item.get("input", ""))}
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise invalid(where + ".call_id", "A `%s` item needs its `call_id`." % kind)
+            add_to_turn(turns, "assistant", [{"type": "tool_use", "id": call_id, "name": name,
+                                              "input": arguments}])
+            continue
+        if kind in ("function_call_output", "custom_tool_call_output"):
+            output = item.get("output", "")
+            add_to_turn(turns, "user", [tool_result(
+                item.get("call_id"), responses_content(output, "tool", where + ".output"),
+                where + ".call_id")])
+            continue
         if kind != "message":
-            raise invalid(where + ".type", "Input item type %r is not supported; use message "
-                          "or reasoning items." % str(kind)[:50])
+            raise invalid(where + ".type", "Input item type %r is not supported; use message, "
+                          "reasoning, function_call or function_call_output items."
+                          % str(kind)[:50])
         role = item.get("role")
         if role in ("system", "developer"):
             system.append(text_of(responses_content(item.get("content"), role, where +
                                                     ".content")))
         elif role in ("user", "assistant"):
-            turns.append((role, responses_content(item.get("content"), role,
-                                                  where + ".content")))
+            add_to_turn(turns, role, responses_content(item.get("content"), role,
+                                                       where + ".content"))
         else:
             raise invalid(where + ".role", "Unknown role %r; use user, assistant, system or "
                           "developer." % str(role)[:50])
     return system, turns
+
+
+def responses_tool(item: Any, at: str, namespace: Optional[str] = None) -> List[Tool]:
+    """One entry of a Responses `tools` list as the tools it offers: a function, a freeform
+    (custom) tool, the functions of a namespace, or none for a hosted tool."""
+    kind = item.get("type") if isinstance(item, dict) else None
+    if not isinstance(item, dict) or not isinstance(kind, str):
+        raise invalid(at, "Each tool must be an object with a `type`.")
+    if kind == "function":
+        return [make_tool(item.get("name"), item.get("description"),
+                          tool_schema(item.get("parameters"), at + ".parameters"), at,
+                          OPENAI_TOOL_NAME, namespace=namespace)]
+    if kind == "custom":
+        tool = make_tool(item.get("name"), item.get("description"), CUSTOM_TOOL_SCHEMA, at,
+                         OPENAI_TOOL_NAME, custom=True, namespace=namespace)
+        grammar = item.get("format")
+        if isinstance(grammar, dict) and isinstance(grammar.get("definition"), str):
+            tool = tool._replace(description="%s\n\nIts input must follow this %s grammar:\n%s"
+                                 % (tool.description, grammar.get("syntax", ""),
+                                    grammar["definition"]))
+        return [tool]
+    if kind == "namespace" and namespace is None:
+        name = item.get("name")
+        if not isinstance(name, str) or not OPENAI_TOOL_NAME.fullmatch(name):
+            raise invalid(at + ".name", "A namespace needs a `name` of letters, digits, `_` or "
+                          "`-`.")
+        about = item.get("description") if isinstance(item.get("description"), str) else ""
+        tools = []
+        for i, inner in enumerate(check_type(item, "tools", list, "a list") or []):
+            for tool in responses_tool(inner, "%s.tools[%d]" % (at, i), name):
+                tools.append(tool._replace(description="(%s%s) %s" % (
+                    name, ": " + about if about else "", tool.description)))
+        return tools
+    if HOSTED_TOOL_TYPES.fullmatch(kind):
+        leave_out(kind, "OpenAI Responses")
+        return []
+    raise invalid(at + ".type", "Tool type %r is not supported; use function, custom or "
+                  "namespace." % kind[:50])
+
+
+def responses_tools(body: Dict[str, Any]) -> Tuple[Tuple[Tool, ...], str, bool]:
+    """A Responses request's `tools` and `tool_choice`: (offered tools, choice, parallel)."""
+    tools: List[Tool] = []
+    for i, item in enumerate(check_type(body, "tools", list, "a list of tools") or []):
+        tools += responses_tool(item, "tools[%d]" % i)
+    value = body.get("tool_choice")
+    choice = "auto"
+    if value in ("none", "auto", "required"):
+        choice = str(value)
+    elif isinstance(value, dict) and value.get("type") in ("function", "custom") and \
+            isinstance(value.get("name"), str):
+        choice = "%s__%s" % (value["namespace"], value["name"]) \
+            if isinstance(value.get("namespace"), str) else value["name"]
+    elif isinstance(value, dict) and value.get("type") == "allowed_tools":
+        names = {t.get("name") for t in value.get("tools") or [] if isinstance(t, dict)}
+        tools = [t for t in tools if t.name in names or t.key in names]
+        choice = "required" if value.get("mode") == "required" else "auto"
+    elif not (value is None or isinstance(value, dict) and isinstance(value.get("type"), str)
+              and HOSTED_TOOL_TYPES.fullmatch(value["type"])):
+        raise invalid("tool_choice", "`tool_choice` must be none, auto, required or name a "
+                      "function.")
+    parallel = check_type(body, "parallel_tool_calls", bool, "true or false")
+    offered, choice = choose_tools(offered_tools(tools, "tools"), choice, "tool_choice")
+    return offered, choice, parallel is not False
 
 
 def parse_responses_request(body: Any, store: ResponseStore) -> Request:
@@ -1552,10 +2301,8 @@ def parse_responses_request(body: Any, store: ResponseStore) -> Request:
     check_turns(turns, "input")
     reasoning = check_type(body, "reasoning", dict, "an object") or {}
     text = check_type(body, "text", dict, "an object") or {}
-    text_format = text.get("format") or {"type": "text"}
-    if not isinstance(text_format, dict) or text_format.get("type") != "text":
-        raise invalid("text.format", "Only the `text` format is supported by this proxy yet.")
-    no_tools_yet(body, ("tools",))
+    schema = output_schema(text.get("format"), "text.format")
+    tools, choice, parallel = responses_tools(body)
     if body.get("background"):
         raise invalid("background", "Background responses are not supported.")
     check_numbers(body, {"temperature": (0, 2), "top_p": (0, 1)})
@@ -1572,7 +2319,11 @@ def parse_responses_request(body: Any, store: ResponseStore) -> Request:
                          "reasoning": {"effort": reasoning.get("effort"),
                                        "summary": reasoning.get("summary")},
                          "user": body.get("user"), "temperature": body.get("temperature", 1.0),
-                         "top_p": body.get("top_p", 1.0)})
+                         "top_p": body.get("top_p", 1.0), "text": text.get("format")
+                         or {"type": "text"}, "tool_choice": body.get("tool_choice", "auto"),
+                         "tools": body.get("tools") or [], "parallel_tool_calls": parallel},
+                   tools=tools, tool_choice=choice, parallel_tools=parallel,
+                   output_schema=schema)
 
 
 class ResponsesAnswer(Answer):
@@ -1597,12 +2348,29 @@ class ResponsesAnswer(Answer):
     def item_id(self, index: int) -> str:
         """The id of output item `index`, made when first asked for (a revision may add some)."""
         while len(self.item_ids) <= index:
-            kind = self.blocks[len(self.item_ids)][0]
-            self.item_ids.append(("rs_" if kind == "thinking" else "msg_") + uuid.uuid4().hex)
+            at = len(self.item_ids)
+            kind = self.blocks[at][0]
+            prefix = "rs_" if kind == "thinking" else "msg_" if kind == "text" else \
+                "ctc_" if self.calls[at].custom else "fc_"
+            self.item_ids.append(prefix + uuid.uuid4().hex)
         return self.item_ids[index]
 
     def item(self, index: int, done: bool) -> Dict[str, Any]:
         kind, text = self.block_text(index)
+        if kind == "tool_use":
+            call = self.calls[index]
+            item: Dict[str, Any] = {"id": self.item_id(index), "type": "function_call",
+                                    "status": "completed" if done else "in_progress",
+                                    "arguments": (text or "{}") if done else "",
+                                    "call_id": call.id,
+                                    "name": call.name}
+            if call.custom:
+                item = dict(item, type="custom_tool_call",
+                            input=self.custom_input(text) if done else "")
+                del item["arguments"]
+            if call.namespace:
+                item["namespace"] = call.namespace
+            return item
         if kind == "thinking":
             return {"id": self.item_id(index), "type": "reasoning",
                     "summary": [{"type": "summary_text", "text": text}] if done else []}
@@ -1632,10 +2400,13 @@ class ResponsesAnswer(Answer):
                 echo.get("max_output_tokens"), "model": self.model,
             "output": [self.item(i, True) for i in range(len(self.blocks))]
             if status != "in_progress" else [],
-            "parallel_tool_calls": True, "previous_response_id": echo.get("previous_response_id"),
+            "parallel_tool_calls": echo.get("parallel_tool_calls", True),
+            "previous_response_id": echo.get("previous_response_id"),
             "reasoning": echo.get("reasoning"), "store": echo.get("store", True),
-            "temperature": echo.get("temperature"), "text": {"format": {"type": "text"}},
-            "tool_choice": "auto", "tools": [], "top_p": echo.get("top_p"),
+            "temperature": echo.get("temperature"),
+            "text": {"format": echo.get("text") or {"type": "text"}},
+            "tool_choice": echo.get("tool_choice", "auto"), "tools": echo.get("tools") or [],
+            "top_p": echo.get("top_p"),
             "truncation": "disabled", "user": echo.get("user"),
             "metadata": echo.get("metadata") or {},
             "usage": {"input_tokens": usage["prompt_tokens"],
@@ -1658,6 +2429,8 @@ class ResponsesAnswer(Answer):
         out = self.event("response.output_item.added", {
             "output_index": len(self.blocks) - 1, "item": self.item(len(self.blocks) - 1,
                                                                     False)})
+        if kind == "tool_use":
+            return out
         if kind == "thinking":
             return out + self.event("response.reasoning_summary_part.added", dict(
                 self.where(), summary_index=0, part={"type": "summary_text", "text": ""}))
@@ -1665,6 +2438,11 @@ class ResponsesAnswer(Answer):
             self.where(), content_index=0, part=self.part("")))
 
     def delta(self, kind: str, text: str) -> bytes:
+        if kind == "tool_use":
+            if self.calls[len(self.blocks) - 1].custom:
+                return b""  # its input is a string inside the JSON: sent whole when done
+            return self.event("response.function_call_arguments.delta", dict(
+                self.where(), delta=text))
         if kind == "thinking":
             return self.event("response.reasoning_summary_text.delta", dict(
                 self.where(), summary_index=0, delta=text))
@@ -1673,7 +2451,16 @@ class ResponsesAnswer(Answer):
 
     def block_ends(self) -> bytes:
         kind, text = self.block_text(len(self.blocks) - 1)
-        if kind == "thinking":
+        if kind == "tool_use" and self.calls[len(self.blocks) - 1].custom:
+            value = self.custom_input(text)
+            out = self.event("response.custom_tool_call_input.delta", dict(
+                self.where(), delta=value)) + self.event(
+                "response.custom_tool_call_input.done", dict(self.where(), input=value))
+        elif kind == "tool_use":
+            out = self.event("response.function_call_arguments.done", dict(
+                self.where(), arguments=text or "{}",
+                name=self.calls[len(self.blocks) - 1].name))
+        elif kind == "thinking":
             out = self.event("response.reasoning_summary_text.done", dict(
                 self.where(), summary_index=0, text=text)) + \
                 self.event("response.reasoning_summary_part.done", dict(
@@ -1688,8 +2475,7 @@ class ResponsesAnswer(Answer):
 
     def finished(self) -> bytes:
         if self.request.echo.get("store", True):
-            self.store.put(self.id, self.request.turns + [
-                ("assistant", [{"type": "text", "text": self.text()}])])
+            self.store.put(self.id, self.request.turns + [self.turn()])
         status = self.status()
         return self.event("response." + status, {"response": self.response(status)})
 
@@ -1936,18 +2722,24 @@ class ClaudeProcess:
     """One `claude -p` run: its own process group, the daemon's empty working directory, the
     prompt on stdin, stdout read as stream-json events, stderr drained for its tail."""
 
-    def __init__(self, argv_for: Callable[[Optional[str]], List[str]], stdin_data: bytes,
-                 env: Dict[str, str], system: Optional[str], workdir: str):
-        """`argv_for(system_prompt_file)` gives the command line once that file exists;
-        `workdir` is from make_workdir()."""
-        self._system_file = None
-        if system:
-            # Outside the tree the CLI works in; removed by close().
-            self._system_file = os.path.join(workdir, "system-%s.txt" % uuid.uuid4().hex)
-            with open(os.open(self._system_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
-                      "w", encoding="utf-8") as f:
-                f.write(system)
-        self.argv: List[str] = argv_for(self._system_file)
+    def __init__(self, argv_for: Callable[[Mapping[str, str]], List[str]], stdin_data: bytes,
+                 env: Dict[str, str], files: Mapping[str, str], workdir: str):
+        """`files` (name -> text) are written, private, beside the working directory and
+        removed by close(); `argv_for(paths)` gives the command line once they exist (paths:
+        name -> path); `workdir` is from make_workdir()."""
+        self._files: Dict[str, str] = {}
+        try:
+            for name, text in files.items():
+                # Outside the tree the CLI works in.
+                path = os.path.join(workdir, "%s-%s.txt" % (name, uuid.uuid4().hex))
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
+                          encoding="utf-8") as f:
+                    self._files[name] = path
+                    f.write(text)
+        except OSError:
+            self._remove_files()
+            raise
+        self.argv: List[str] = argv_for(dict(self._files))
         self._stdin_data = memoryview(stdin_data)
         self._stderr = bytearray()
         self.started = time.monotonic()
@@ -1957,7 +2749,7 @@ class ClaudeProcess:
                 stderr=subprocess.PIPE, cwd=os.path.join(workdir, "cwd"), env=env,
                 start_new_session=True, close_fds=True)
         except OSError as e:
-            self._remove_system_file()
+            self._remove_files()
             raise APIError(503, "Could not start Claude Code (%s): %s" % (self.argv[0], e),
                            type="server_error", code="claude_unavailable") from None
         self.pid = self.proc.pid
@@ -2105,13 +2897,13 @@ class ClaudeProcess:
         # Anything left in the group (children the CLI started) goes too, leader included.
         self.signal(signal.SIGKILL)
         code = self.proc.wait()
-        self._remove_system_file()
+        self._remove_files()
         return code
 
-    def _remove_system_file(self) -> None:
-        if self._system_file:
+    def _remove_files(self) -> None:
+        for path in self._files.values():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._system_file)
+                os.unlink(path)
 
 
 def client_gone(sock: socket.socket) -> bool:
@@ -2252,7 +3044,11 @@ class ClaudeRun:
                 for event in completion_events(
                         process.events(settings.timeout, settings.idle_timeout,
                                        watch=self.client),
-                        request.stop, max_tokens_ends=request.max_tokens is not None):
+                        request.stop, max_tokens_ends=request.max_tokens is not None,
+                        tools={BRIDGE_PREFIX + name: tool
+                               for name, tool in self.launch.bridge().items()},
+                        schema=request.output_schema is not None,
+                        single_call=not request.parallel_tools):
                     if isinstance(event, Finish):
                         self.finished = not event.cut_short
                     answered = True
@@ -2413,7 +3209,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     def start_process(self, launch: Launch) -> "ClaudeProcess":
         process = ClaudeProcess(launch.argv, launch.stdin(), launch.environment(dict(os.environ)),
-                                launch.request.system, self.workdir)
+                                launch.files(), self.workdir)
         with self.changed:
             process.peers_at_start = len(self.processes)
             self.processes_started += 1
@@ -3375,6 +4171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["service"]:
         return service_main(argv[1:])
+    if argv[:1] == ["mcp-bridge"]:  # started by the CLI, for a request with tools
+        return bridge_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")

@@ -73,6 +73,10 @@ BOOL_FLAGS = {"-p", "--print", "--verbose", "--include-partial-messages", "--str
 DEFAULT_TOOLS = ["Task", "Bash", "Edit", "Read", "WebFetch", "WebSearch", "Write"]
 SESSION = str(uuid.uuid4())
 REPLY = ["Hello", " from", " the", " fake", " API."]
+MCP_TOOLS = []  # the tools the --mcp-config servers listed: the model sees mcp__<server>__<name>
+DENIED = ("Permission to use %s has been denied because Claude Code is running in don't ask "
+          "mode. IMPORTANT: You *may* attempt to accomplish this action using other tools that "
+          "might naturally be used to accomplish this goal, e.g. using head instead of cat.")
 
 
 def fail(message):
@@ -120,8 +124,13 @@ def out(obj):
 
 def init(opts, model):
     tools = [] if opts.get("--tools") == "" else DEFAULT_TOOLS
+    tools = (["StructuredOutput"] if opts.get("--json-schema") else []) + sorted(
+        tools + [t["name"] for t in MCP_TOOLS])
+    servers = sorted({t["server"] for t in MCP_TOOLS})
     return {"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": SESSION,
-            "tools": tools, "mcp_servers": [], "model": model,
+            "tools": tools, "mcp_servers": [{"name": name, "status": "connected",
+                                             "source": "dynamic"} for name in servers],
+            "model": model,
             "permissionMode": opts.get("--permission-mode", "default"),
             "slash_commands": [] if opts.get("--disable-slash-commands") else ["compact", "context"],
             "terminal_slash_commands": [], "apiKeySource": "none",
@@ -273,6 +282,20 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
         "content": [], "stop_reason": None, "stop_sequence": None, "usage": start}},
         message_id, ttft_ms=6, thinking_display="updates")
     for index, (kind, pieces) in enumerate(blocks):
+        if kind == "tool_use":  # pieces: {"id", "name", "input", "pieces"} (r-mcp-tool-bridge)
+            yield stream({"type": "content_block_start", "index": index, "content_block": {
+                "type": "tool_use", "id": pieces["id"], "name": pieces["name"], "input": {}}},
+                message_id)
+            for piece in pieces["pieces"]:
+                yield stream({"type": "content_block_delta", "index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": piece}}, message_id)
+            yield assistant(message_id, model, {"type": "tool_use", "id": pieces["id"],
+                                                "name": pieces["name"],
+                                                "input": pieces["input"]}, start)
+            yield stream({"type": "content_block_stop", "index": index}, message_id)
+            for line in pieces.get("after", []):  # the CLI's verdict comes as the block ends
+                yield line
+            continue
         empty = {"type": "text", "text": ""} if kind == "text" else {
             "type": "thinking", "thinking": "", "signature": ""}
         thinking = {"thinking_display": "updates"} if kind == "thinking" else {}
@@ -409,6 +432,11 @@ def scenario(text, model, opts=None):
     blocks = [("text", reply)]
     if "thinking" in d:
         blocks.insert(0, ("thinking", ["Let me think briefly."]))
+    calls = re.findall(r"\[\[fake:call:([A-Za-z0-9_-]+):(\{.*?\})\]\]", text)
+    structured = re.search(r"\[\[fake:structured:(\{.*?\})\]\]", text)
+    if calls or (opts or {}).get("--json-schema"):
+        said = blocks if "reply" in d or "thinking" in d or not (calls or structured) else []
+        return lines + [status()] + tool_turn(model, said, calls, structured, opts or {}, u)
     lines.append(status())
     if "cut" in d:
         return lines + broken_stream(model, blocks, u, int(d["cut"] or 5),
@@ -426,6 +454,81 @@ def scenario(text, model, opts=None):
         lines.append(rate_limit_event({"status": "allowed", "isUsingOverage": False}))
     lines.append(result(model, "".join(reply), u, stop_reason=stop_reason))
     return lines
+
+
+ENFORCE = ("[structured-output-enforce] You MUST call the StructuredOutput tool to complete "
+           "this request. Call this tool now.")
+
+
+def user_line(content):
+    return {"type": "user", "message": {"role": "user", "content": content},
+            "parent_tool_use_id": None, "session_id": SESSION, "uuid": str(uuid.uuid4()),
+            "timestamp": "2026-11-24T11:47:55.098Z"}
+
+
+def tool_block(name, arguments, after):
+    half = len(arguments) // 2
+    return ("tool_use", {"id": "toolu_fake" + uuid.uuid4().hex[:20], "name": name,
+                         "input": json.loads(arguments), "pieces": [arguments[:half],
+                                                                    arguments[half:]],
+                         "after": after})
+
+
+def tool_turn(model, blocks, calls, structured, opts, u):
+    """A turn in which the model calls tools, as 2.1.331 prints it (shared/claude-cli/
+    r-mcp-tool-bridge, n3-jsonschema and the end-to-end test): each call streams as a tool_use
+    block; in dontAsk mode each call of an MCP tool is denied as its block ends
+    (system/permission_denied, then a user tool_result), a call of a tool nobody offered gets
+    "No such tool"; then --max-turns 1 ends the run (error_max_turns), else the model is
+    asked again and answers text. With --json-schema a StructuredOutput call ends the run with
+    `structured_output`; an answer without one is nudged once (ENFORCE), then given up."""
+    names = [t["name"] for t in MCP_TOOLS]
+    blocks, denials = list(blocks), []
+    for name, arguments in calls:
+        offered = [o for o in names if o == name or o.endswith("__" + name)]
+        full = offered[0] if offered else name
+        block = tool_block(full, arguments, [])
+        call_id = block[1]["id"]
+        if offered:
+            block[1]["after"] = [
+                {"type": "system", "subtype": "permission_denied", "tool_name": full,
+                 "tool_use_id": call_id, "message": DENIED % full, "uuid": str(uuid.uuid4()),
+                 "session_id": SESSION},
+                user_line([{"type": "tool_result", "content": DENIED % full, "is_error": True,
+                            "tool_use_id": call_id}])]
+            denials.append({"tool_name": full, "tool_use_id": call_id,
+                            "tool_input": json.loads(arguments)})
+        else:
+            block[1]["after"] = [user_line([{"type": "tool_result", "content": (
+                "<tool_use_error>Error: No such tool available: %s</tool_use_error>" % full),
+                "is_error": True, "tool_use_id": call_id}])]
+        blocks.append(block)
+    if structured and opts.get("--json-schema"):
+        value = json.loads(structured.group(1))
+        block = tool_block("StructuredOutput", structured.group(1), [])
+        block[1]["after"] = [user_line([{"tool_use_id": block[1]["id"], "type": "tool_result",
+                                         "content": "Structured output provided successfully"}])]
+        blocks.append(block)
+    stop = "tool_use" if any(kind == "tool_use" for kind, _ in blocks) else "end_turn"
+    lines = [("MESSAGE", model, blocks, stop, u)]
+    if structured and opts.get("--json-schema") and not calls:
+        r = result(model, json.dumps(value, separators=(",", ":")), u, stop_reason="tool_use")
+        r["num_turns"] = 2
+        r["structured_output"] = value
+        return lines + [r]
+    if opts.get("--max-turns") == "1":
+        r = result(model, "", u, stop_reason=stop, is_error=True, subtype="error_max_turns",
+                   terminal="max_turns", errors=["Reached maximum number of turns (1)"])
+        r.update({"permission_denials": denials, "num_turns": 2})
+        return lines + [r]
+    if not calls:  # --json-schema, answered with text: nudged once
+        lines += [user_line([{"type": "text", "text": ENFORCE}]), status(), lines[0]]
+    else:  # the CLI asks the model again with the denials
+        lines += [status(), ("MESSAGE", model, [("text", REPLY)], "end_turn", u)]
+    r = result(model, "".join(REPLY) if calls else "".join(blocks[-1][1]) if blocks else "",
+               u)
+    r.update({"permission_denials": denials, "num_turns": 2})
+    return lines + [r]
 
 
 RESUME = ("Output token limit hit. Resume directly \u2014 no apology, no recap of what you were "
@@ -565,6 +668,54 @@ def emit(line, pause=0.0, forever=False):
         out(line)
 
 
+def start_mcp_servers(opts):
+    """Start the stdio servers of --mcp-config (none with --safe-mode, as 2.1.331), say
+    initialize and list their tools into MCP_TOOLS, as the real CLI does before its first
+    request; they stay up until this process ends (their stdin then closes)."""
+    if not opts.get("--mcp-config") or opts.get("--safe-mode"):
+        return []
+    config = json.loads(opts["--mcp-config"])
+    servers = []
+    for name, spec in sorted(config["mcpServers"].items()):
+        server = subprocess.Popen([spec["command"]] + spec.get("args", []),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  env=dict(os.environ, **spec.get("env", {})))
+        servers.append(server)
+
+        def ask(method, params, id_):
+            message = {"jsonrpc": "2.0", "method": method, "params": params}
+            if id_ is not None:
+                message["id"] = id_
+            server.stdin.write((json.dumps(message) + "\n").encode())
+            server.stdin.flush()
+            if id_ is None:
+                return None
+            answer = json.loads(server.stdout.readline())
+            if answer.get("id") != id_:
+                fail("fake claude: MCP server %s answered id %r for %r" % (name, answer.get(
+                    "id"), id_))
+            return answer
+
+        # What 2.1.331 sends first (seen with a logging server): a probe that servers of the
+        # older protocol refuse, then initialize.
+        ask("server/discover", {}, "server-discover-probe-1")
+        reply = ask("initialize", {"protocolVersion": "2025-11-25", "capabilities": {
+            "roots": {"listChanged": True}}, "clientInfo": {"name": "claude-code",
+                                                            "version": VERSION.split()[0]}}, 0)
+        if "result" not in reply:
+            fail("fake claude: MCP server %s failed to initialize: %r" % (name, reply))
+        ask("notifications/initialized", {}, None)
+        listed = ask("tools/list", {}, 1)["result"]["tools"]
+        called = ask("tools/call", {"name": listed[0]["name"], "arguments": {}}, 2) \
+            if listed and os.environ.get("FAKE_CLAUDE_CALL_TOOLS") else None
+        for tool in listed:
+            MCP_TOOLS.append({"server": name, "name": "mcp__%s__%s" % (name, tool["name"]),
+                              "description": tool.get("description", ""),
+                              "input_schema": tool.get("inputSchema"),
+                              "called": called and called.get("result")})
+    return servers
+
+
 def main():
     argv = sys.argv[1:]
     if argv in (["--version"], ["-v"]):
@@ -626,6 +777,12 @@ def main():
         sys.stderr.write("fake claude: something broke before answering\n")
         return int(d["exit"] or 2)
     model = resolve(opts.get("--model"))
+    servers = start_mcp_servers(opts)
+    if log_dir and servers:
+        record["mcp_tools"] = list(MCP_TOOLS)
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
     if opts.get("--safe-mode"):
         out(ui_invalidate())
     out(init_line(opts, model))
@@ -1063,9 +1220,25 @@ class MessagesTest(unittest.TestCase):
             ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
              "messages"),
             ([{"role": "system", "content": "only"}], "messages"),
-            ([{"role": "tool", "content": "x", "tool_call_id": "1"}], "messages[0].role"),
-            ([{"role": "assistant", "tool_calls": [{"id": "1"}]}, {"role": "user", "content": "x"}],
-             "messages[0]"),
+            ([{"role": "tool", "content": "x", "tool_call_id": "1"}], "messages"),
+            ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"id": "1"}]},
+              {"role": "user", "content": "x"}], "messages[1].tool_calls[0]"),
+            ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{x"}}]},
+              {"role": "tool", "tool_call_id": "1", "content": "r"}],
+             "messages[1].tool_calls[0].function.arguments"),
+            ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]},
+              {"role": "tool", "tool_call_id": "1", "content": "r"}],
+             "messages[1].tool_calls[0].function.arguments"),
+            ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+              {"role": "tool", "content": "r"}], "messages[2].tool_call_id"),
+            ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+              {"role": "tool", "tool_call_id": "2", "content": "r"}], "messages"),
+            ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": "x"},
+              {"role": "user", "content": "x"}], "messages[1].tool_calls"),
         ]
         for messages, param in cases:
             with self.assertRaises(proxy.APIError, msg=repr(messages)) as caught:
@@ -1121,14 +1294,88 @@ class RequestTest(unittest.TestCase):
         self.rejects("top_p", top_p=[1])
         self.rejects("logprobs", logprobs=True)
 
-    def test_tools_and_formats_are_a_clear_400(self):
-        self.assertIn("not supported", self.rejects(
-            "tools", tools=[{"type": "function", "function": {"name": "f"}}]).message)
-        self.rejects("functions", functions=[{"name": "f"}])
-        self.rejects("tool_choice", tool_choice="auto")
-        self.rejects("function_call", function_call={"name": "f"})
-        self.rejects("response_format", response_format={"type": "json_object"})
-        self.rejects("response_format", response_format="json")
+    def test_tools_are_read(self):
+        weather = {"type": "function", "function": {"name": "get_weather", "description": "W",
+                                                    "parameters": {"properties": {}}}}
+        time_ = {"type": "function", "function": {"name": "get_time"}}
+        request = self.parse(tools=[weather, time_], parallel_tool_calls=False)
+        self.assertEqual([(t.name, t.description, t.schema) for t in request.tools], [
+            ("get_time", "", {"type": "object", "properties": {}}),
+            ("get_weather", "W", {"type": "object", "properties": {}})], "sorted: cacheable")
+        self.assertEqual((request.tool_choice, request.parallel_tools), ("auto", False))
+        self.assertEqual(self.parse(tools=[weather], tool_choice="required").tool_choice,
+                         "required")
+        named = self.parse(tools=[weather], tool_choice={"type": "function", "function": {
+            "name": "get_weather"}})
+        self.assertEqual(named.tool_choice, "get_weather")
+        self.assertEqual(self.parse(tools=[weather], tool_choice="none").tools, (),
+                         "none offers nothing")
+        allowed = self.parse(tools=[weather, time_], tool_choice={
+            "type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+                {"type": "function", "function": {"name": "get_time"}}]}})
+        self.assertEqual(([t.name for t in allowed.tools], allowed.tool_choice),
+                         (["get_time"], "required"))
+        legacy = self.parse(functions=[weather["function"]], function_call={"name": "get_weather"})
+        self.assertEqual((legacy.tools[0].name, legacy.tool_choice, legacy.parallel_tools,
+                          legacy.echo), ("get_weather", "get_weather", False, {"functions": True}))
+        self.assertEqual(self.parse(response_format={"type": "json_object"}).output_schema,
+                         {"type": "object"})
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        self.assertEqual(self.parse(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": schema, "strict": True}}).output_schema, schema)
+
+    def test_tool_history_becomes_tool_blocks(self):
+        request = self.parse(messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "w", "arguments":
+                                                              '{"city": "Paris"}'}},
+                {"id": "c2", "type": "function", "function": {"name": "w", "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "rain"}]},
+            {"role": "user", "content": "thanks"}])
+        self.assertEqual(request.turns, [
+            ("user", [{"type": "text", "text": "weather?"}]),
+            ("assistant", [{"type": "tool_use", "id": "c1", "name": "w", "input": {
+                "city": "Paris"}}, {"type": "tool_use", "id": "c2", "name": "w", "input": {}}]),
+            ("user", [{"type": "tool_result", "tool_use_id": "c1", "content": [
+                {"type": "text", "text": "sunny"}]}, {"type": "tool_result", "tool_use_id": "c2",
+                                                      "content": [{"type": "text",
+                                                                   "text": "rain"}]},
+                {"type": "text", "text": "thanks"}])])
+        legacy = self.parse(messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "function_call": {"name": "w", "arguments": "{}"}},
+            {"role": "function", "name": "w", "content": "sunny"}])
+        self.assertEqual(legacy.turns[1][1][0]["id"], legacy.turns[2][1][0]["tool_use_id"])
+
+    def test_bad_tools_are_a_400_naming_the_field(self):
+        fn = {"type": "function", "function": {"name": "f"}}
+        self.rejects("tools", tools="f")
+        self.rejects("tools[0].type", tools=[{"type": "custom", "custom": {"name": "f"}}])
+        self.rejects("tools[0]", tools=[{"type": "function"}])
+        for name in ("a b", "x" * 65, "", None, "caf\u00e9"):
+            self.rejects("tools[0].function.name", tools=[{"type": "function", "function": {
+                "name": name}}])
+        self.rejects("tools[0].function.description", tools=[{"type": "function", "function": {
+            "name": "f", "description": 5}}])
+        for bad in ({"type": "array"}, [], "x"):
+            self.rejects("tools[0].function.parameters", tools=[{"type": "function", "function": {
+                "name": "f", "parameters": bad}}])
+        self.rejects("tools", tools=[fn, fn])
+        self.rejects("tools", tools=[fn] * (proxy.MAX_TOOLS + 1))
+        self.rejects("functions", tools=[fn], functions=[{"name": "g"}])
+        self.rejects("tool_choice", tools=[fn], tool_choice={"type": "function", "function": {
+            "name": "g"}})
+        for bad in (5, "always", {"type": "function"}):
+            self.rejects("tool_choice", tools=[fn], tool_choice=bad)
+        self.rejects("function_call", functions=[{"name": "f"}], function_call={"name": "g"})
+        self.rejects("parallel_tool_calls", tools=[fn], parallel_tool_calls="yes")
+        self.rejects("response_format.type", response_format="json")
+        self.rejects("response_format.type", response_format={"type": "xml"})
+        self.rejects("response_format", response_format={"type": "json_schema"})
+        self.rejects("response_format", response_format={"type": "json_schema", "json_schema": {
+            "schema": {"type": "array"}}})
 
     def test_body_must_be_an_object(self):
         for body in ([], "x", 1, None):
@@ -1148,7 +1395,7 @@ class RequestTest(unittest.TestCase):
 
 class CommandTest(unittest.TestCase):
     def test_cli_gets_no_tools_no_mcp_no_commands_no_session_and_no_prompt(self):
-        argv = launch_for("SECRET PROMPT").argv(None)
+        argv = launch_for("SECRET PROMPT").argv({})
         self.assertEqual(argv[:2], ["/bin/claude", "-p"])
         for flags in (["--input-format", "stream-json"], ["--output-format", "stream-json"],
                       ["--model", "opus"], ["--tools", ""], ["--permission-mode", "dontAsk"]):
@@ -1161,24 +1408,62 @@ class CommandTest(unittest.TestCase):
         self.assertNotIn("--dangerously-skip-permissions", argv)
         self.assertNotIn("--effort", argv, "the CLI's default unless asked for")
         self.assertFalse(any("SECRET" in a for a in argv))
-        self.assertEqual(launch_for("hi").argv("/x/sys")[-2:],
+        self.assertEqual(launch_for("hi").argv({"system": "/x/sys"})[-2:],
                          ["--append-system-prompt-file", "/x/sys"])
 
     def test_none_of_the_users_claude_setup_is_read(self):
-        argv = launch_for("hi").argv(None)
+        argv = launch_for("hi").argv({})
         self.assertIn("--safe-mode", argv)
         i = argv.index("--setting-sources")
         self.assertEqual(argv[i + 1], "", "no setting source: user, project and local are out")
         self.assertEqual(argv.count("--setting-sources"), 1)
         # Opted in (--user-settings): the user's own scope, still never project or local ones.
-        argv = launch_for("hi", user_settings=True).argv(None)
+        argv = launch_for("hi", user_settings=True).argv({})
         self.assertNotIn("--safe-mode", argv)
         self.assertEqual(argv[argv.index("--setting-sources") + 1], "user")
         for flag in ("--strict-mcp-config", "--disable-slash-commands", "--no-session-persistence"):
             self.assertIn(flag, argv)
 
+    def test_tools_come_only_through_the_bridge(self):
+        tools = [{"type": "function", "function": {"name": "Bash", "description": "Mine",
+                                                   "parameters": {"type": "object"}}},
+                 {"type": "function", "function": {"name": "x" * 64}},
+                 {"type": "function", "function": {"name": "x" * 63 + "y"}}]
+        launch = launch_for("hi", tools=tools, tool_choice="required")
+        files = launch.files()
+        argv = launch.argv({"tools": "/x/tools", "system": "/x/sys"})
+        self.assertEqual(argv[argv.index("--tools") + 1], "", "none of the CLI's own tools")
+        self.assertEqual(argv[argv.index("--permission-mode") + 1], "dontAsk")
+        self.assertEqual(argv[argv.index("--max-turns") + 1], "1", "no turn after the calls")
+        self.assertIn("--strict-mcp-config", argv)
+        self.assertNotIn("--safe-mode", argv, "it would turn the bridge off")
+        self.assertEqual(argv[argv.index("--setting-sources") + 1], "")
+        config = json.loads(argv[argv.index("--mcp-config") + 1])
+        self.assertEqual(list(config["mcpServers"]), ["proxy"], "the bridge and nothing else")
+        server = config["mcpServers"]["proxy"]
+        self.assertEqual(server["args"], ["-I", os.path.abspath(proxy.__file__), "mcp-bridge",
+                                          "/x/tools"])
+        listed = json.loads(files["tools"])
+        names = [t["name"] for t in listed]
+        self.assertEqual(names[0], "Bash")
+        self.assertEqual(listed[0]["inputSchema"], {"type": "object"})
+        self.assertTrue(all(len("mcp__proxy__" + n) <= 64 for n in names), names)
+        self.assertEqual(len(set(names)), 3, "long names get distinct aliases")
+        self.assertIn("must call at least one", files["system"])
+        self.assertEqual(launch.environment({})["ENABLE_TOOL_SEARCH"], "false")
+        self.assertNotIn("ENABLE_TOOL_SEARCH", launch_for("hi").environment({}))
+        self.assertNotIn("tools", launch_for("hi").files())
+
+    def test_a_schema_goes_to_the_cli(self):
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+        argv = launch_for("hi", response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": schema}}).argv({})
+        self.assertEqual(json.loads(argv[argv.index("--json-schema") + 1]), schema)
+        self.assertNotIn("--max-turns", argv, "the CLI may remind the model once")
+        self.assertNotIn("--json-schema", launch_for("hi").argv({}))
+
     def test_effort_is_passed_on(self):
-        argv = launch_for("hi", reasoning_effort="high").argv(None)
+        argv = launch_for("hi", reasoning_effort="high").argv({})
         self.assertEqual(argv[argv.index("--effort") + 1], "high")
 
     def test_user_settings_are_off_unless_asked_for(self):
@@ -1778,8 +2063,8 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
         status, _, body = p.request("POST", "/v1/chat/completions", {"model": "opus"},
                                     headers={"Content-Type": "text/plain"})
         self.assertEqual(status, 415)
-        status, _, body = p.chat(tools=[{"type": "function", "function": {"name": "x"}}])
-        self.assertEqual((status, body["error"]["param"]), (400, "tools"))
+        status, _, body = p.chat(tools=[{"type": "function", "function": {"name": "x y"}}])
+        self.assertEqual((status, body["error"]["param"]), (400, "tools[0].function.name"))
         self.assertEqual(self.runs(), [], "no CLI is started for a bad request")
 
 class ErrorTest(FakeClaudeMixin, unittest.TestCase):
@@ -2279,8 +2564,16 @@ class MessagesDialectTest(FakeClaudeMixin, unittest.TestCase):
             return {"model": "opus", "max_tokens": 5, "messages": [{"role": "user",
                                                                   "content": content}]}
         cases = [
-            (dict(user("hi"), tools=[{"name": "x", "input_schema": {}}]), "tools"),
-            (user([{"type": "tool_result", "tool_use_id": "t", "content": "x"}]), "tool_result"),
+            (dict(user("hi"), tools=[{"name": "x y", "input_schema": {}}]), "x y"),
+            (dict(user("hi"), tools=[{"name": "x", "input_schema": {"type": "string"}}]),
+             "input_schema"),
+            (dict(user("hi"), tools=[{"type": "telepathy", "name": "x"}]), "telepathy"),
+            (dict(user("hi"), tools=[{"name": "x"}], tool_choice={"type": "tool", "name": "y"}),
+             "tool_choice"),
+            (dict(user("hi"), tool_choice={"type": "sometimes"}), "tool_choice"),
+            (dict(user("hi"), mcp_servers=[{"type": "url", "url": "https://x"}]), "mcp_servers"),
+            (user([{"type": "tool_result", "tool_use_id": "t", "content": "x"}]), "answers no"),
+            (user([{"type": "tool_use", "id": 5, "name": "x"}]), "tool_use"),
             ({"model": "opus", "max_tokens": 5, "messages": [
                 {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]},
              "prefill"),
@@ -2447,22 +2740,35 @@ class ResponsesDialectTest(FakeClaudeMixin, unittest.TestCase):
             "tools": [{"type": "function", "name": "exec_command", "strict": False,
                        "parameters": {"type": "object", "properties": {}}},
                       {"type": "web_search"}]}
-        status, _, answer = self.post(**body)
-        self.assertEqual((status, answer["error"]["param"]), (400, "tools"),
-                         "its tools wait for function calling")
-        status, response, events = self.p.request("POST", "/v1/responses",
-                                                  dict(body, tools=[]))
+        body["tools"].insert(1, {"type": "namespace", "name": "multi_agent_v1",
+                                 "description": "Agents", "tools": [
+                                     {"type": "function", "name": "spawn_agent",
+                                      "parameters": {"type": "object", "properties": {}}}]})
+        status, response, events = self.p.request("POST", "/v1/responses", body)
         self.assertEqual(status, 200)
         run = self.only_run()
-        self.assertEqual(run["system"], "<permissions instructions>read-only\n\nYou are Codex."
-                                        "<collaboration_mode>default")
+        self.assertEqual(run["system"].split("\n\n")[:2], [
+            "<permissions instructions>read-only", "You are Codex.<collaboration_mode>default"])
         self.assertIn("say hi", json.dumps(run["stdin"]))
+        self.assertEqual([t["name"] for t in run["mcp_tools"]], [
+            "mcp__proxy__exec_command", "mcp__proxy__multi_agent_v1__spawn_agent"],
+            "functions offered, web_search left out")
+        self.assertIn("(multi_agent_v1: Agents)", run["mcp_tools"][1]["description"])
 
     def test_what_is_not_supported_is_a_400_naming_it(self):
         cases = [
             ({"input": [{"type": "function_call", "call_id": "c", "name": "f",
-                         "arguments": "{}"}]}, "function_call"),
-            ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+                         "arguments": "{}"}]}, "input"),
+            ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+             "answers no"),
+            ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"},
+                        {"role": "user", "content": "x"}]}, "call_id"),
+            ({"input": "hi", "tools": [{"type": "function", "name": "a b"}]}, "tools[0].name"),
+            ({"input": "hi", "tools": [{"type": "telepathy"}]}, "telepathy"),
+            ({"input": "hi", "tools": [{"type": "namespace", "name": "n", "tools": [
+                {"type": "namespace", "name": "m", "tools": []}]}]}, "namespace"),
+            ({"input": "hi", "tools": [{"type": "function", "name": "f"}],
+              "tool_choice": {"type": "function", "name": "g"}}, "tool_choice"),
             ({"input": "hi", "text": {"format": {"type": "json_schema"}}}, "text.format"),
             ({"input": [{"role": "user", "content": [{"type": "input_file",
                                                       "file_id": "f"}]}]}, "input_file"),
@@ -2679,11 +2985,20 @@ class MalformedInputTest(FakeClaudeMixin, unittest.TestCase):
         "presence_penalty": OUT_OF_RANGE[:1] + OUT_OF_RANGE[2:] + [-2.01, 2.01],
         "frequency_penalty": OUT_OF_RANGE[:1] + OUT_OF_RANGE[2:] + [-2.01, 2.01],
         "logprobs": [True, 1, "yes", [1], {"a": 1}],
-        "tools": [[{"type": "function", "function": {"name": "f"}}], "x", {"a": 1}, 1],
-        "functions": [[{"name": "f"}], 1],
-        "tool_choice": ["auto", "required", {}, 1, True],
-        "function_call": ["auto", {"name": "f"}],
-        "response_format": ["json", 1, [], {}, {"type": "json_object"}, {"type": 5}],
+        "tools": ["x", {"a": 1}, 1, [1], [None], [{"type": "function"}], [{"type": "retrieval"}],
+                  [{"type": "function", "function": {"name": "a b"}}],
+                  [{"type": "function", "function": {"name": "x" * 65}}],
+                  [{"type": "function", "function": {"name": "f", "parameters": []}}],
+                  [{"type": "function", "function": {"name": "f", "parameters": {
+                      "type": "array"}}}],
+                  [{"type": "function", "function": {"name": "f"}}] * 2],
+        "functions": [1, [1], [{"name": 5}], [{"name": "f", "parameters": "x"}]],
+        "tool_choice": [{}, 1, True, "always", {"type": "function", "function": {
+            "name": "nope"}}],
+        "function_call": [1, "always", {"name": "nope"}],
+        "parallel_tool_calls": NOT_A_BOOL,
+        "response_format": ["json", 1, [], {}, {"type": 5}, {"type": "json_schema"},
+                            {"type": "json_schema", "json_schema": {"schema": []}}],
     }
 
     def bad_bodies(self):
@@ -3857,16 +4172,38 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         pieces = ["%s%s%d" % (" " if i else "", letter, i) for i in range(int(words.group(1)))] \
             if words else ["Hello", " from", " the", " fake", " API."]
         blocks = [("text", pieces)]
+        # [[api:call:NAME:JSON]] (repeatable) calls the offered tool NAME (or mcp__*__NAME)
+        # with the JSON as its input, after a short text: the answer stops with tool_use.
+        calls = re.findall(r"\[\[api:call:([A-Za-z0-9_-]+):(\{.*?\})\]\]", text)
+        if calls and ("<tool_result" in text or not isinstance(last, str) and any(
+                b.get("type") == "tool_result" for b in last if isinstance(b, dict))):
+            calls = []  # a call's result came back (or the CLI's denial of it): plain text
+        offered = [t.get("name", "") for t in body.get("tools") or []]
+        if calls:
+            blocks = [("text", ["Let me", " check."])]
+            for n, (name, arguments) in enumerate(calls):
+                match = [o for o in offered if o == name or o.endswith("__" + name)]
+                if not match:
+                    blocks = [("text", ["No tool %s was offered." % name])]
+                    break
+                half = len(arguments) // 2
+                blocks.append(("tool_use", {"id": "toolu_e2e_%d_%d" % (call, n),
+                                            "name": match[0], "input": json.loads(arguments),
+                                            "pieces": [arguments[:half], arguments[half:]]}))
         if "[[api:thinking]]" in text:
             blocks.insert(0, ("thinking", ["Let me think."]))  # one delta, as in p-thinking
         # [[api:max_tokens]] cuts the first answer short; the CLI then asks for the rest.
         stop = "max_tokens" if "[[api:max_tokens]]" in text or "[[api:always_max_tokens]]" in \
             json.dumps(body["messages"]) else "end_turn"
+        if any(kind == "tool_use" for kind, _ in blocks):
+            stop = "tool_use"
         usage = {"input_tokens": 12, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0, "output_tokens": 1}
         if not body.get("stream"):  # the CLI's own fallback after a stream that failed
             content = [{"type": "text", "text": "".join(p)} if kind == "text" else
                        {"type": "thinking", "thinking": "".join(p), "signature": "c2ln"}
+                       if kind == "thinking" else
+                       {"type": "tool_use", "id": p["id"], "name": p["name"], "input": p["input"]}
                        for kind, p in blocks]
             usage["output_tokens"] = 9
             data = json.dumps({"id": "msg_e2e_whole_%d" % call, "type": "message",
@@ -3904,6 +4241,18 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         for index, (kind, block_pieces) in enumerate(blocks):
             empty = {"type": "text", "text": ""} if kind == "text" else {
                 "type": "thinking", "thinking": "", "signature": ""}
+            if kind == "tool_use":
+                send("content_block_start", {"type": "content_block_start", "index": index,
+                                             "content_block": {"type": "tool_use",
+                                                               "id": block_pieces["id"],
+                                                               "name": block_pieces["name"],
+                                                               "input": {}}})
+                for piece in block_pieces["pieces"]:
+                    send("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                 "delta": {"type": "input_json_delta",
+                                                           "partial_json": piece}})
+                send("content_block_stop", {"type": "content_block_stop", "index": index})
+                continue
             send("content_block_start", {"type": "content_block_start", "index": index,
                                          "content_block": empty})
             for i, piece in enumerate(block_pieces):
@@ -4232,10 +4581,27 @@ class EndToEndTest(unittest.TestCase):
                          (False, "Hello from the fake API."), result)
         sent, _ = self.api_request("client-marker")
         self.assertEqual(sent["model"], "claude-opus-5-5", "its default model, by full id")
-        # With its ~20 built-in tools, the only refusal is theirs, until function calling lands.
-        result = client()
-        self.assertTrue(result["is_error"])
-        self.assertIn("`tools` (function calling) is not supported", result["result"])
+        # With its ~20 built-in tools, offered through the bridge: the model's call of Read goes
+        # back to the client, which runs it itself and asks again with the file's text.
+        note = os.path.join(client_home, "note.txt")
+        with open(note, "w") as f:
+            f.write("secret-note-42")
+        self.api.requests.clear()
+        done = subprocess.run(
+            [self.claude, "-p", "--output-format", "json", "--safe-mode", "--setting-sources",
+             "", "--allowedTools", "Read"],
+            input=('client-tools [[api:call:Read:{"file_path": "%s"}]]' % note).encode(),
+            env=env, capture_output=True, timeout=120, cwd=client_home)
+        result = json.loads(done.stdout)
+        self.assertEqual((result["is_error"], result["result"], result["num_turns"]),
+                         (False, "Hello from the fake API.", 2), result)
+        first, second = self.api.requests
+        offered = [t["name"] for t in first["tools"]]
+        self.assertIn("mcp__proxy__Read", offered)
+        self.assertIn("mcp__proxy__Bash", offered, "all of the client's tools")
+        self.assertFalse([n for n in offered if not n.startswith("mcp__proxy__")], offered)
+        self.assertIn("secret-note-42", json.dumps(second["messages"]),
+                      "the client ran Read and sent its result")
 
     def test_api_errors_become_http_errors(self):
         for marker, status, code in [("[[api:err401]]", 401, "claude_not_logged_in"),
@@ -4265,7 +4631,7 @@ class EndToEndTest(unittest.TestCase):
         launch = launch_for(prompt, self.claude, model="sonnet")
         run_env = {k: v for k, v in os.environ.items() if k not in env or env[k] is not None}
         run_env.update({k: v for k, v in env.items() if v is not None})
-        done = subprocess.run(launch.argv(None), input=launch.stdin(), capture_output=True,
+        done = subprocess.run(launch.argv({}), input=launch.stdin(), capture_output=True,
                               env=launch.environment(run_env), cwd=self.home, timeout=120)
         return [json.loads(line) for line in done.stdout.decode().splitlines() if line.strip()]
 
@@ -4841,7 +5207,7 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
         cwd = tempfile.mkdtemp(prefix="proxy-bench-")  # as the proxy does: not in a git repo
         self.addCleanup(shutil.rmtree, cwd, True)
         begun = time.perf_counter()
-        proc = subprocess.Popen(launch.argv(None), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(launch.argv({}), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=launch.environment(
                                     env or dict(os.environ)), cwd=cwd)
         proc.stdin.write(launch.stdin())
