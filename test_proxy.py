@@ -432,11 +432,23 @@ def scenario(text, model, opts=None):
     blocks = [("text", reply)]
     if "thinking" in d:
         blocks.insert(0, ("thinking", ["Let me think briefly."]))
-    calls = re.findall(r"\[\[fake:call:([A-Za-z0-9_-]+):(\{.*?\})\]\]", text)
+    # [[fake:call:NAME:JSON]] calls a tool (repeat it for parallel calls); once the transcript
+    # holds results, [[fake:then:NAME:JSON]] is the next step; after that the answer quotes
+    # the last result.
+    results = re.findall(r"<tool_result [^>]*>\n(.*?)\n</tool_result>", text, re.S)
+    step = ("call", "then")[len(results)] if len(results) < 2 else None
+    calls = re.findall(r"\[\[fake:%s:([A-Za-z0-9_-]+):(\{.*?\})\]\]" % step, text) \
+        if step else []
+    if results and not calls:
+        blocks = [("text", ["Tools said: ", results[-1]])]
+        reply = ["Tools said: ", results[-1]]
     structured = re.search(r"\[\[fake:structured:(\{.*?\})\]\]", text)
     if calls or (opts or {}).get("--json-schema"):
         said = blocks if "reply" in d or "thinking" in d or not (calls or structured) else []
-        return lines + [status()] + tool_turn(model, said, calls, structured, opts or {}, u)
+        turn = tool_turn(model, said, calls, structured, opts or {}, u)
+        if "stall" in d:  # the model's turn ends, and then the CLI takes its time
+            turn = turn[:1] + ["STALL"]
+        return lines + [status()] + turn
     lines.append(status())
     if "cut" in d:
         return lines + broken_stream(model, blocks, u, int(d["cut"] or 5),
@@ -661,6 +673,8 @@ def emit(line, pause=0.0, forever=False):
         _, model, blocks, stop_reason, u = line
         for event in message_events(model, blocks, stop_reason, u, pause, forever):
             out(event)
+    elif line == "STALL":
+        time.sleep(3600)
     elif isinstance(line, str):
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
@@ -1515,6 +1529,151 @@ class StopSequencesTest(unittest.TestCase):
         self.assertEqual(s.feed("x"), "STx")
 
 
+def tool_fold(text, opts=None, **options):
+    """The completion events of the fake's lines for `text`, with get_weather and get_time
+    offered through the bridge (and the lines the fake prints when they are)."""
+    tools = {"mcp__proxy__" + t.name: t for t in (
+        proxy.Tool("get_weather", "", {"type": "object"}), proxy.Tool("get_time", "", {
+            "type": "object"}, namespace=None))}
+    fake.MCP_TOOLS[:] = [{"server": "proxy", "name": name} for name in tools]
+    try:
+        lines = []
+        for line in fake.scenario(text, "claude-opus-5-5", opts):
+            if isinstance(line, tuple):
+                _, model_, blocks, stop_reason, u = line
+                lines.extend(fake.message_events(model_, blocks, stop_reason, u))
+            elif isinstance(line, dict):
+                lines.append(line)
+    finally:
+        fake.MCP_TOOLS[:] = []
+    return lines, list(proxy.completion_events(lines, tools=tools, **options))
+
+
+class ToolFoldTest(unittest.TestCase):
+    """Tool calls and structured output, from the CLI's lines to completion events."""
+    PARIS = '[[fake:call:get_weather:{"city": "Paris"}]]'
+    OSLO = '[[fake:call:get_time:{"city": "Oslo"}]]'
+
+    def calls(self, events):
+        calls, current = [], None
+        for event in events:
+            if isinstance(event, proxy.ToolCall):
+                current = [event.id, event.name, ""]
+                calls.append(current)
+            elif isinstance(event, proxy.ToolInput):
+                current[2] += event.text
+        return [(i, n, json.loads(a)) for i, n, a in calls]
+
+    def test_parallel_calls_end_the_answer_with_the_turn(self):
+        lines, events = tool_fold(self.PARIS + self.OSLO + "[[fake:reply:Let me check.]]")
+        self.assertEqual([(n, a) for _, n, a in self.calls(events)],
+                         [("get_weather", {"city": "Paris"}), ("get_time", {"city": "Oslo"})])
+        self.assertEqual("".join(e.text for e in events if isinstance(e, proxy.Text)),
+                         "Let me check.")
+        self.assertEqual((events[-1].stop_reason, events[-1].cut_short), ("tool_use", True))
+        self.assertIn("Hello from the fake API.", json.dumps(lines), "the CLI would go on")
+        self.assertNotIn(proxy.Text("Hello"), events, "but the answer ends with the turn")
+        ids = [i for i, _, _ in self.calls(events)]
+        self.assertEqual(ids, [b["id"] for line in lines if line.get("type") == "assistant"
+                               for b in line["message"]["content"] if b["type"] == "tool_use"],
+                         "the model's own call ids")
+
+    def test_a_collected_answer_says_what_the_stream_said(self):
+        _, events = tool_fold(self.PARIS)
+        body = collected(events)
+        call = body["choices"][0]["message"]["tool_calls"][0]
+        self.assertEqual(call["function"], {"name": "get_weather",
+                                            "arguments": '{"city": "Paris"}'})
+        self.assertEqual(body["choices"][0]["finish_reason"], "tool_calls")
+
+    def test_only_the_first_call_without_parallel_calls(self):
+        _, events = tool_fold(self.PARIS + self.OSLO, single_call=True)
+        self.assertEqual([n for _, n, _ in self.calls(events)], ["get_weather"])
+        self.assertEqual(events[-1].stop_reason, "tool_use")
+
+    def test_a_tool_nobody_offered_is_not_handed_back(self):
+        _, events = tool_fold('[[fake:call:rm_rf:{"path": "/"}]][[fake:reply:Trying.]]',
+                              {"--max-turns": "1"})
+        self.assertEqual(self.calls(events), [])
+        self.assertEqual("".join(e.text for e in events if isinstance(e, proxy.Text)), "Trying.")
+        self.assertIsInstance(events[-1], proxy.Finish)
+
+    def test_max_turns_ends_calls_that_came_whole(self):
+        """After a broken stream the CLI prints the turn whole; --max-turns 1 then ends it."""
+        lines, _ = tool_fold(self.PARIS, {"--max-turns": "1"})
+        start = next(i for i, l in enumerate(lines) if l.get("type") == "stream_event")
+        stream_end = max(i for i, l in enumerate(lines) if l.get("type") == "stream_event")
+        whole = [l for l in lines if l.get("type") == "assistant"]
+        message = dict(whole[0]["message"], id="msg_whole", stop_reason="tool_use")
+        message["content"] = [b for l in whole for b in l["message"]["content"]]
+        lines = lines[:start] + [dict(whole[0], message=message)] + lines[stream_end + 1:]
+        events = list(proxy.completion_events(lines, tools={
+            "mcp__proxy__get_weather": proxy.Tool("get_weather", "", {})}))
+        self.assertEqual([(n, a) for _, n, a in self.calls(events)],
+                         [("get_weather", {"city": "Paris"})])
+        self.assertEqual(events[-1].stop_reason, "tool_use")
+
+    def test_structured_output_is_the_answer(self):
+        _, events = tool_fold('[[fake:reply:Thinking aloud.]][[fake:structured:{"a": [1]}]]',
+                              {"--json-schema": "{}"}, schema=True)
+        texts = [e.text for e in events if isinstance(e, proxy.Text)]
+        self.assertEqual(texts, ['{"a":[1]}'], "only the JSON, as the CLI gives it")
+        self.assertEqual(events[-1].stop_reason, "end_turn")
+        with self.assertRaises(proxy.APIError) as caught:
+            tool_fold("no json", {"--json-schema": "{}"}, schema=True)
+        self.assertEqual((caught.exception.status, caught.exception.code),
+                         (502, "invalid_structured_output"))
+        with self.assertRaises(proxy.APIError):
+            tool_fold("no json", {"--json-schema": "{}", "--max-turns": "1"}, schema=True)
+
+    def test_input_text_keeps_what_streamed_when_it_is_the_input(self):
+        self.assertEqual(proxy.input_text('{"a":  1}', {"a": 1}), '{"a":  1}')
+        self.assertEqual(proxy.input_text('{"a": 2}', {"a": 1}), '{"a": 1}')
+        self.assertEqual(proxy.input_text("", {}), "{}")
+        self.assertEqual(proxy.input_text('{"a": ', {"a": 1}), '{"a": 1}')
+
+
+class BridgeTest(unittest.TestCase):
+    """The MCP server mode, spoken to over stdio as the CLI speaks to it."""
+
+    def talk(self, lines, tools):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(tools, f)
+        self.addCleanup(os.unlink, f.name)
+        done = subprocess.run([sys.executable, "-I", proxy.__file__, "mcp-bridge", f.name],
+                              input="".join(l if isinstance(l, str) else json.dumps(l) + "\n"
+                                            for l in lines).encode(), capture_output=True,
+                              timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return [json.loads(l) for l in done.stdout.decode().splitlines()]
+
+    def test_it_lists_the_tools_and_runs_none(self):
+        tools = [{"name": "get_weather", "description": "W", "inputSchema": {"type": "object"}}]
+        replies = self.talk([
+            {"jsonrpc": "2.0", "id": "probe", "method": "server/discover", "params": {}},
+            {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+             "params": {"protocolVersion": "2025-11-25", "capabilities": {}}},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            "not json\n", "[1]\n",
+            {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+             "params": {"name": "get_weather", "arguments": {}}},
+            {"jsonrpc": "2.0", "id": 3, "method": "ping"}], tools)
+        self.assertEqual([r["id"] for r in replies], ["probe", 0, 1, 2, 3], "one per request")
+        self.assertEqual(replies[0]["error"]["code"], -32601)
+        self.assertEqual(replies[1]["result"]["protocolVersion"], "2025-11-25")
+        self.assertEqual(replies[1]["result"]["capabilities"], {"tools": {"listChanged": False}})
+        self.assertEqual(replies[2]["result"], {"tools": tools})
+        self.assertTrue(replies[3]["result"]["isError"], "a call is never run")
+        self.assertEqual(replies[4]["result"], {})
+
+    def test_it_ends_when_the_cli_does(self):
+        self.assertEqual(self.talk([], []), [])
+        done = subprocess.run([sys.executable, proxy.__file__, "mcp-bridge"],
+                              capture_output=True, timeout=30)
+        self.assertEqual(done.returncode, 2)
+
+
 class CompletionEventsTest(unittest.TestCase):
     def events(self, text, stop=()):
         return list(proxy.completion_events(fake_lines(text), stop))
@@ -2254,6 +2413,50 @@ class ChatClient:
         test.assertEqual(events[-1], "[DONE]")
         test.assertTrue(events[-2]["choices"][0]["finish_reason"])
 
+    # Function calling: tools are (name, description, JSON schema); a call is (id, name, input).
+    def with_tools(self, body, tools, choice=None, schema=None):
+        body["tools"] = [{"type": "function", "function": {
+            "name": name, "description": about, "parameters": params}}
+            for name, about, params in tools]
+        if choice is not None:
+            body["tool_choice"] = {"type": "function", "function": {"name": choice}} \
+                if choice not in ("auto", "none", "required") else choice
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": schema}}
+        return body
+
+    def calls(self, body):
+        """(the calls of a whole answer, its finish: "tool" when it stopped to call)."""
+        choice = body["choices"][0]
+        calls = [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                 for c in choice["message"].get("tool_calls") or []]
+        assert calls == [] or choice["message"]["content"] is None, body
+        return calls, {"tool_calls": "tool"}.get(choice["finish_reason"],
+                                                 choice["finish_reason"])
+
+    def streamed_calls(self, events):
+        calls = {}
+        finish = None
+        for chunk in events:
+            if not isinstance(chunk, dict) or not chunk.get("choices"):
+                continue
+            for piece in chunk["choices"][0]["delta"].get("tool_calls") or []:
+                if "id" in piece:  # the first piece of a call names it, as OpenAI streams
+                    assert piece["index"] == len(calls), piece
+                    calls[piece["index"]] = [piece["id"], piece["function"]["name"], ""]
+                calls[piece["index"]][2] += piece["function"]["arguments"]
+            finish = chunk["choices"][0]["finish_reason"] or finish
+        return [(i, n, json.loads(a)) for i, n, a in calls.values()], \
+            {"tool_calls": "tool"}.get(finish, finish)
+
+    def follow_up(self, body, answer, results):
+        """The next request: the history so far, the answer's calls and their results."""
+        body = dict(body, messages=body["messages"] + [answer["choices"][0]["message"]] + [
+            {"role": "tool", "tool_call_id": call_id, "content": text}
+            for call_id, text in results])
+        return body
+
 
 class MessagesClient(ChatClient):
     path = "/v1/messages"
@@ -2316,6 +2519,44 @@ class MessagesClient(ChatClient):
                 test.assertEqual(event["index"], index)
         test.assertEqual(names[-3], "content_block_stop")
 
+    def with_tools(self, body, tools, choice=None, schema=None):
+        body["tools"] = [{"name": name, "description": about, "input_schema": params}
+                         for name, about, params in tools]
+        if choice is not None:
+            body["tool_choice"] = {"type": "tool", "name": choice} if choice not in (
+                "auto", "none", "required") else {"type": {"required": "any"}.get(choice,
+                                                                                 choice)}
+        if schema is not None:
+            body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+        return body
+
+    def calls(self, body):
+        self.test_shape(body)
+        calls = [(b["id"], b["name"], b["input"]) for b in body["content"]
+                 if b["type"] == "tool_use"]
+        return calls, {"tool_use": "tool"}.get(body["stop_reason"],
+                                               self.FINISH.get(body["stop_reason"]))
+
+    def streamed_calls(self, events):
+        calls, stop = {}, None
+        for name, event in events:
+            if name == "content_block_start" and event["content_block"]["type"] == "tool_use":
+                block = event["content_block"]
+                assert block["input"] == {}, block
+                calls[event["index"]] = [block["id"], block["name"], ""]
+            elif name == "content_block_delta" and event["delta"]["type"] == "input_json_delta":
+                calls[event["index"]][2] += event["delta"]["partial_json"]
+            elif name == "message_delta":
+                stop = event["delta"]["stop_reason"]
+        return [(i, n, json.loads(a)) for i, n, a in calls.values()], \
+            {"tool_use": "tool"}.get(stop, self.FINISH.get(stop))
+
+    def follow_up(self, body, answer, results):
+        return dict(body, messages=body["messages"] + [
+            {"role": "assistant", "content": answer["content"]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id,
+                                          "content": text} for call_id, text in results]}])
+
 
 class ResponsesClient(ChatClient):
     path = "/v1/responses"
@@ -2367,6 +2608,46 @@ class ResponsesClient(ChatClient):
                                      "response.output_item.done", "response.completed"])
         final = events[-1][1]["response"]
         test.assertEqual(final["output"][-1]["content"][0]["text"], self.streamed(events)[0])
+
+    def with_tools(self, body, tools, choice=None, schema=None):
+        body["tools"] = [{"type": "function", "name": name, "description": about,
+                          "parameters": params} for name, about, params in tools]
+        if choice is not None:
+            body["tool_choice"] = {"type": "function", "name": choice} if choice not in (
+                "auto", "none", "required") else choice
+        if schema is not None:
+            body["text"] = {"format": {"type": "json_schema", "name": "answer",
+                                       "schema": schema}}
+        return body
+
+    def calls(self, body):
+        calls = [(i["call_id"], i["name"], json.loads(i["arguments"])) for i in body["output"]
+                 if i["type"] == "function_call"]
+        finish = "tool" if calls else {"completed": "stop", "incomplete": "length"}[
+            body["status"]]
+        return calls, finish
+
+    def streamed_calls(self, events):
+        items, arguments, final = {}, {}, None
+        for name, event in events:
+            if name == "response.output_item.added" and event["item"]["type"] == "function_call":
+                items[event["item"]["id"]] = event["item"]
+                arguments[event["item"]["id"]] = ""
+            elif name == "response.function_call_arguments.delta":
+                arguments[event["item_id"]] += event["delta"]
+            elif name == "response.function_call_arguments.done":
+                assert event["arguments"] == arguments[event["item_id"]], event
+            elif name == "response.completed":
+                final = event["response"]
+        calls = [(item["call_id"], item["name"], json.loads(arguments[key]))
+                 for key, item in items.items()]
+        return calls, "tool" if calls and final else "stop" if final else None
+
+    def follow_up(self, body, answer, results):
+        return dict(body, input=[], previous_response_id=answer["id"]) if not results else \
+            dict(body, previous_response_id=answer["id"], input=[
+                {"type": "function_call_output", "call_id": call_id, "output": text}
+                for call_id, text in results])
 
 
 class DialectContract(FakeClaudeMixin):
@@ -2469,6 +2750,109 @@ class DialectContract(FakeClaudeMixin):
             self.assertTrue(chunk, "the stream ended before the first words")
             received += chunk
         s.close()
+        self.assert_no_cli_left(self.p)
+
+    WEATHER = [("get_weather", "The weather in a city.", {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+        ("get_time", "The time in a city.", {"type": "object", "properties": {
+            "city": {"type": "string"}}})]
+    PARIS = '[[fake:call:get_weather:{"city": "Paris"}]]'
+    OSLO = '[[fake:call:get_time:{"city": "Oslo"}]]'
+
+    def post(self, body):
+        status, _, answer = self.p.request("POST", self.client.path, body)
+        self.assertEqual(status, 200, answer)
+        return answer
+
+    def post_stream(self, body):
+        conn = self.p.connect()
+        try:
+            conn.request("POST", self.client.path, body=json.dumps(dict(body, stream=True)),
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            self.assertEqual(response.status, 200)
+            return self.client.parse_stream(response.read())
+        finally:
+            conn.close()
+
+    def test_a_tool_call_round_trip(self):
+        """The model calls a client function; the client runs it and asks again with the
+        result, which the model then answers from."""
+        body = self.client.with_tools(self.client.body("Weather in Paris? " + self.PARIS),
+                                      self.WEATHER)
+        answer = self.post(body)
+        calls, finish = self.client.calls(answer)
+        self.assertEqual([(name, args) for _, name, args in calls],
+                         [("get_weather", {"city": "Paris"})])
+        self.assertEqual(finish, "tool")
+        run = self.only_run()
+        self.assertEqual([t["name"] for t in run["mcp_tools"]],
+                         ["mcp__proxy__get_time", "mcp__proxy__get_weather"])
+        self.assertEqual(run["mcp_tools"][1]["input_schema"], self.WEATHER[0][2])
+        self.assert_no_cli_left(self.p)
+        follow_up = self.client.follow_up(body, answer, [(calls[0][0], "sunny, 21C")])
+        self.assertEqual(self.client.answer(self.post(follow_up)),
+                         ("Tools said: sunny, 21C", "", "stop"))
+        prompt = json.dumps(self.runs()[-1]["stdin"])
+        self.assertIn('name=\\"mcp__proxy__get_weather\\"', prompt, "the call, by its name")
+        self.assertIn(calls[0][0], prompt, "the result, matched to its call by id")
+        self.assert_no_cli_left(self.p)
+
+    def test_parallel_calls_streamed_as_the_api_streams_them(self):
+        body = self.client.with_tools(self.client.body(self.PARIS + self.OSLO), self.WEATHER)
+        whole, finish = self.client.calls(self.post(body))
+        events = self.post_stream(body)
+        streamed, streamed_finish = self.client.streamed_calls(events)
+        expected = [("get_weather", {"city": "Paris"}), ("get_time", {"city": "Oslo"})]
+        self.assertEqual([(n, a) for _, n, a in whole], expected)
+        self.assertEqual([(n, a) for _, n, a in streamed], expected)
+        self.assertEqual((finish, streamed_finish), ("tool", "tool"))
+        self.assertEqual(len({i for i, _, _ in streamed}), 2, "each call its own id")
+        self.assert_no_cli_left(self.p)
+
+    def test_the_answer_ends_with_the_models_turn(self):
+        """The CLI is not waited for after the turn that called (it would deny the calls and
+        ask the model again): the answer goes out and the CLI is ended."""
+        body = self.client.with_tools(self.client.body(self.PARIS + "[[fake:stall]]"),
+                                      self.WEATHER)
+        calls, finish = self.client.calls(self.post(body))
+        self.assertEqual((len(calls), finish), (1, "tool"))
+        calls, finish = self.client.streamed_calls(self.post_stream(body))
+        self.assertEqual((len(calls), finish), (1, "tool"))
+        self.assert_no_cli_left(self.p)
+
+    def test_tool_choice(self):
+        body = self.client.body("hi " + self.PARIS)
+        none = self.post(self.client.with_tools(dict(body), self.WEATHER, "none"))
+        run = self.runs()[-1]
+        self.assertNotIn("--mcp-config", run["argv"], "none: nothing is offered")
+        self.assertEqual(self.client.calls(none), ([], "stop"))
+        self.post(self.client.with_tools(dict(body), self.WEATHER, "required"))
+        self.assertIn("must call at least one", self.runs()[-1]["system"])
+        self.post(self.client.with_tools(dict(body), self.WEATHER, "get_time"))
+        self.assertIn("must call the tool mcp__proxy__get_time", self.runs()[-1]["system"])
+        self.post(self.client.with_tools(dict(body), self.WEATHER, "auto"))
+        self.assertNotIn("must call", self.runs()[-1]["system"])
+
+    def test_structured_output(self):
+        schema = {"type": "object", "properties": {"name": {"type": "string"}},
+                  "required": ["name"]}
+        body = self.client.with_tools(self.client.body(
+            'Who? [[fake:reply:Let me see.]][[fake:structured:{"name": "Ada"}]]'), [],
+            schema=schema)
+        del body["tools"]
+        text, _, finish = self.client.answer(self.post(body))
+        self.assertEqual((json.loads(text), finish), ({"name": "Ada"}, "stop"))
+        run = self.runs()[-1]
+        self.assertEqual(json.loads(run["argv"][run["argv"].index("--json-schema") + 1]),
+                         schema)
+        text, _, finish, error = self.client.streamed(self.post_stream(body))
+        self.assertEqual((json.loads(text), finish, error), ({"name": "Ada"}, "stop", None))
+        body = self.client.with_tools(self.client.body("Who? No JSON here."), [], schema=schema)
+        del body["tools"]
+        status, _, answer = self.p.request("POST", self.client.path, body)
+        self.assertEqual(status, 502)
+        self.assertIn("requested JSON format", self.client.error(answer))
         self.assert_no_cli_left(self.p)
 
     def test_bad_bodies_are_400_in_the_dialects_shape(self):
