@@ -274,6 +274,7 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
     """One API message as the CLI streams it: message_start, per block start/deltas/assistant/
     stop, message_delta, message_stop. blocks: [("text"|"thinking", [pieces])]."""
     message_id = "msg_fake_" + uuid.uuid4().hex[:20]
+    later = []
     u = u or usage(12, 1)
     start = dict(u)
     start["output_tokens"] = 1
@@ -289,12 +290,18 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
             for piece in pieces["pieces"]:
                 yield stream({"type": "content_block_delta", "index": index, "delta": {
                     "type": "input_json_delta", "partial_json": piece}}, message_id)
-            yield assistant(message_id, model, {"type": "tool_use", "id": pieces["id"],
-                                                "name": pieces["name"],
-                                                "input": pieces["input"]}, start)
+            line = assistant(message_id, model, {"type": "tool_use", "id": pieces["id"],
+                                                 "name": pieces["name"],
+                                                 "input": pieces["input"]}, start)
+            if pieces["name"].startswith("mcp__"):
+                server, _, tool = pieces["name"][5:].partition("__")
+                line["tool_use_meta"] = [{"id": pieces["id"], "display_name": tool.replace(
+                    "_", " ").title(), "server_display_name": server, "tool_name": tool}]
+            yield line
             yield stream({"type": "content_block_stop", "index": index}, message_id)
             for line in pieces.get("after", []):  # the CLI's verdict comes as the block ends
                 yield line
+            later += pieces.get("later", [])
             continue
         empty = {"type": "text", "text": ""} if kind == "text" else {
             "type": "thinking", "thinking": "", "signature": ""}
@@ -334,6 +341,8 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
     yield stream({"type": "message_delta", "delta": {"stop_reason": stop_reason,
                                                      "stop_sequence": None},
                   "usage": {"output_tokens": u["output_tokens"]}}, message_id)
+    for line in later:  # the tool results, as the calls were dealt with
+        yield line
     yield stream({"type": "message_stop"}, message_id)
 
 
@@ -472,10 +481,21 @@ ENFORCE = ("[structured-output-enforce] You MUST call the StructuredOutput tool 
            "this request. Call this tool now.")
 
 
-def user_line(content):
-    return {"type": "user", "message": {"role": "user", "content": content},
+def user_line(content, decision=None):
+    """A user line; with `decision` ("accept" or "reject"), the result of a tool call."""
+    line = {"type": "user", "message": {"role": "user", "content": content},
             "parent_tool_use_id": None, "session_id": SESSION, "uuid": str(uuid.uuid4()),
             "timestamp": "2026-11-24T11:47:55.098Z"}
+    if decision:
+        result = content[0]
+        line["tool_use_result"] = result["content"] if decision == "accept" else \
+            "Error: " + result["content"]
+        meta = {"id": result["tool_use_id"], "permission_decision": {"decision": decision,
+                                                                    "source": "config"}}
+        if decision == "reject":
+            meta["non_execution_kind"] = "user-rejected"
+        line["tool_result_meta"] = [meta]
+    return line
 
 
 def tool_block(name, arguments, after):
@@ -504,22 +524,24 @@ def tool_turn(model, blocks, calls, structured, opts, u):
         if offered:
             block[1]["after"] = [
                 {"type": "system", "subtype": "permission_denied", "tool_name": full,
-                 "tool_use_id": call_id, "message": DENIED % full, "uuid": str(uuid.uuid4()),
-                 "session_id": SESSION},
+                 "tool_use_id": call_id, "decision_reason_type": "mode",
+                 "message": DENIED % full, "uuid": str(uuid.uuid4()), "session_id": SESSION}]
+            block[1]["later"] = [
                 user_line([{"type": "tool_result", "content": DENIED % full, "is_error": True,
-                            "tool_use_id": call_id}])]
+                            "tool_use_id": call_id}], "reject")]
             denials.append({"tool_name": full, "tool_use_id": call_id,
                             "tool_input": json.loads(arguments)})
         else:
-            block[1]["after"] = [user_line([{"type": "tool_result", "content": (
+            block[1]["later"] = [user_line([{"type": "tool_result", "content": (
                 "<tool_use_error>Error: No such tool available: %s</tool_use_error>" % full),
                 "is_error": True, "tool_use_id": call_id}])]
         blocks.append(block)
     if structured and opts.get("--json-schema"):
         value = json.loads(structured.group(1))
         block = tool_block("StructuredOutput", structured.group(1), [])
-        block[1]["after"] = [user_line([{"tool_use_id": block[1]["id"], "type": "tool_result",
-                                         "content": "Structured output provided successfully"}])]
+        block[1]["later"] = [user_line([{"tool_use_id": block[1]["id"], "type": "tool_result",
+                                         "content": "Structured output provided successfully"}],
+                                       "accept")]
         blocks.append(block)
     stop = "tool_use" if any(kind == "tool_use" for kind, _ in blocks) else "end_turn"
     lines = [("MESSAGE", model, blocks, stop, u)]
@@ -531,10 +553,13 @@ def tool_turn(model, blocks, calls, structured, opts, u):
     if opts.get("--max-turns") == "1":
         r = result(model, "", u, stop_reason=stop, is_error=True, subtype="error_max_turns",
                    terminal="max_turns", errors=["Reached maximum number of turns (1)"])
-        r.update({"permission_denials": denials, "num_turns": 2})
+        r.update({"permission_denials": denials, "num_turns": 2,
+                  "begun_message_ids": ["msg_fake_" + uuid.uuid4().hex[:20]]})
+        if not calls and opts.get("--json-schema"):
+            lines.append(synthetic_user(ENFORCE))  # the nudge, then the limit
         return lines + [r]
     if not calls:  # --json-schema, answered with text: nudged once
-        lines += [user_line([{"type": "text", "text": ENFORCE}]), status(), lines[0]]
+        lines += [synthetic_user(ENFORCE), status(), lines[0]]
     else:  # the CLI asks the model again with the denials
         lines += [status(), ("MESSAGE", model, [("text", REPLY)], "end_turn", u)]
     r = result(model, "".join(REPLY) if calls else "".join(blocks[-1][1]) if blocks else "",
@@ -4826,7 +4851,7 @@ class EndToEndTest(unittest.TestCase):
                 f.write(text)
         return home, project, witness
 
-    def through_customized_home(self, **overrides):
+    def through_customized_home(self, tools=None, **overrides):
         """Three requests with the same model and system message (the first two identical)
         through a proxy whose user has customized_home() and whose working directory is below
         its project directory: (the markers that reached the API, witness files, files that
@@ -4843,9 +4868,10 @@ class EndToEndTest(unittest.TestCase):
             self.addCleanup(p.close)
             after = []
             for prompt in ("iso-same", "iso-same", "iso-other"):
-                status, _, body = p.request("POST", "/v1/chat/completions", {
+                status, _, body = p.request("POST", "/v1/chat/completions", dict({
                     "model": "sonnet", "messages": [{"role": "system", "content": "Be brief."},
-                                                    {"role": "user", "content": prompt}]})
+                                                    {"role": "user", "content": prompt}]},
+                    **({"tools": tools} if tools else {})))
                 self.assertEqual(status, 200, body)
                 self.assertEqual(body["choices"][0]["message"]["content"],
                                  "Hello from the fake API.")
@@ -4883,6 +4909,80 @@ class EndToEndTest(unittest.TestCase):
         self.assertEqual(run.memory, [], "auto-memory directories under ~/.claude/projects")
         self.assert_same_prompt_prefix(run.sent)
         self.assertEqual(run.sent[0].get("tools") or [], [])
+
+    def test_with_tools_none_of_the_users_claude_setup_either(self):
+        """A request with tools runs without --safe-mode (it would turn the bridge off): the
+        rest still keeps everything of the user's out."""
+        run = self.through_customized_home(tools=[{"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object"}}}])
+        self.assertEqual(run.arrived, set(), "markers that reached the Messages API")
+        self.assertEqual(run.witnesses, [], "hooks or MCP servers that ran")
+        self.assertEqual(run.added, set(), "files a request added under ~/.claude")
+        self.assertEqual(run.memory, [], "auto-memory directories under ~/.claude/projects")
+        self.assert_same_prompt_prefix(run.sent)
+        self.assertEqual([t["name"] for t in run.sent[0]["tools"]], ["mcp__proxy__get_weather"])
+
+    def test_tool_calls_through_the_real_cli(self):
+        """The model (the fake API) calls the offered mcp__proxy__get_weather: the client gets
+        get_weather with the exact arguments, the CLI run ends at the call (one API request,
+        no process left), and the follow-up with the result gets the final answer."""
+        weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}
+        prompt = 'e2e-tools [[api:call:get_weather:{"city": "Paris", "unit": "C"}]]'
+        body = {"model": "sonnet", "messages": [{"role": "user", "content": prompt}],
+                "tools": [weather]}
+        status, _, answer = self.proxy.request("POST", "/v1/chat/completions", body)
+        self.assertEqual(status, 200, answer)
+        message = answer["choices"][0]["message"]
+        self.assertEqual(answer["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(message["content"], "Let me check.")
+        call = message["tool_calls"][0]
+        self.assertEqual((call["function"]["name"], json.loads(call["function"]["arguments"])),
+                         ("get_weather", {"city": "Paris", "unit": "C"}))
+        self.assertEqual(len(self.api.requests), 1, "no second request for the denied call")
+        self.assertEqual([t["name"] for t in self.api.requests[0]["tools"]],
+                         ["mcp__proxy__get_weather"])
+        wait_until(lambda: not self.proxy.server.processes, what="the CLI to be gone")
+        body["messages"] += [message, {"role": "tool", "tool_call_id": call["id"],
+                                       "content": "sunny"}]
+        status, _, answer = self.proxy.request("POST", "/v1/chat/completions", body)
+        self.assertEqual((status, answer["choices"][0]["message"]["content"]),
+                         (200, "Hello from the fake API."))
+        self.assertIn("sunny", json.dumps(self.api.requests[-1]["messages"]))
+        # Streamed, and through the other two dialects.
+        self.api.requests.clear()
+        events = parse_sse(self.proxy.request("POST", "/v1/chat/completions", dict(
+            body, messages=body["messages"][:1], stream=True))[2])
+        calls, finish = ChatClient().streamed_calls(events)
+        self.assertEqual(([(n, a) for _, n, a in calls], finish),
+                         ([("get_weather", {"city": "Paris", "unit": "C"})], "tool"))
+        status, _, answer = self.proxy.request("POST", "/v1/messages", MessagesClient().with_tools(
+            MessagesClient().body(prompt), [("get_weather", "", weather["function"]["parameters"])]))
+        self.assertEqual(MessagesClient().calls(answer)[1], "tool")
+        self.assertEqual(MessagesClient().calls(answer)[0][0][1:],
+                         ("get_weather", {"city": "Paris", "unit": "C"}))
+        status, _, answer = self.proxy.request("POST", "/v1/responses", ResponsesClient().with_tools(
+            ResponsesClient().body(prompt, stream=True), [("get_weather", "", {})]))
+        calls, finish = ResponsesClient().streamed_calls(parse_named_sse(answer))
+        self.assertEqual(([(n, a) for _, n, a in calls], finish),
+                         ([("get_weather", {"city": "Paris", "unit": "C"})], "tool"))
+        self.assertEqual(len(self.api.requests), 3, "one API request per tool turn")
+        wait_until(lambda: not self.proxy.server.processes, what="the CLI to be gone")
+
+    def test_structured_output_through_the_real_cli(self):
+        schema = {"type": "object", "properties": {"name": {"type": "string"}},
+                  "required": ["name"]}
+        status, _, answer = self.proxy.request("POST", "/v1/chat/completions", {
+            "model": "sonnet", "messages": [{"role": "user", "content":
+                                             'e2e-schema [[api:call:StructuredOutput:{"name": "Ada"}]]'}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person",
+                                                                       "schema": schema}}})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(json.loads(answer["choices"][0]["message"]["content"]), {"name": "Ada"})
+        sent, _ = self.api_request("e2e-schema")
+        structured = [t for t in sent["tools"] if t["name"] == "StructuredOutput"]
+        self.assertEqual(structured[0]["input_schema"], schema)
+        self.assertEqual(len(self.api.requests), 1)
 
     def test_the_subscription_login_still_authenticates(self):
         """OAuth credentials are not settings: --safe-mode --setting-sources "" keeps them."""
@@ -5010,14 +5110,58 @@ class EndToEndTest(unittest.TestCase):
             status, _, body = self.proxy.chat("e2e-marker-10")
             self.assertEqual(status, 200)
 
-    def run_real_cli(self, prompt, **env):
-        """The real CLI run exactly as the proxy runs it, without the proxy: its stdout lines."""
-        launch = launch_for(prompt, self.claude, model="sonnet")
+    def run_real_cli(self, prompt, fields=None, **env):
+        """The real CLI run exactly as the proxy runs it, without the proxy: its stdout lines.
+        `fields`: more of the Chat request (tools, response_format)."""
+        launch = launch_for(prompt, self.claude, model="sonnet", **(fields or {}))
         run_env = {k: v for k, v in os.environ.items() if k not in env or env[k] is not None}
         run_env.update({k: v for k, v in env.items() if v is not None})
-        done = subprocess.run(launch.argv({}), input=launch.stdin(), capture_output=True,
+        paths = {}
+        for name, text in launch.files().items():
+            paths[name] = os.path.join(self.home, "run-%s.txt" % name)
+            with open(paths[name], "w") as f:
+                f.write(text)
+        done = subprocess.run(launch.argv(paths), input=launch.stdin(), capture_output=True,
                               env=launch.environment(run_env), cwd=self.home, timeout=120)
         return [json.loads(line) for line in done.stdout.decode().splitlines() if line.strip()]
+
+    def test_the_fake_speaks_like_the_real_cli_with_tools(self):
+        """Tool calls through the bridge and structured output, line for line and key for key
+        (one call: the CLI's denial lines of parallel calls interleave as they happen)."""
+        weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}
+        schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+            "type": "object", "properties": {"name": {"type": "string"}}}}}
+        cases = [
+            ('e2e [[api:call:get_weather:{"city": "Paris"}]]',
+             '[[fake:reply:Let me check.]][[fake:call:get_weather:{"city": "Paris"}]]',
+             {"tools": [weather]}),
+            ('e2e [[api:call:StructuredOutput:{"name": "Ada"}]]',
+             '[[fake:reply:Let me check.]][[fake:structured:{"name": "Ada"}]]',
+             {"response_format": schema}),
+            ("e2e no json", "no json", {"response_format": schema}),
+            ("e2e no json", "no json", {"response_format": schema, "tools": [weather]})]
+        for api_prompt, fake_prompt, fields in cases:
+            real = self.run_real_cli(api_prompt, fields)
+            argv = launch_for("x", self.claude, model="sonnet", **fields).argv({"tools": "t"})
+            opts, _ = fake.parse(argv[1:])
+            fake.MCP_TOOLS[:] = [{"server": "proxy", "name": "mcp__proxy__get_weather"}] \
+                if "tools" in fields else []
+            try:
+                os.environ["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = "1"  # as the launch sets it
+                ours = [fake.init_line(opts, "claude-sonnet-5-5")]
+                ours = [fake.ui_invalidate()] if opts.get("--safe-mode") else []
+                ours.append(fake.init_line(opts, "claude-sonnet-5-5"))
+                for line in fake.scenario(fake_prompt, "claude-sonnet-5-5", opts):
+                    ours.extend(fake.message_events(*line[1:]) if isinstance(line, tuple)
+                                else [line])
+            finally:
+                fake.MCP_TOOLS[:] = []
+                del os.environ["CLAUDE_CODE_DISABLE_AUTO_MEMORY"]
+            assert_same_lines(self, ours, real, api_prompt)
+            init = [line for line in real if line.get("subtype") == "init"][0]
+            self.assertEqual(init["tools"], [line for line in ours if line.get(
+                "subtype") == "init"][0]["tools"], api_prompt)
 
     def test_the_fake_speaks_like_the_real_cli(self):
         """The fake claude, line kind for line kind and key for key, against the live CLI in
