@@ -5326,6 +5326,70 @@ class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
                                     api_key="not-needed", max_retries=0, timeout=30)
         self.addCleanup(self.client.close)
 
+    WEATHER = {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    CALLS = ('Paris and Oslo? [[fake:call:get_weather:{"city": "Paris"}]]'
+             '[[fake:call:get_weather:{"city": "Oslo"}]]')
+
+    def test_chat_tool_calls_parse_whole_and_streamed(self):
+        messages = [{"role": "user", "content": self.CALLS}]
+        whole = self.client.chat.completions.create(model="sonnet", messages=messages,
+                                                    tools=[self.WEATHER])
+        choice = whole.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls")
+        self.assertEqual([(c.type, c.function.name, json.loads(c.function.arguments))
+                          for c in choice.message.tool_calls],
+                         [("function", "get_weather", {"city": "Paris"}),
+                          ("function", "get_weather", {"city": "Oslo"})])
+        with self.client.chat.completions.stream(model="sonnet", messages=messages,
+                                                 tools=[self.WEATHER]) as stream:
+            final = stream.get_final_completion()
+        calls = final.choices[0].message.tool_calls
+        self.assertEqual([json.loads(c.function.arguments) for c in calls],
+                         [{"city": "Paris"}, {"city": "Oslo"}])
+        self.assertEqual(final.choices[0].finish_reason, "tool_calls")
+        # The results go back as `tool` messages; the answer comes from them.
+        follow = self.client.chat.completions.create(model="sonnet", tools=[self.WEATHER],
+                                                     messages=messages + [
+            choice.message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "tool_call_id": c.id, "content": "sunny in " + json.loads(
+                c.function.arguments)["city"]} for c in choice.message.tool_calls])
+        self.assertEqual(follow.choices[0].message.content, "Tools said: sunny in Oslo")
+
+    def test_structured_output_parses_into_a_model(self):
+        import pydantic
+
+        class Person(pydantic.BaseModel):
+            name: str
+            age: int
+
+        parsed = self.client.chat.completions.parse(
+            model="sonnet", response_format=Person, messages=[{"role": "user", "content":
+                                                               'Who? [[fake:structured:'
+                                                               '{"name": "Ada", "age": 36}]]'}])
+        self.assertEqual(parsed.choices[0].message.parsed, Person(name="Ada", age=36))
+        schema = json.loads(self.runs()[-1]["argv"][self.runs()[-1]["argv"].index(
+            "--json-schema") + 1])
+        self.assertEqual(schema["required"], ["name", "age"], "the SDK's strict schema")
+
+    def test_responses_function_calls_parse_whole_and_streamed(self):
+        tool = dict(self.WEATHER["function"], type="function")
+        whole = self.client.responses.create(model="sonnet", input=self.CALLS, tools=[tool])
+        calls = [item for item in whole.output if item.type == "function_call"]
+        self.assertEqual([(c.name, json.loads(c.arguments)) for c in calls],
+                         [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Oslo"})])
+        with self.client.responses.stream(model="sonnet", input=self.CALLS,
+                                          tools=[tool]) as stream:
+            final = stream.get_final_response()
+        self.assertEqual([json.loads(i.arguments) for i in final.output
+                          if i.type == "function_call"], [{"city": "Paris"}, {"city": "Oslo"}])
+        follow = self.client.responses.create(
+            model="sonnet", tools=[tool], previous_response_id=whole.id, input=[
+                {"type": "function_call_output", "call_id": c.call_id, "output": "rain"}
+                for c in calls])
+        self.assertEqual(follow.output_text, "Tools said: rain")
+
     def test_api_keys_and_a_busy_proxy(self):
         p = self.start_proxy(api_keys=["sdk-key"], max_concurrency=1, max_queue=1)
         url = "http://127.0.0.1:%d/v1" % p.port
@@ -5455,7 +5519,7 @@ class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
                                          previous_response_id="resp_gone")
         with self.assertRaises(openai.BadRequestError):
             self.client.responses.create(model="sonnet", input="x", tools=[{
-                "type": "function", "name": "f", "parameters": {"type": "object"}}])
+                "type": "function", "name": "no spaces", "parameters": {"type": "object"}}])
 
 
 ##############################################################################
@@ -5504,6 +5568,55 @@ class AgentsSDKTest(FakeClaudeMixin, unittest.TestCase):
             self.assertIn("Hello from the fake API.", json.dumps(self.runs()[-1]["stdin"]))
             self.assertEqual(self.runs()[-1]["system"], "Be brief.")
 
+    def test_an_agent_loop_of_two_tool_steps(self):
+        """The agent calls one tool, then (seeing its result) another, then answers: the
+        Runner runs the tools itself, each step one request to the proxy."""
+        if agents is None:
+            self.fail("PROXY_REQUIRE_ALL=1 but the openai-agents package is not installed")
+        import asyncio
+        agents.set_tracing_disabled(True)
+        p = self.start_proxy()
+        ran = []
+
+        @agents.function_tool
+        def find_home(person: str) -> str:
+            """Where a person lives."""
+            ran.append(("find_home", person))
+            return "Paris"
+
+        @agents.function_tool
+        def get_weather(city: str) -> str:
+            """The weather in a city."""
+            ran.append(("get_weather", city))
+            return "sunny in " + city
+
+        async def run(model_kind, stream):
+            client = openai.AsyncOpenAI(base_url="http://127.0.0.1:%d/v1" % p.port,
+                                        api_key="unused", max_retries=0)
+            try:
+                agent = agents.Agent(name="Helper", tools=[find_home, get_weather],
+                                     model=model_kind(model="sonnet", openai_client=client))
+                task = ('Weather where Ada lives? [[fake:call:find_home:{"person": "Ada"}]]'
+                        '[[fake:then:get_weather:{"city": "Paris"}]]')
+                if stream:
+                    result = agents.Runner.run_streamed(agent, task)
+                    async for _ in result.stream_events():
+                        pass
+                    return result.final_output
+                return (await agents.Runner.run(agent, task)).final_output
+            finally:
+                await client.close()
+
+        for kind in (agents.OpenAIResponsesModel, agents.OpenAIChatCompletionsModel):
+            for stream in (False, True):
+                del ran[:]
+                runs_before = len(self.runs())
+                self.assertEqual(asyncio.run(run(kind, stream)), "Tools said: sunny in Paris")
+                self.assertEqual(ran, [("find_home", "Ada"), ("get_weather", "Paris")],
+                                 (kind, stream))
+                self.assertEqual(len(self.runs()) - runs_before, 3, "three model turns")
+        self.assert_no_cli_left(p)
+
 
 ##############################################################################
 # The official Anthropic Python SDK as the client
@@ -5550,6 +5663,28 @@ class AnthropicSDKTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual([b.type for b in final.content], ["thinking", "text"])
         self.assertEqual(final.content[0].thinking, "Let me think briefly.")
         self.assertEqual(final.stop_reason, "end_turn")
+
+    def test_tool_use_parses_whole_and_streamed(self):
+        tools = [{"name": "get_weather", "description": "The weather in a city.",
+                  "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+        prompt = 'Paris? [[fake:reply:Checking.]][[fake:call:get_weather:{"city": "Paris"}]]'
+        whole = self.ask(prompt, tools=tools)
+        self.assertEqual(whole.stop_reason, "tool_use")
+        self.assertEqual([(b.type, getattr(b, "text", None) or getattr(b, "input", None))
+                          for b in whole.content],
+                         [("text", "Checking."), ("tool_use", {"city": "Paris"})])
+        with self.client.messages.stream(model="claude-opus-5-5", max_tokens=100, tools=tools,
+                                         messages=[{"role": "user", "content": prompt}]) as s:
+            final = s.get_final_message()
+        self.assertEqual((final.stop_reason, final.content[1].name, final.content[1].input),
+                         ("tool_use", "get_weather", {"city": "Paris"}))
+        follow = self.client.messages.create(
+            model="claude-opus-5-5", max_tokens=100, tools=tools, messages=[
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": whole.content},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id":
+                                              whole.content[1].id, "content": "cloudy"}]}])
+        self.assertEqual(follow.content[0].text, "Tools said: cloudy")
 
     def test_errors_raise_the_sdk_exceptions(self):
         for prompt, error, status in [("[[fake:ratelimit:60]]", anthropic.RateLimitError, 429),
