@@ -219,6 +219,7 @@ HOSTED_TOOL_TYPES = re.compile(
 
 MCP_VERSION = "2025-06-18"  # the bridge's, when the CLI names none
 BRIDGE_SCRIPT = os.path.abspath(__file__)
+WORKDIR_PREFIX = "claude-max-proxy-"  # of each daemon's private directory, in the temp dir
 MAX_SCHEMA_BYTES = 64 * 1024  # --json-schema goes on the command line (128 KiB per argument)
 
 # Anthropic stop_reason -> OpenAI finish_reason.
@@ -569,6 +570,8 @@ def output_schema(value: Any, where: str) -> Optional[Dict[str, Any]]:
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise invalid(where, "A `json_schema` format needs a `schema` whose top level is "
                           "an object (`type: object`).")
+        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+            raise invalid(where, "The schema is larger than %d KiB." % (MAX_SCHEMA_BYTES // 1024))
         return dict(schema, type="object")
     raise invalid(where + ".type", "`%s` must be of type text, json_object or json_schema."
                   % where)
@@ -2713,9 +2716,55 @@ def make_workdir() -> str:
 
     One working directory for all runs, not one each: the CLI writes its path into every API
     request, and a path that differs per request would differ in every prompt."""
-    workdir = tempfile.mkdtemp(prefix="claude-max-proxy-")
+    sweep_workdirs()
+    workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
     os.mkdir(os.path.join(workdir, "cwd"), 0o700)
+    with open(os.open(os.path.join(workdir, "pid"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                      0o600), "w") as f:
+        f.write("%d\n" % os.getpid())
     return workdir
+
+
+def sweep_workdirs(now: Optional[float] = None) -> List[str]:
+    """Remove what daemons that were killed (SIGKILL, a crash) left of their make_workdir():
+    this user's directories whose `pid` file names a process that is gone, and ones of older
+    versions (no `pid` file) untouched for a day. Returns what it removed."""
+    removed = []
+    root = tempfile.gettempdir()
+    now = time.time() if now is None else now
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        try:
+            if not name.startswith(WORKDIR_PREFIX) or os.lstat(path).st_uid != os.getuid() or \
+                    not os.path.isdir(path) or os.path.islink(path):
+                continue
+            try:
+                with open(os.path.join(path, "pid")) as f:
+                    pid = int(f.read().strip())
+            except FileNotFoundError:
+                if now - os.lstat(path).st_mtime < 86400:
+                    continue
+            else:
+                if pid == os.getpid() or pid_alive(pid):
+                    continue
+            shutil.rmtree(path)
+            removed.append(path)
+        except (OSError, ValueError):
+            continue  # another daemon's, being removed, or not ours to judge
+    if removed:
+        log.info("removed %d working directories that stopped daemons left behind",
+                 len(removed))
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ClaudeProcess:

@@ -1415,6 +1415,8 @@ class RequestTest(unittest.TestCase):
         self.rejects("response_format", response_format={"type": "json_schema"})
         self.rejects("response_format", response_format={"type": "json_schema", "json_schema": {
             "schema": {"type": "array"}}})
+        self.rejects("response_format", response_format={"type": "json_schema", "json_schema": {
+            "schema": {"type": "object", "description": "x" * proxy.MAX_SCHEMA_BYTES}}})
 
     def test_body_must_be_an_object(self):
         for body in ([], "x", 1, None):
@@ -2128,9 +2130,72 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
         # The next run works in the same directory: the CLI writes its path into the prompt.
         self.assertEqual(p.chat()[0], 200)
         self.assertEqual(self.runs()[-1]["cwd"], run["cwd"])
-        self.assertEqual(os.listdir(private), ["cwd"])
+        self.assertEqual(sorted(os.listdir(private)), ["cwd", "pid"])
         p.close()
         self.assertFalse(os.path.exists(private), "the private directory goes with the daemon")
+
+    def test_a_request_as_openclaw_sends_it(self):
+        """OpenClaw 2026.9.6's shape: it streams, sends its 11 tools and tool_choice "auto"
+        with every prompt, a ~27 KB system prompt, two user messages in a row (the second a
+        parts array), and after a call: assistant (content null + tool_calls), tool, user."""
+        p = self.start_proxy()
+        tools = [{"type": "function", "function": {
+            "name": name, "description": "OpenClaw's %s tool." % name, "parameters": {
+                "type": "object", "properties": {"arg": {"type": "string"}},
+                "required": ["arg"], "additionalProperties": False}}}
+            for name in ("read", "write", "edit", "exec", "process", "web_search", "web_fetch",
+                         "browser", "canvas", "message", "sessions_spawn")]
+        system = "You are a personal assistant running inside OpenClaw.\n" + "rules " * 4500
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": "[Tue 2026-12-01 09:00 UTC] hello"},
+                    {"role": "user", "content": [{"type": "text", "text": (
+                        'list my files [[fake:call:exec:{"arg": "ls"}]]')}]}]
+        body = {"model": "claude-opus-4", "stream": True, "stream_options": {
+            "include_usage": True}, "tools": tools, "tool_choice": "auto", "messages": messages,
+            "max_completion_tokens": 8192, "store": False}
+        status, _, events = p.request("POST", "/v1/chat/completions", body)
+        self.assertEqual(status, 200)
+        calls, finish = ChatClient().streamed_calls(parse_sse(events))
+        self.assertEqual(([(n, a) for _, n, a in calls], finish),
+                         ([("exec", {"arg": "ls"})], "tool"))
+        self.assertEqual(len(self.runs()[-1]["mcp_tools"]), 11)
+        self.assertTrue(self.runs()[-1]["system"].startswith(system))
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": calls[0][0], "type": "function", "function": {
+                "name": "exec", "arguments": '{"arg": "ls"}'}}]},
+            {"role": "tool", "tool_call_id": calls[0][0], "content": "notes.txt"},
+            {"role": "user", "content": "thanks"}]
+        status, _, events = p.request("POST", "/v1/chat/completions", dict(body,
+                                                                           messages=messages))
+        self.assertEqual(ChatClient().streamed(parse_sse(events)),
+                         ("Tools said: notes.txt", "", "stop", None))
+        self.assert_no_cli_left(p)
+
+    def test_what_a_killed_daemon_left_is_swept_at_start(self):
+        root = tempfile.mkdtemp(prefix="proxy-sweep-")
+        self.addCleanup(shutil.rmtree, root, True)
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        dirs = {}
+        for name, pid, age in (("dead", gone.pid, 0), ("alive", os.getppid(), 0),
+                               ("old", None, 2 * 86400), ("new", None, 0),
+                               ("garbage", "x", 0)):
+            path = dirs[name] = os.path.join(root, "claude-max-proxy-" + name)
+            os.makedirs(os.path.join(path, "cwd"))
+            if pid is not None:
+                with open(os.path.join(path, "pid"), "w") as f:
+                    f.write(str(pid))
+            os.utime(path, (time.time() - age, time.time() - age))
+        os.mkdir(os.path.join(root, "other-dir"))
+        with mock.patch.object(tempfile, "tempdir", root):
+            removed = proxy.sweep_workdirs()
+            p = self.start_proxy()
+        self.assertEqual(sorted(removed), sorted([dirs["dead"], dirs["old"]]))
+        self.assertEqual(sorted(os.listdir(root)), sorted([
+            "claude-max-proxy-alive", "claude-max-proxy-new", "claude-max-proxy-garbage",
+            "other-dir", os.path.basename(p.server.workdir)]))
+        with open(os.path.join(p.server.workdir, "pid")) as f:
+            self.assertEqual(int(f.read()), os.getpid())
 
     def test_user_settings_reach_the_cli_only_when_asked_for(self):
         p = self.start_proxy(user_settings=True)
