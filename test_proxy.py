@@ -1482,9 +1482,18 @@ class CommandTest(unittest.TestCase):
         config = json.loads(argv[argv.index("--mcp-config") + 1])
         self.assertEqual(list(config["mcpServers"]), ["proxy"], "the bridge and nothing else")
         server = config["mcpServers"]["proxy"]
-        self.assertEqual(server["args"], ["-I", os.path.abspath(proxy.__file__), "mcp-bridge",
-                                          "/x/tools"])
         listed = json.loads(files["tools"])
+        self.assertEqual(server["args"][:3], ["-I", "-S", "-c"])
+        self.assertEqual(server["args"][4:], [os.path.abspath(proxy.__file__), "mcp-bridge",
+                                              "/x/tools"])
+        # What the CLI runs starts the bridge: it answers as the MCP server.
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            f.write(files["tools"])
+            f.flush()
+            done = subprocess.run(
+                [server["command"]] + server["args"][:-1] + [f.name], capture_output=True,
+                input=b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}\n', timeout=30)
+        self.assertEqual(json.loads(done.stdout)["result"]["tools"], listed)
         names = [t["name"] for t in listed]
         self.assertEqual(names[0], "Bash")
         self.assertEqual(listed[0]["inputSchema"], {"type": "object"})
@@ -5929,33 +5938,45 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
 
     ROUNDS = int(os.environ.get("PROXY_BENCH_ROUNDS", "30"))
 
-    def direct(self, claude, prompt, env=None):
-        """Run the CLI as the proxy does, without the proxy: (first token s, result line s)."""
-        launch = launch_for(prompt, claude, model="sonnet")
+    WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+    def direct(self, claude, prompt, env=None, tools=None):
+        """Run the CLI as the proxy does, without the proxy: (first token s, result line s);
+        with tools, the second is when the model's turn that called ended (message_delta)."""
+        launch = launch_for(prompt, claude, model="sonnet", **({"tools": tools} if tools
+                                                                else {}))
         cwd = tempfile.mkdtemp(prefix="proxy-bench-")  # as the proxy does: not in a git repo
         self.addCleanup(shutil.rmtree, cwd, True)
+        paths = {}
+        for name, text in launch.files().items():
+            paths[name] = os.path.join(cwd, name)
+            with open(paths[name], "w") as f:
+                f.write(text)
         begun = time.perf_counter()
-        proc = subprocess.Popen(launch.argv({}), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(launch.argv(paths), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=launch.environment(
                                     env or dict(os.environ)), cwd=cwd)
         proc.stdin.write(launch.stdin())
         proc.stdin.close()
         first = answered = None
         for line in proc.stdout:
-            if first is None and b"text_delta" in line:
+            if first is None and (b"text_delta" in line or b"input_json_delta" in line):
                 first = time.perf_counter() - begun
-            if answered is None and b'"type":"result"' in line:
+            if answered is None and (b'"type":"result"' in line or tools and
+                                     b'"stop_reason":"tool_use"' in line):
                 answered = time.perf_counter() - begun  # all a caller needs; exit comes later
         proc.wait()
         proc.stdout.close()
         return first, answered
 
-    def via_proxy(self, p, prompt, stream):
+    def via_proxy(self, p, prompt, stream, tools=None):
         conn = p.connect()
         begun = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body=json.dumps({
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(dict({
             "model": "sonnet", "stream": stream,
-            "messages": [{"role": "user", "content": prompt}]}),
+            "messages": [{"role": "user", "content": prompt}]}, **(
+                {"tools": tools} if tools else {}))),
             headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         first = None
@@ -5991,6 +6012,22 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
                 "" if first is None else "  first token %7.1f ms (x%.3f)" % (
                     first * 1000, first / base_first)))
 
+    def report_tools(self, claude, env):
+        """What offering tools costs (the bridge starts with the CLI), and a tool call through
+        the proxy against the same call made by the CLI directly."""
+        p = self.start_proxy(claude_bin=claude)
+        call = 'bench [[api:call:get_weather:{"city": "Paris"}]]'
+        rows = {"direct, no tools": [], "direct, bridge + call": [], "proxy, call": []}
+        for _ in range(self.ROUNDS):
+            rows["direct, no tools"].append(self.direct(claude, "hi", env)[1])
+            rows["direct, bridge + call"].append(self.direct(claude, call, env, self.WEATHER)[1])
+            rows["proxy, call"].append(self.via_proxy(p, call, False, self.WEATHER)[1])
+        base = statistics.median(rows["direct, bridge + call"])
+        print("\nfunction calling (real claude 2.1.331), %d rounds, medians:" % self.ROUNDS)
+        for name, values in rows.items():
+            print("  %-22s %7.1f ms (x%.3f of the direct call)" % (
+                name, statistics.median(values) * 1000, statistics.median(values) / base))
+
     def test_fake_cli(self):
         self.report("fake claude (Python), 5 deltas", self.fake_path, "hi")
         self.report("fake claude (Python), 2000 deltas", self.fake_path, "[[fake:words:2000]]")
@@ -6009,6 +6046,7 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
             with mock.patch.dict(os.environ, env):
                 self.report("real claude 2.1.331 + fake Messages API", claude, "hi",
                             dict(os.environ))
+                self.report_tools(claude, dict(os.environ))
         finally:
             api.shutdown()
             api.server_close()
