@@ -4657,7 +4657,13 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         blocks = [("text", pieces)]
         # [[api:call:NAME:JSON]] (repeatable) calls the offered tool NAME (or mcp__*__NAME)
         # with the JSON as its input, after a short text: the answer stops with tool_use.
-        calls = re.findall(r"\[\[api:call:([A-Za-z0-9_-]+):(\{.*?\})\]\]", text)
+        calls = []
+        for name, arguments in re.findall(r"\[\[api:call:([A-Za-z0-9_-]+):(\{.*?\})\]\]",
+                                          text.replace('\\"', '"')):  # (or JSON-quoted)
+            try:
+                calls.append((name, json.dumps(json.loads(arguments))))
+            except ValueError:
+                pass  # a marker quoted inside other text: not a call
         if calls and ("<tool_result" in text or not isinstance(last, str) and any(
                 b.get("type") == "tool_result" for b in last if isinstance(b, dict))):
             calls = []  # a call's result came back (or the CLI's denial of it): plain text
