@@ -2109,16 +2109,22 @@ class Messages(Dialect):
 
 def estimate_tokens(request: Request) -> int:
     """An estimate, not Anthropic's count: about 4 characters a token, IMAGE_TOKENS an image."""
-    chars = len(request.system or "")
+    chars = len(request.system or "") + sum(
+        len(t.name) + len(t.description) + len(json.dumps(t.schema)) for t in request.tools)
     images = 0
-    for _, blocks in request.turns:
-        for block in blocks:
-            if block["type"] == "text":
-                chars += len(block["text"])
-            elif block["source"].get("type") == "text":
-                chars += len(block["source"]["data"])
-            else:
-                images += 1
+    pending = [block for _, blocks in request.turns for block in blocks]
+    while pending:
+        block = pending.pop()
+        if block["type"] == "text":
+            chars += len(block["text"])
+        elif block["type"] == "tool_use":
+            chars += len(block["name"]) + len(json.dumps(block["input"]))
+        elif block["type"] == "tool_result":
+            pending.extend(block["content"])
+        elif block["source"].get("type") == "text":
+            chars += len(block["source"]["data"])
+        else:
+            images += 1
     return max(1, (chars + 3) // 4) + images * IMAGE_TOKENS
 
 

@@ -1662,6 +1662,53 @@ class ToolFoldTest(unittest.TestCase):
         with self.assertRaises(proxy.APIError):
             tool_fold("no json", {"--json-schema": "{}", "--max-turns": "1"}, schema=True)
 
+    def test_a_call_restreamed_after_a_broken_stream_is_relayed_once(self):
+        """The API stream breaks inside a call's input; the CLI streams the turn again: the
+        client gets the call once, its input whole, under the first id."""
+        def attempt(message_id, call_id, pieces, broken):
+            lines = [fake.stream({"type": "message_start", "message": {
+                "id": message_id, "model": "m", "usage": fake.usage(12, 1)}}, message_id),
+                fake.stream({"type": "content_block_start", "index": 0, "content_block": {
+                    "type": "tool_use", "id": call_id, "name": "mcp__proxy__get_weather",
+                    "input": {}}}, message_id)]
+            lines += [fake.stream({"type": "content_block_delta", "index": 0, "delta": {
+                "type": "input_json_delta", "partial_json": p}}, message_id) for p in pieces]
+            if broken:
+                return lines + [fake.stream({"type": "message_stop"}, message_id,
+                                            abandoned_blocks={"from_block_index": 0})]
+            return lines + [
+                fake.assistant(message_id, "m", {"type": "tool_use", "id": call_id, "name":
+                                                 "mcp__proxy__get_weather", "input": {
+                                                     "city": "Paris"}}, fake.usage(12, 1)),
+                fake.stream({"type": "content_block_stop", "index": 0}, message_id),
+                fake.stream({"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                             "usage": {"output_tokens": 9}}, message_id)]
+        lines = attempt("m1", "toolu_1", ['{"city"', ': "Pa'], True) + [
+            {"type": "system", "subtype": "api_retry"}] + attempt(
+            "m2", "toolu_2", ['{"city"', ': "Paris"}'], False)
+        events = list(proxy.completion_events(lines, tools={
+            "mcp__proxy__get_weather": proxy.Tool("get_weather", "", {})}))
+        self.assertEqual(self.calls(events), [("toolu_1", "get_weather", {"city": "Paris"})])
+        self.assertEqual(events[-1].stop_reason, "tool_use")
+        body = collected(events)
+        self.assertEqual(len(body["choices"][0]["message"]["tool_calls"]), 1)
+
+    def test_a_call_without_input_deltas(self):
+        message = "m1"
+        lines = [fake.stream({"type": "message_start", "message": {
+            "id": message, "model": "m", "usage": fake.usage(12, 1)}}, message),
+            fake.stream({"type": "content_block_start", "index": 0, "content_block": {
+                "type": "tool_use", "id": "toolu_x", "name": "mcp__proxy__get_time",
+                "input": {}}}, message),
+            fake.assistant(message, "m", {"type": "tool_use", "id": "toolu_x", "name":
+                                          "mcp__proxy__get_time", "input": {}}, fake.usage(1, 1)),
+            fake.stream({"type": "content_block_stop", "index": 0}, message),
+            fake.stream({"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                         "usage": {"output_tokens": 3}}, message)]
+        events = list(proxy.completion_events(lines, tools={
+            "mcp__proxy__get_time": proxy.Tool("get_time", "", {})}))
+        self.assertEqual(self.calls(events), [("toolu_x", "get_time", {})])
+
     def test_input_text_keeps_what_streamed_when_it_is_the_input(self):
         self.assertEqual(proxy.input_text('{"a":  1}', {"a": 1}), '{"a":  1}')
         self.assertEqual(proxy.input_text('{"a": 2}', {"a": 1}), '{"a": 1}')
@@ -2179,6 +2226,28 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(ChatClient().streamed(parse_sse(events)),
                          ("Tools said: notes.txt", "", "stop", None))
         self.assert_no_cli_left(p)
+
+    def test_the_older_functions_api(self):
+        p = self.start_proxy()
+        body = chat_body('[[fake:call:get_weather:{"city": "Paris"}]]'
+                         '[[fake:call:get_weather:{"city": "Oslo"}]]',
+                         functions=[{"name": "get_weather", "parameters": {"type": "object"}}])
+        status, _, answer = p.request("POST", "/v1/chat/completions", body)
+        choice = answer["choices"][0]
+        self.assertEqual((choice["finish_reason"], choice["message"]["function_call"]),
+                         ("function_call", {"name": "get_weather",
+                                            "arguments": '{"city": "Paris"}'}))
+        self.assertNotIn("tool_calls", choice["message"])
+        self.assertIn("at most one tool", self.runs()[-1]["system"])
+        status, _, raw = p.request("POST", "/v1/chat/completions", dict(body, stream=True))
+        deltas = [c["choices"][0]["delta"] for c in parse_sse(raw)[:-1] if c["choices"]]
+        pieces = [d["function_call"] for d in deltas if "function_call" in d]
+        self.assertEqual(pieces[0], {"name": "get_weather", "arguments": ""})
+        self.assertEqual("".join(p["arguments"] for p in pieces), '{"city": "Paris"}')
+        status, _, answer = p.request("POST", "/v1/chat/completions", dict(
+            body, messages=body["messages"] + [choice["message"], {
+                "role": "function", "name": "get_weather", "content": "sunny"}]))
+        self.assertEqual(answer["choices"][0]["message"]["content"], "Tools said: sunny")
 
     def test_what_a_killed_daemon_left_is_swept_at_start(self):
         root = tempfile.mkdtemp(prefix="proxy-sweep-")
@@ -3102,6 +3171,16 @@ class MessagesDialectTest(FakeClaudeMixin, unittest.TestCase):
         status, _, body = self.post({"model": "opus", "messages": [
             {"role": "user", "content": "x" * 400}]}, path="/v1/messages/count_tokens")
         self.assertEqual((status, body), (200, {"input_tokens": 100}))
+        status, _, body = self.post({"model": "opus", "tools": [
+            {"name": "t", "input_schema": {"type": "object"}}], "messages": [
+            {"role": "user", "content": "x" * 400},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "c", "name": "t",
+                                               "input": {"q": "y" * 400}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c",
+                                          "content": "z" * 400}]}]},
+            path="/v1/messages/count_tokens")
+        self.assertEqual(status, 200, body)
+        self.assertGreater(body["input_tokens"], 300, "calls, results and tools count too")
         self.assertEqual(self.runs(), [], "counting starts no CLI")
         status, _, body = self.p.request("GET", "/v1/models",
                                          headers={"anthropic-version": "2023-06-01"})
@@ -3237,6 +3316,70 @@ class ResponsesDialectTest(FakeClaudeMixin, unittest.TestCase):
             "mcp__proxy__exec_command", "mcp__proxy__multi_agent_v1__spawn_agent"],
             "functions offered, web_search left out")
         self.assertIn("(multi_agent_v1: Agents)", run["mcp_tools"][1]["description"])
+
+    def test_custom_and_namespaced_tools(self):
+        """A freeform tool comes back as a custom_tool_call with its string input; a function
+        of a namespace as a function_call with its name and namespace."""
+        tools = [{"type": "custom", "name": "apply_patch", "description": "Apply a patch.",
+                  "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+                 {"type": "namespace", "name": "agents_v1", "description": "Agents",
+                  "tools": [{"type": "function", "name": "spawn", "parameters": {
+                      "type": "object", "properties": {"task": {"type": "string"}}}}]}]
+        prompt = ('[[fake:call:apply_patch:{"input": "*** Begin Patch"}]]'
+                  '[[fake:call:agents_v1__spawn:{"task": "tests"}]]')
+        status, _, body = self.post(input=prompt, tools=tools)
+        self.assertEqual(status, 200, body)
+        custom, spawn = body["output"]
+        self.assertEqual((custom["type"], custom["name"], custom["input"]),
+                         ("custom_tool_call", "apply_patch", "*** Begin Patch"))
+        self.assertTrue(custom["id"].startswith("ctc_"))
+        self.assertEqual((spawn["type"], spawn["name"], spawn["namespace"],
+                          json.loads(spawn["arguments"])),
+                         ("function_call", "spawn", "agents_v1", {"task": "tests"}))
+        run = self.only_run()
+        offered = {t["name"]: t for t in run["mcp_tools"]}
+        self.assertEqual(offered["mcp__proxy__apply_patch"]["input_schema"],
+                         proxy.CUSTOM_TOOL_SCHEMA)
+        self.assertIn("start: /.+/", offered["mcp__proxy__apply_patch"]["description"])
+        status, _, raw = self.p.request("POST", "/v1/responses", dict(
+            model="sonnet", input=prompt, tools=tools, stream=True))
+        events = parse_named_sse(raw)
+        names = [name for name, _ in events]
+        self.assertIn("response.custom_tool_call_input.done", names)
+        done = [e for name, e in events if name == "response.custom_tool_call_input.done"]
+        self.assertEqual(done[0]["input"], "*** Begin Patch")
+        # The results go back by call_id: freeform and namespaced alike.
+        status, _, follow = self.post(tools=tools, store=False, input=[
+            {"role": "user", "content": prompt},
+            dict(custom, status="completed"), spawn,
+            {"type": "custom_tool_call_output", "call_id": custom["call_id"], "output": "ok"},
+            {"type": "function_call_output", "call_id": spawn["call_id"], "output": [
+                {"type": "input_text", "text": "spawned"}]}])
+        self.assertEqual((status, follow["output"][0]["content"][0]["text"]),
+                         (200, "Tools said: spawned"))
+        prompt = json.dumps(self.runs()[-1]["stdin"])
+        self.assertIn('name=\\"mcp__proxy__agents_v1__spawn\\"', prompt)
+        self.assertIn("*** Begin Patch", prompt)
+
+    def test_a_history_as_codex_resends_it(self):
+        """store: false, so Codex sends every item again: reasoning, calls, their outputs."""
+        status, _, body = self.post(store=False, tools=[{
+            "type": "function", "name": "exec_command", "parameters": {"type": "object"}}],
+            input=[{"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "run ls"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "x"},
+                {"type": "function_call", "id": "fc_1", "call_id": "call_1",
+                 "name": "exec_command", "arguments": '{"cmd": "ls"}'},
+                {"type": "function_call_output", "call_id": "call_1", "output": "a.txt"},
+                {"type": "message", "role": "assistant", "content": [
+                    {"type": "output_text", "text": "There is a.txt."}]},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "thanks"}]}])
+        self.assertEqual(status, 200, body)
+        prompt = self.only_run()["stdin"][0]["message"]["content"]
+        self.assertIn('<tool_call id="call_1" name="mcp__proxy__exec_command">', prompt)
+        self.assertIn('<tool_result tool_call_id="call_1">\na.txt', prompt)
+        self.assertTrue(prompt.endswith("thanks"))
 
     def test_what_is_not_supported_is_a_400_naming_it(self):
         cases = [
