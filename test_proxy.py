@@ -819,6 +819,7 @@ def main():
     servers = start_mcp_servers(opts)
     if log_dir and servers:
         record["mcp_tools"] = list(MCP_TOOLS)
+        record["mcp_pids"] = [server.pid for server in servers]
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
         os.replace(path + ".tmp", path)
@@ -1143,11 +1144,14 @@ class FakeClaudeMixin:
         return p
 
     def assert_no_cli_left(self, p, runs=None):
-        """Every CLI run (and any child it started) is gone, and nothing is left unreaped."""
+        """Every CLI run (and any child it started: a process, the bridge) is gone, and
+        nothing is left unreaped."""
         for run in runs if runs is not None else self.runs():
             wait_until(lambda: not alive(run["pid"]), what="fake claude %d to end" % run["pid"])
             if "child" in run:
                 wait_until(lambda: not alive(run["child"]), what="its child to end")
+            for pid in run.get("mcp_pids", []):
+                wait_until(lambda: not alive(pid), what="its MCP server %d to end" % pid)
         wait_until(lambda: not p.server.processes, what="the proxy to forget its processes")
         kids = children_of(os.getpid())
         if kids is not None:
@@ -3544,15 +3548,20 @@ class LeakTest(FakeClaudeMixin, unittest.TestCase):
         p = self.start_proxy()
         self.assertEqual(p.chat()[0], 200)  # warms up lazily created state
         before = open_fds()
+        tools = [{"type": "function", "function": {"name": "f"}}]
         for i in range(15):
             status, _, _ = p.chat("[[fake:err529]]" if i % 3 == 0 else "hi")
             self.assertEqual(status, 503 if i % 3 == 0 else 200)
+            status, _, _ = p.chat("[[fake:call:f:{}]]" + ("[[fake:stall]]" if i % 2 else ""),
+                                  tools=tools)
+            self.assertEqual(status, 200)
             status, _, events = p.stream("hi", stream_options={"include_usage": True})
             self.assertEqual((status, events[-1]), (200, "[DONE]"))
         self.assert_no_cli_left(p)
         if before is not None:
             wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
-        self.assertEqual(os.listdir(p.server.workdir), ["cwd"], "no system prompt file left")
+        self.assertEqual(sorted(os.listdir(p.server.workdir)), ["cwd", "pid"],
+                         "no system prompt or tools file left")
         self.assertEqual({r["cwd"] for r in self.runs()},
                          {os.path.join(p.server.workdir, "cwd")})
 
@@ -5191,6 +5200,8 @@ class EndToEndTest(unittest.TestCase):
                          ([("get_weather", {"city": "Paris", "unit": "C"})], "tool"))
         self.assertEqual(len(self.api.requests), 3, "one API request per tool turn")
         wait_until(lambda: not self.proxy.server.processes, what="the CLI to be gone")
+        wait_until(lambda: not bridges_running(self.proxy.server.workdir),
+                   what="the CLI's bridge processes to end")
 
     def test_structured_output_through_the_real_cli(self):
         schema = {"type": "object", "properties": {"name": {"type": "string"}},
@@ -6240,6 +6251,21 @@ def collapsed_shapes(lines):
         if not collapsed or collapsed[-1][0] != shape[0]:
             collapsed.append(shape)
     return collapsed
+
+
+def bridges_running(workdir):
+    """The pids of bridge processes (mcp-bridge with a tools file in `workdir`) still alive."""
+    pids = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"mcp-bridge" in argv and any(a.startswith(workdir.encode()) for a in argv) and \
+                alive(int(name)):
+            pids.append(int(name))
+    return pids
 
 
 def assert_same_lines(test, ours, real, where, ignore=frozenset()):
