@@ -6000,6 +6000,21 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
                     client.answer(json.loads(data))
                 expected = ("Hello from the fake API.", "", "stop")
                 return 200 if tuple(got) == expected else "wrong: %.80r" % (got,)
+            if kind.startswith("tool call"):  # parallel calls, ended with the model's turn
+                body = ChatClient().with_tools(chat_body(DialectContract.PARIS +
+                                                         DialectContract.OSLO),
+                                               DialectContract.WEATHER)
+                stream = kind.endswith("stream")
+                response = post(dict(body, stream=stream))
+                data = response.read()
+                if response.status != 200:
+                    return response.status
+                calls, finish = ChatClient().streamed_calls(parse_sse(data)) if stream else \
+                    ChatClient().calls(json.loads(data))
+                got = [(n, a) for _, n, a in calls], finish
+                expected = ([("get_weather", {"city": "Paris"}), ("get_time", {"city": "Oslo"})],
+                            "tool")
+                return 200 if got == expected else "wrong: %.80r" % (got,)
             if kind == "leave at once":
                 sock = send_chat(port, chat_body("[[fake:silent]]"))
                 sock.close()
@@ -6030,11 +6045,12 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
     EXPECTED = {"chat": 200, "stream": 200, "health": 200, "models": 200, "leave at once": "left",
                 "leave mid-stream": "left", "overloaded": 503, "exits early": 502,
                 "dies mid-stream": 200, "bad request": 400, "no key": 401, "messages": 200,
-                "messages stream": 200, "responses": 200, "responses stream": 200}
+                "messages stream": 200, "responses": 200, "responses stream": 200,
+                "tool call": 200, "tool call stream": 200}
     WEIGHTS = {"chat": 20, "stream": 15, "health": 4, "models": 4, "leave at once": 5,
                "leave mid-stream": 8, "overloaded": 4, "exits early": 4, "dies mid-stream": 4,
                "bad request": 4, "no key": 3, "messages": 7, "messages stream": 6,
-               "responses": 6, "responses stream": 6}
+               "responses": 6, "responses stream": 6, "tool call": 5, "tool call stream": 5}
 
     def test_soak(self):
         import concurrent.futures
