@@ -26,7 +26,9 @@ What it guards:
 * API callers get a model, never an agent: the CLI runs with no built-in tools, no MCP servers, no
   slash commands, permission prompts answered "no", in a private empty working directory, and the
   prompt travels on stdin, never on the command line. Nothing a caller sends can make Claude read
-  or change files or run commands.
+  or change files or run commands. A caller's own functions (function calling) reach the model
+  through this same file run as an MCP server (``mcp-bridge``) that lists them and runs nothing:
+  the model's calls go back to the caller, which runs them, as with the real APIs.
 * Your own Claude Code setup stays yours: the CLI reads none of your settings, ``CLAUDE.md``
   memory, hooks, output styles, agents, skills, plugins or MCP servers, and keeps no memory or
   transcript, unless you opt in to your user settings with ``--user-settings``.
@@ -45,9 +47,13 @@ The map. One request goes down this pipeline; each step is one section below, in
     HTTP request --StrictHTTPHandler--> JSON body --ProxyHandler: who may ask, route-->
     Dialect.parse --> Request (neutral) --> Launch (argv, environment, stdin)
     --ClaudeRun: a slot, a ClaudeProcess--> stream-json lines --AnswerFold--> events
-    (Start, Text, Thinking, Revised, Finish) --the dialect's Answer--> SSE bytes or one body
+    (Start, Text, Thinking, ToolCall, ToolInput, Revised, Finish) --the dialect's Answer-->
+    SSE bytes or one body
 
-Sections: Settings; Errors; The neutral request (and Chat Completions' parsing); The CLI launch;
+    (with tools: the CLI starts `claude_max_proxy.py mcp-bridge FILE`, see bridge_main)
+
+Sections: Settings; Errors; The neutral request (tools and output schemas included, and Chat
+Completions' parsing); The CLI launch (and the MCP bridge);
 CLI events -> completion events (AnswerFold); Dialects (an Answer and a Dialect class each for
 Chat Completions, Anthropic Messages, OpenAI Responses, and the DIALECTS registry the router
 reads); Who may use it; The CLI process (ClaudeCLI, ClaudeProcess, ProcessSlots, ClaudeRun);
@@ -55,7 +61,8 @@ HTTP (ProxyServer, StrictHTTPHandler, ProxyHandler); Command line; Running at lo
 `service` commands: launchd or systemd); main().
 
 A security reviewer reads: "The CLI launch" (the flags that make the CLI a model, never an
-agent, and keep the user's ~/.claude out), "Who may use it" with ProxyHandler._check_access
+agent, and keep the user's ~/.claude out; bridge_names and bridge_main, through which a
+caller's functions are offered and never run), "Who may use it" with ProxyHandler._check_access
 (keys, browsers, host names), StrictHTTPHandler (request framing and limits), and ClaudeProcess
 (process groups, the private working directory, stdin).
 """
