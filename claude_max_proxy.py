@@ -2779,6 +2779,7 @@ def sweep_workdirs(now: Optional[float] = None) -> List[str]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a zombie counts: its parent has yet to reap it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -908,12 +908,8 @@ def wait_until(condition, timeout=10.0, what="condition"):
 
 def alive(pid):
     """Whether a process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not proxy.pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         with open("/proc/%d/stat" % pid) as f:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
