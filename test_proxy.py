@@ -1363,6 +1363,27 @@ class RequestTest(unittest.TestCase):
         self.assertEqual(self.parse(response_format={"type": "json_schema", "json_schema": {
             "name": "x", "schema": schema, "strict": True}}).output_schema, schema)
 
+    def test_tool_results_keep_their_images_in_the_transcript(self):
+        image = "data:image/png;base64," + PNG_1PX
+        request = self.parse(tools=[{"type": "function", "function": {"name": "shot"}}],
+                             messages=[
+            {"role": "user", "content": "screenshot?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type":
+                                                                   "function", "function": {
+                                                                       "name": "shot",
+                                                                       "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [
+                {"type": "text", "text": "here"}, {"type": "image_url",
+                                                   "image_url": {"url": image}}]}])
+        content = proxy.Launch("/bin/claude", request).stdin()
+        line = json.loads(content)["message"]["content"]
+        kinds = [b["type"] for b in line]
+        self.assertEqual(kinds.count("image"), 1)
+        before = "".join(b.get("text", "") for b in line[:kinds.index("image")])
+        self.assertTrue(before.rstrip().endswith('<tool_result tool_call_id="c1">\nhere'), before)
+        self.assertIn('name="mcp__proxy__shot"', before, "the call under the offered name")
+        self.assertTrue(line[-1]["text"].endswith(proxy.TOOL_RESULTS_TAIL))
+
     def test_tool_history_becomes_tool_blocks(self):
         request = self.parse(messages=[
             {"role": "user", "content": "weather?"},
@@ -5194,7 +5215,17 @@ class EndToEndTest(unittest.TestCase):
         calls, finish = ResponsesClient().streamed_calls(parse_named_sse(answer))
         self.assertEqual(([(n, a) for _, n, a in calls], finish),
                          ([("get_weather", {"city": "Paris", "unit": "C"})], "tool"))
-        self.assertEqual(len(self.api.requests), 3, "one API request per tool turn")
+        status, _, answer = self.proxy.request("POST", "/v1/responses", {
+            "model": "sonnet", "input": 'e2e-custom [[api:call:apply_patch:{"input": "*** Begin '
+                                        'Patch"}]]', "tools": [{
+                "type": "custom", "name": "apply_patch", "description": "Patch files.",
+                "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}]})
+        self.assertEqual([(i["type"], i["name"], i["input"]) for i in answer["output"]
+                          if i["type"] != "message"],
+                         [("custom_tool_call", "apply_patch", "*** Begin Patch")])
+        sent, _ = self.api_request("e2e-custom")
+        self.assertEqual(sent["tools"][0]["input_schema"], proxy.CUSTOM_TOOL_SCHEMA)
+        self.assertEqual(len(self.api.requests), 4, "one API request per tool turn")
         wait_until(lambda: not self.proxy.server.processes, what="the CLI to be gone")
         wait_until(lambda: not bridges_running(self.proxy.server.workdir),
                    what="the CLI's bridge processes to end")
