@@ -1506,15 +1506,20 @@ class CommandTest(unittest.TestCase):
         listed = json.loads(files["tools"])
         self.assertEqual(server["args"][:3], ["-I", "-S", "-c"])
         self.assertEqual(server["args"][4:], [os.path.abspath(proxy.__file__), "mcp-bridge",
-                                              "/x/tools"])
-        # What the CLI runs starts the bridge: it answers as the MCP server.
+                                              "/x/tools", proxy.__version__])
+        # What the CLI runs starts the bridge (bridge_main alone): it answers as the MCP server.
         with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
             f.write(files["tools"])
             f.flush()
             done = subprocess.run(
-                [server["command"]] + server["args"][:-1] + [f.name], capture_output=True,
-                input=b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}\n', timeout=30)
-        self.assertEqual(json.loads(done.stdout)["result"]["tools"], listed)
+                [server["command"]] + server["args"][:-2] + [f.name, proxy.__version__],
+                capture_output=True, timeout=30, input=(
+                    b'{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}\n'
+                    b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}\n'))
+        initialized, tools_list = [json.loads(line) for line in done.stdout.splitlines()]
+        self.assertEqual(initialized["result"]["serverInfo"], {
+            "name": "claude-max-proxy", "version": proxy.__version__})
+        self.assertEqual(tools_list["result"]["tools"], listed)
         names = [t["name"] for t in listed]
         self.assertEqual(names[0], "Bash")
         self.assertEqual(listed[0]["inputSchema"], {"type": "object"})
