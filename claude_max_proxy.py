@@ -599,7 +599,7 @@ def tool_input(arguments: Any, where: str) -> Dict[str, Any]:
         return {}
     try:
         value = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise invalid(where, "`%s` is not valid JSON." % where) from None
     if not isinstance(value, dict):
         raise invalid(where, "`%s` must be a JSON object." % where)
@@ -858,7 +858,7 @@ def bridge_main(argv: "List[str]") -> int:
     for line in sys.stdin:
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(message, dict) or "id" not in message or "method" not in message:
             continue  # a notification, or a response to nothing we asked
@@ -1110,7 +1110,7 @@ def input_text(streamed: str, value: Any) -> str:
     try:
         if streamed and json.loads(streamed) == value:
             return streamed
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return json.dumps(value, ensure_ascii=False)
 
@@ -1706,7 +1706,7 @@ class Answer:
         """A freeform tool's input: the string its one parameter holds."""
         try:
             value = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return arguments
         if isinstance(value, dict) and isinstance(value.get("input"), str):
             return str(value["input"])
@@ -1717,7 +1717,7 @@ class Answer:
         call = self.calls[index]
         try:
             value = json.loads(self.blocks[index][1].text() or "{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         name = "%s__%s" % (call.namespace, call.name) if key and call.namespace else call.name
         return {"type": "tool_use", "id": call.id, "name": name,

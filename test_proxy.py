@@ -1271,6 +1271,11 @@ class MessagesTest(unittest.TestCase):
               {"role": "tool", "tool_call_id": "1", "content": "r"}],
              "messages[1].tool_calls[0].function.arguments"),
             ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f",
+                                                             "arguments": "[" * 100000}}]},
+              {"role": "tool", "tool_call_id": "1", "content": "r"}],
+             "messages[1].tool_calls[0].function.arguments"),
+            ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
                 {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
               {"role": "tool", "content": "r"}], "messages[2].tool_call_id"),
             ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
