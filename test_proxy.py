@@ -2577,7 +2577,9 @@ class ChatClient:
               "reasoning_effort", "functions", "function_call", "user", "seed")
     NESTED = (("stream_options", {"include_usage": "yes"}), ("reasoning_effort", ["high"]),
               ("messages", [{"role": "user", "content": [{"type": "image_url",
-                                                          "image_url": {"url": 7}}]}]))
+                                                          "image_url": {"url": 7}}]}]),
+              ("tools", [{"type": "function", "function": {"name": 7}}]),
+              ("response_format", {"type": "json_schema", "json_schema": {"schema": 7}}))
 
     def body(self, content, stream=False, stop=None, max_tokens=None):
         body = chat_body(content, stream=stream)
@@ -2663,6 +2665,9 @@ class MessagesClient(ChatClient):
               "temperature", "top_p", "top_k", "tools", "tool_choice", "mcp_servers",
               "service_tier", "context_management")
     NESTED = (("thinking", {"type": []}), ("output_config", {"effort": {}}),
+              ("output_config", {"format": {"type": "json_schema", "schema": []}}),
+              ("tools", [{"name": "t", "input_schema": []}]),
+              ("tool_choice", {"type": "tool", "name": "absent"}),
               ("system", [{"type": "text", "text": 7}]),
               ("messages", [{"role": "user", "content": [{"type": "image", "source": {
                   "type": "base64", "media_type": "image/png", "data": 7}}]}]))
@@ -2761,8 +2766,10 @@ class ResponsesClient(ChatClient):
     path = "/v1/responses"
     FIELDS = ("instructions", "max_output_tokens", "reasoning", "text", "tools", "store",
               "previous_response_id", "metadata", "background", "temperature", "top_p",
-              "include", "user", "parallel_tool_calls", "prompt_cache_key")
+              "include", "user", "parallel_tool_calls", "prompt_cache_key", "tool_choice")
     NESTED = (("text", {"format": "json"}), ("reasoning", {"effort": []}),
+              ("tools", [{"type": "namespace", "name": "n", "tools": 7}]),
+              ("tools", [{"type": "function", "name": "f", "parameters": {"type": "string"}}]),
               ("input", [{"role": "user", "content": [{"type": "input_image",
                                                        "image_url": {"url": "x"}}]}]),
               ("input", [{"role": [], "content": "x"}]))
