@@ -910,25 +910,29 @@ class Launch(NamedTuple):
     request: Request
     user_settings: bool = False  # --user-settings
 
-    def bridge(self) -> Dict[str, Tool]:
-        return bridge_names(self.request.tools)
+    def model_tools(self) -> Dict[str, Tool]:
+        """The client's tools by the name the model sees (BRIDGE_PREFIX + the bridge's)."""
+        return {BRIDGE_PREFIX + name: tool
+                for name, tool in bridge_names(self.request.tools).items()}
 
     def offered_names(self) -> Dict[str, str]:
         """Each tool's key -> the name the model knows it by."""
-        return {tool.key: BRIDGE_PREFIX + name for name, tool in self.bridge().items()}
+        return {tool.key: name for name, tool in self.model_tools().items()}
 
     def files(self) -> Dict[str, str]:
         """The run's private files: "system" (the appended system prompt), "tools" (the
         bridge's tool list). Written beside the working directory for the run's length."""
         files = {}
-        system = "\n\n".join(p for p in (
-            self.request.system, tool_instructions(self.request, self.offered_names())) if p)
+        tools = self.model_tools()
+        system = "\n\n".join(p for p in (self.request.system, tool_instructions(
+            self.request, {tool.key: name for name, tool in tools.items()})) if p)
         if system:
             files["system"] = system
-        if self.request.tools:
+        if tools:
             files["tools"] = json.dumps([
-                {"name": name, "description": tool.description, "inputSchema": tool.schema}
-                for name, tool in self.bridge().items()], ensure_ascii=False)
+                {"name": name[len(BRIDGE_PREFIX):], "description": tool.description,
+                 "inputSchema": tool.schema} for name, tool in tools.items()],
+                ensure_ascii=False)
         return files
 
     def argv(self, paths: Mapping[str, str]) -> List[str]:
@@ -1545,7 +1549,7 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
     pieces, and one Finish (a Revised among them when a retried answer contradicts what was
     sent: see AnswerFold).
 
-    `tools` are the client's, by the name the model sees (Launch.bridge() with BRIDGE_PREFIX):
+    `tools` are the client's, by the name the model sees (Launch.model_tools()):
     a call of one is a ToolCall and its input, and the end of the model's turn that made calls
     ends the answer with stop_reason tool_use, every call of the turn in it (the CLI would
     deny them and ask the model again). With `single_call` only the first call is kept. With
@@ -2391,15 +2395,14 @@ class ResponsesAnswer(Answer):
         kind, text = self.block_text(index)
         if kind == "tool_use":
             call = self.calls[index]
-            item: Dict[str, Any] = {"id": self.item_id(index), "type": "function_call",
-                                    "status": "completed" if done else "in_progress",
-                                    "arguments": (text or "{}") if done else "",
-                                    "call_id": call.id,
-                                    "name": call.name}
+            item: Dict[str, Any] = {"id": self.item_id(index), "type": "custom_tool_call"
+                                    if call.custom else "function_call",
+                                    "status": "completed" if done else "in_progress"}
             if call.custom:
-                item = dict(item, type="custom_tool_call",
-                            input=self.custom_input(text) if done else "")
-                del item["arguments"]
+                item["input"] = self.custom_input(text) if done else ""
+            else:
+                item["arguments"] = (text or "{}") if done else ""
+            item.update(call_id=call.id, name=call.name)
             if call.namespace:
                 item["namespace"] = call.namespace
             return item
@@ -3124,8 +3127,7 @@ class ClaudeRun:
                         process.events(settings.timeout, settings.idle_timeout,
                                        watch=self.client),
                         request.stop, max_tokens_ends=request.max_tokens is not None,
-                        tools={BRIDGE_PREFIX + name: tool
-                               for name, tool in self.launch.bridge().items()},
+                        tools=self.launch.model_tools(),
                         schema=request.output_schema is not None,
                         single_call=not request.parallel_tools):
                     if isinstance(event, Finish):
