@@ -88,6 +88,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -232,6 +233,9 @@ BRIDGE_START = ("import sys; p = sys.argv[1]; s = open(p, encoding='utf-8').read
                 "a = s.index('\\ndef bridge_main('); b = s.index('\\ndef ', a + 1); n = {}; "
                 "exec(compile(s[a:b], p, 'exec'), n); sys.exit(n['bridge_main'](sys.argv[3:]))")
 WORKDIR_PREFIX = "claude-max-proxy-"  # of each daemon's private directory, in the temp dir
+SHARED_DIR = "claude-max-proxy.%d"  # this user's directory shared by daemons (see shared_dir)
+PREAMBLES_FILE = "preambles.json"  # in it: the session preambles learnt (see Sessions)
+SESSION_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 MAX_SCHEMA_BYTES = 64 * 1024  # --json-schema goes on the command line (128 KiB per argument)
 
 # Anthropic stop_reason -> OpenAI finish_reason.
@@ -818,6 +822,164 @@ def parse_chat_request(body: Any) -> Request:
 # The CLI launch (pure functions)
 ##############################################################################
 
+##############################################################################
+# Conversations as real turns: the history as a Claude Code session (pure functions)
+##############################################################################
+
+# A request with history runs as `claude -p --resume ID` of a session file written for it, so
+# the model gets the earlier turns as its own user and assistant messages, tool calls and
+# results as tool_use and tool_result blocks. What 2.1.331 does with such a file (measured;
+# EndToEndTest pins each point):
+# - It sends the rows as they are, after the first user row the "attachment" rows it finds
+#   there (their `rendered` text, verbatim: environment, model and date), then the new user
+#   line from stdin, which alone carries the last cache breakpoint.
+# - A fresh run sends [first user message, that same environment text]: so a session holding
+#   the attachment rows the CLI wrote for a fresh run (SessionPreamble, learnt from one) makes
+#   the second request's prefix repeat the first's, and each later request's the one before.
+# - A file ending with a user row gets a made-up "No response requested." answer before the
+#   stdin line, and tool_result blocks on stdin are dropped: a last turn holding tool results
+#   ends the file instead, stdin stays empty and RESUME_TURN_ENV has the CLI resume that turn,
+#   which it does by adding CONTINUE_TEXT to it. Later requests write that text after the
+#   turn, so their prefix repeats that request's too.
+# - Consecutive user rows become one message (the CLI adds "\n" to the first one's text).
+RESUME_TURN_ENV = "CLAUDE_CODE_RESUME_INTERRUPTED_TURN"
+CONTINUE_TEXT = "Continue from where you left off."
+SESSION_VERSION = "2.1.331"  # written into the rows when the CLI's own version is unknown
+WIRE_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")  # what the Messages API takes as a call id
+PREAMBLE_KEYS = ("type", "attachment", "rendered", "renderedRole")
+
+
+class History(NamedTuple):
+    """A conversation as a session: the rows of the file, and the last turn for stdin (None:
+    the file ends with it and the CLI resumes it, see RESUME_TURN_ENV)."""
+    rows: List[Turn]
+    stdin: Optional[List[Block]]
+
+
+def wire_tool_id(call_id: str) -> str:
+    """A client's call id as the Messages API takes it (some clients use dots or colons);
+    always the same for the same id, so the call and its result still match."""
+    if WIRE_TOOL_ID.fullmatch(call_id):
+        return call_id
+    return "toolu_" + hashlib.sha256(call_id.encode("utf-8")).hexdigest()[:24]
+
+
+def model_tool_name(key: str, names: Mapping[str, str]) -> str:
+    """The name the model knows a client's tool by; for one not offered in this request, the
+    name it would have (calls in the history may name tools a client no longer sends)."""
+    if key in names:
+        return names[key]
+    room = CLI_TOOL_NAME_LIMIT - len(BRIDGE_PREFIX)
+    if len(key) > room:
+        key = "%s_%s" % (key[:room - 9], hashlib.sha256(key.encode()).hexdigest()[:8])
+    return BRIDGE_PREFIX + key
+
+
+def real_blocks(blocks: List[Block], names: Mapping[str, str], tools: bool) -> List[Block]:
+    """A turn's blocks as the model gets them: tool calls under the names it knows, with ids
+    the API takes; as transcript text when no tools are offered (the API refuses tool blocks
+    then). Empty text goes: the API refuses it."""
+    out: List[Block] = []
+    for block in blocks:
+        kind = block["type"]
+        if kind in ("tool_use", "tool_result") and not tools:
+            out.extend(tool_text(block, names))
+        elif kind == "tool_use":
+            out.append({"type": "tool_use", "id": wire_tool_id(block["id"]),
+                        "name": model_tool_name(block["name"], names), "input": block["input"]})
+        elif kind == "tool_result":
+            result: Block = {"type": "tool_result", "tool_use_id": wire_tool_id(
+                block["tool_use_id"]), "content": [b for b in block["content"]
+                                                   if b["type"] != "text" or b["text"].strip()]}
+            if block.get("is_error"):
+                result["is_error"] = True
+            out.append(result)
+        elif kind != "text" or block["text"].strip():
+            out.append(block)
+    return out
+
+
+def has_results(blocks: List[Block]) -> bool:
+    return any(block["type"] == "tool_result" for block in blocks)
+
+
+def conversation_history(turns: List[Turn], names: Mapping[str, str], tools: bool) -> History:
+    """The turns of a request with history as session rows (see the notes above): the same
+    earlier turns always give the same rows, so a conversation's requests share a prefix."""
+    rows: List[Turn] = []
+    *earlier, (_, last) = turns
+    for role, blocks in earlier:
+        content = real_blocks(blocks, names, tools)
+        if content:
+            rows.append((role, content))
+            if role == "user" and has_results(content):
+                rows.append(("user", [{"type": "text", "text": CONTINUE_TEXT}]))
+    content = real_blocks(last, names, tools)
+    if has_results(content):
+        rows.append(("user", content))
+        return History(rows, None)
+    return History(rows, content)
+
+
+def session_lines(history: History, preamble: List[Dict[str, Any]], session_id: str, cwd: str,
+                  version: str, model: str, now: float) -> str:
+    """The session file (JSON lines) for `history`: its rows chained by parentUuid, with
+    `preamble` after the first user row (or last, when there is none), as the CLI writes its
+    own."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % (now % 1 * 1000)
+    entries: List[Dict[str, Any]] = []
+    placed = False
+    for n, (role, blocks) in enumerate(history.rows):
+        if role == "user":
+            entries.append({"type": "user", "message": {"role": "user", "content": blocks}})
+        else:
+            entries.append({"type": "assistant", "message": {
+                "id": "msg_proxy_%d" % n, "type": "message", "role": "assistant",
+                "model": model, "content": blocks,
+                "stop_reason": "tool_use" if any(b["type"] == "tool_use" for b in blocks)
+                else "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": 0, "output_tokens": 0}}})
+        if role == "user" and not placed:
+            entries.extend(dict(row) for row in preamble)
+            placed = True
+    if not placed:
+        entries.extend(dict(row) for row in preamble)
+    parent = None
+    lines = []
+    for entry in entries:
+        entry.update({"parentUuid": parent, "isSidechain": False, "uuid": str(uuid.uuid4()),
+                      "timestamp": stamp, "userType": "external", "entrypoint": "sdk-cli",
+                      "cwd": cwd, "sessionId": session_id, "version": version})
+        parent = entry["uuid"]
+        lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def learnt_preamble(text: str) -> Optional[List[Dict[str, Any]]]:
+    """From a session file the CLI wrote for a fresh run: the attachment rows it put after
+    the first user row, each with its rendered text (what the CLI sends of them), in order.
+    None when there are none (a CLI that writes its files otherwise)."""
+    rows: List[Dict[str, Any]] = []
+    seen_user = False
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        if row.get("type") == "user":
+            if seen_user:
+                break
+            seen_user = True
+        elif row.get("type") == "assistant":
+            break
+        elif seen_user and row.get("type") == "attachment" and isinstance(
+                row.get("rendered"), list) and row["rendered"]:
+            rows.append({key: row[key] for key in PREAMBLE_KEYS if key in row})
+    return rows or None
+
+
 def bridge_names(tools: Iterable[Tool]) -> Dict[str, Tool]:
     """What the bridge calls each tool (the model sees BRIDGE_PREFIX + that) -> the tool. A
     name that would make the model's name longer than CLI_TOOL_NAME_LIMIT gets a short alias
@@ -886,6 +1048,7 @@ def bridge_main(argv: "List[str]") -> int:
     return 0
 
 
+
 def tool_instructions(request: Request, names: Mapping[str, str]) -> str:
     """Told to the model with the system prompt when it is offered the client's tools: what
     they are, and the tool_choice, which the CLI has no switch for (so: best effort)."""
@@ -903,12 +1066,27 @@ def tool_instructions(request: Request, names: Mapping[str, str]) -> str:
     return " ".join(parts)
 
 
+class SessionPlan(NamedTuple):
+    """How a run uses a Claude Code session (see Sessions): `history` resumed from a file
+    written for the run, or (None) a fresh run whose own file is read for its preamble."""
+    history: Optional[History]
+    preamble: List[Dict[str, Any]]
+    key: str  # what the preamble depends on (Sessions.key)
+    version: str  # the CLI's, as it says it
+
+
 class Launch(NamedTuple):
     """One CLI run, described: its command line, environment, files and stdin all derive from
     this."""
     claude: str  # the CLI's path
     request: Request
     user_settings: bool = False  # --user-settings
+    session: Optional[SessionPlan] = None
+
+    @property
+    def resumed(self) -> Optional[History]:
+        """The history the run resumes, if it does."""
+        return self.session.history if self.session else None
 
     def model_tools(self) -> Dict[str, Tool]:
         """The client's tools by the name the model sees (BRIDGE_PREFIX + the bridge's)."""
@@ -950,6 +1128,11 @@ class Launch(NamedTuple):
             "--permission-mode", "dontAsk",  # a tool call is denied, never run
             "--no-session-persistence",
         ]
+        if self.resumed is not None:
+            argv += ["--resume", paths["session"]]  # the file Sessions wrote; left unchanged
+        elif self.session is not None:  # the CLI writes its session, to learn its preamble from
+            argv.remove("--no-session-persistence")
+            argv += ["--session-id", paths["session"]]
         # Measured with the real CLI 2.1.331 and a ~/.claude holding one of everything: each
         # flag alone leaves something through. `--setting-sources ""` keeps out settings,
         # hooks, output styles, agents and CLAUDE.md, but not auto-memory (a directory per
@@ -995,11 +1178,20 @@ class Launch(NamedTuple):
         if self.request.tools:
             # Else the CLI may defer MCP tools behind its own ToolSearch tool, which is off.
             env["ENABLE_TOOL_SEARCH"] = "false"
+        if self.resumed is not None and self.resumed.stdin is None:
+            env[RESUME_TURN_ENV] = "1"  # the last turn is the session's: the CLI resumes it
+        else:
+            env.pop(RESUME_TURN_ENV, None)
         return env
 
     def stdin(self) -> bytes:
-        """The one stream-json user line the CLI reads from stdin."""
-        content = prompt_content(self.request.turns, self.offered_names())
+        """The one stream-json user line the CLI reads from stdin: the last turn of a resumed
+        session (nothing when the session ends with it), else the whole conversation."""
+        history = self.resumed
+        if history is not None and history.stdin is None:
+            return b""
+        content: Union[str, List[Block]] = history.stdin if history is not None else \
+            prompt_content(self.request.turns, self.offered_names())
         line = {"type": "user", "message": {"role": "user", "content": content}}
         return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
 
@@ -2743,24 +2935,55 @@ class ClaudeCLI:
 
 
 def make_workdir() -> str:
-    """The daemon's private directory (mode 0700): `cwd` in it is the empty working directory
-    of every CLI run, and each run's system prompt file sits beside it for the run's length.
-
-    One working directory for all runs, not one each: the CLI writes its path into every API
-    request, and a path that differs per request would differ in every prompt."""
+    """The daemon's private directory (mode 0700): each run's system prompt and tool files sit
+    in it for the run's length, with a marker for each session file the run has elsewhere
+    (Sessions), and `pid`, so that a later start can tell it was left by a killed daemon."""
     sweep_workdirs()
     workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
-    os.mkdir(os.path.join(workdir, "cwd"), 0o700)
     with open(os.open(os.path.join(workdir, "pid"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                       0o600), "w") as f:
         f.write("%d\n" % os.getpid())
     return workdir
 
 
+def shared_dir() -> str:
+    """This user's directory that daemons share and keep across restarts (mode 0700): `cwd`,
+    the empty working directory of every CLI run, and PREAMBLES_FILE.
+
+    One working directory for all runs and all daemons, not one each: the CLI writes its path
+    into every API request, ahead of the conversation, so a path that changed with each run or
+    daemon start would keep the prompt cache from covering any conversation. A directory of
+    that name that is not this user's alone is not used (OSError)."""
+    path = os.path.join(tempfile.gettempdir(), SHARED_DIR % os.getuid())
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError("%s is not a private directory of this user" % path)
+    path = os.path.realpath(path)  # the CLI sees (and files its sessions under) the real path
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(os.path.join(path, "cwd"), 0o700)
+    return path
+
+
+def remove_session_file(path: str) -> None:
+    """A session file of Sessions (`<projects>/<slug>/<uuid>.jsonl`), what the CLI may have
+    put beside it under the same name, and its directory once empty."""
+    name = os.path.basename(path)
+    if not (name.endswith(".jsonl") and SESSION_FILE.fullmatch(name[:-6])):
+        return  # not one of ours: a marker is only trusted this far
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    shutil.rmtree(path[:-6], ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))  # only when empty: other daemons' runs may be in it
+
+
 def sweep_workdirs(now: Optional[float] = None) -> List[str]:
-    """Remove what daemons that were killed (SIGKILL, a crash) left of their make_workdir():
-    this user's directories whose `pid` file names a process that is gone, and ones of older
-    versions (no `pid` file) untouched for a day. Returns what it removed."""
+    """Remove what daemons that were killed (SIGKILL, a crash) left of their make_workdir(),
+    the session files its markers name included: this user's directories whose `pid` file
+    names a process that is gone, and ones of older versions (no `pid` file) untouched for a
+    day. Returns what it removed."""
     removed = []
     root = tempfile.gettempdir()
     now = time.time() if now is None else now
@@ -2779,6 +3002,10 @@ def sweep_workdirs(now: Optional[float] = None) -> List[str]:
             else:
                 if pid == os.getpid() or pid_alive(pid):
                     continue
+            for marker in os.listdir(path):
+                if marker.startswith("session-"):
+                    with open(os.path.join(path, marker), encoding="utf-8") as f:
+                        remove_session_file(f.read().strip())
             shutil.rmtree(path)
             removed.append(path)
         except (OSError, ValueError):
@@ -2787,6 +3014,154 @@ def sweep_workdirs(now: Optional[float] = None) -> List[str]:
         log.info("removed %d working directories that stopped daemons left behind",
                  len(removed))
     return removed
+
+
+class Sessions:
+    """Conversations as real turns: a request with history resumes a session file written for
+    it (conversation_history, session_lines), in the CLI's own projects directory for the
+    shared working directory, and removed when the run ends. The preamble of those files
+    (the rows the CLI adds to a fresh run: environment, model, date) is learnt from a fresh
+    run that persists its session, once per CLI, model and day, and kept in PREAMBLES_FILE so
+    that a restarted daemon continues its conversations' prefixes. Until it is known, and
+    with `enabled` off, a conversation goes as one transcript."""
+
+    def __init__(self, cwd: str, shared: Optional[str], workdir: str, enabled: bool):
+        self.cwd, self.workdir, self.enabled = cwd, workdir, enabled
+        self.store = os.path.join(shared, PREAMBLES_FILE) if shared else None
+        self._lock = threading.Lock()
+        self._preambles: Dict[str, List[Dict[str, Any]]] = self._load()
+        self.refused: Optional[str] = None  # the CLI (path and version) that refused one
+        self.resumed = 0  # runs that resumed a prepared session
+
+    def directory(self) -> str:
+        """Where the CLI keeps sessions of the working directory (its own naming)."""
+        config = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(
+            os.path.expanduser("~"), ".claude")
+        return os.path.join(config, "projects", re.sub(r"[^A-Za-z0-9]", "-", self.cwd))
+
+    def key(self, launch: Launch, version: str) -> str:
+        """What the preamble's text depends on: the CLI, the model, the day (it is in it), the
+        working directory (likewise), whose settings run."""
+        return json.dumps([launch.claude, version, launch.request.cli_model,
+                           launch.user_settings, self.cwd, time.strftime("%Y-%m-%d")])
+
+    def plan(self, launch: Launch, version: Optional[str]) -> Launch:
+        """The launch with its SessionPlan: resumed for a request with history, once the
+        preamble is known; a first turn runs fresh, as the CLI starts a conversation itself."""
+        version = version or SESSION_VERSION
+        if not self.enabled or self.refused == "%s %s" % (launch.claude, version):
+            return launch
+        key = self.key(launch, version)
+        with self._lock:
+            preamble = self._preambles.get(key)
+        if preamble is None:
+            return launch._replace(session=SessionPlan(None, [], key, version))
+        if len(launch.request.turns) < 2:
+            return launch
+        history = conversation_history(launch.request.turns, launch.offered_names(),
+                                       bool(launch.request.tools))
+        return launch._replace(session=SessionPlan(history, preamble, key, version))
+
+    def open(self, launch: Launch) -> Optional[str]:
+        """Before a run: the session id it uses, with its marker in the daemon's directory
+        and, to resume, its file written (0600, in a 0700 directory)."""
+        plan = launch.session
+        if plan is None:
+            return None
+        session_id = str(uuid.uuid4())
+        directory = self.directory()
+        path = os.path.join(directory, session_id + ".jsonl")
+        with open(os.open(os.path.join(self.workdir, "session-" + session_id),
+                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(path + "\n")
+        if plan.history is not None:
+            text = session_lines(plan.history, plan.preamble, session_id, self.cwd,
+                                 plan.version.split()[0], launch.request.cli_model, time.time())
+            try:
+                for attempt in range(3):
+                    os.makedirs(directory, 0o700, exist_ok=True)
+                    try:
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    except FileNotFoundError:  # emptied and removed by another run just now
+                        continue
+                    with open(fd, "w", encoding="utf-8") as f:
+                        f.write(text)
+                    break
+                else:
+                    raise FileNotFoundError(directory)
+            except OSError:
+                self.close(launch, session_id)
+                raise
+        return session_id
+
+    def close(self, launch: Launch, session_id: str, finished: bool = False) -> None:
+        """After the run: a fresh run's file read for the preamble, then every trace gone."""
+        path = os.path.join(self.directory(), session_id + ".jsonl")
+        plan = launch.session
+        if plan is not None and plan.history is None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    preamble = learnt_preamble(f.read())
+            except (OSError, UnicodeDecodeError):
+                preamble = None
+            if preamble:
+                self._remember(plan.key, preamble)
+            elif finished:
+                self.refuse(launch, "its session file held no environment rows")
+        remove_session_file(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.workdir, "session-" + session_id))
+
+    def refuse(self, launch: Launch, why: str) -> None:
+        """The CLI did not take a prepared session: transcripts from now on (until it changes),
+        said once."""
+        plan = launch.session
+        cli = "%s %s" % (launch.claude, plan.version if plan else SESSION_VERSION)
+        with self._lock:
+            if self.refused == cli:
+                return
+            self.refused = cli
+        log.warning("Claude Code (%s) did not take the session prepared for a conversation "
+                    "(%s): from now on each conversation reaches it as one transcript, which "
+                    "works but keeps the prompt cache from covering earlier turns.", cli,
+                    " ".join(why.split())[-300:] or "no output")
+
+    def _remember(self, key: str, preamble: List[Dict[str, Any]]) -> None:
+        day = json.loads(key)[-1]
+        with self._lock:
+            if self._preambles.get(key) == preamble:
+                return
+            self._preambles = {k: v for k, v in self._preambles.items()
+                               if json.loads(k)[-1] == day}
+            self._preambles[key] = preamble
+            if self.store:
+                try:
+                    write_private(self.store, json.dumps(self._preambles, ensure_ascii=False))
+                except OSError as e:
+                    log.warning("could not keep the session preamble in %s: %s", self.store, e)
+
+    def _load(self) -> Dict[str, List[Dict[str, Any]]]:
+        if not self.store:
+            return {}
+        try:
+            with open(self.store, encoding="utf-8") as f:
+                stored = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            log.warning("ignored %s: %s", self.store, e)
+            return {}
+        day = time.strftime("%Y-%m-%d")
+        good = {}
+        for key, rows in stored.items() if isinstance(stored, dict) else ():
+            try:
+                if json.loads(key)[-1] == day and isinstance(rows, list) and rows and all(
+                        isinstance(r, dict) and r.get("type") == "attachment" and
+                        isinstance(r.get("rendered"), list) for r in rows):
+                    good[key] = rows
+            except (ValueError, TypeError, IndexError, KeyError):
+                continue
+        return good
 
 
 def pid_alive(pid: int) -> bool:
@@ -2805,10 +3180,10 @@ class ClaudeProcess:
     prompt on stdin, stdout read as stream-json events, stderr drained for its tail."""
 
     def __init__(self, argv_for: Callable[[Mapping[str, str]], List[str]], stdin_data: bytes,
-                 env: Dict[str, str], files: Mapping[str, str], workdir: str):
-        """`files` (name -> text) are written, private, beside the working directory and
+                 env: Dict[str, str], files: Mapping[str, str], workdir: str, cwd: str):
+        """`files` (name -> text) are written, private, into `workdir` (make_workdir()) and
         removed by close(); `argv_for(paths)` gives the command line once they exist (paths:
-        name -> path); `workdir` is from make_workdir()."""
+        name -> path); `cwd` is the working directory (shared_dir()'s)."""
         self._files: Dict[str, str] = {}
         try:
             for name, text in files.items():
@@ -2828,7 +3203,7 @@ class ClaudeProcess:
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, cwd=os.path.join(workdir, "cwd"), env=env,
+                stderr=subprocess.PIPE, cwd=cwd, env=env,
                 start_new_session=True, close_fds=True)
         except OSError as e:
             self._remove_files()
@@ -2836,6 +3211,9 @@ class ClaudeProcess:
                            type="server_error", code="claude_unavailable") from None
         self.pid = self.proc.pid
         self._closed = False
+        self.lines = 0  # stdout lines read
+        self.session: Optional[str] = None  # set by the server: the session id the run uses
+        self.launch: Optional[Launch] = None  # set by the server: what it runs
         self.sequence = 0  # set by the server: its count of CLI processes started, with this one
         self.peers_at_start = 0  # other CLI processes alive when this one started
 
@@ -2897,6 +3275,7 @@ class ClaudeProcess:
                             for line in lines:
                                 event = parse_cli_line(line)
                                 if event is not None:
+                                    self.lines += 1
                                     yield event
                         if len(buffer) > MAX_CLI_LINE_BYTES:
                             raise APIError(502, "Claude Code printed a line longer than %d bytes."
@@ -3119,7 +3498,8 @@ class ClaudeRun:
         login token while another reads the old one.
         """
         settings, request = self.server.settings, self.launch.request
-        for attempt in (1, 2):
+        retried = refused = ""
+        while True:
             self.process = process = self.server.start_process(self.launch)
             answered = False
             try:
@@ -3132,6 +3512,8 @@ class ClaudeRun:
                         single_call=not request.parallel_tools):
                     if isinstance(event, Finish):
                         self.finished = not event.cut_short
+                    if refused and not answered:  # the transcript works: the session did not
+                        self.server.sessions.refuse(refused_launch, refused)
                     answered = True
                     yield event
                 return
@@ -3141,14 +3523,22 @@ class ClaudeRun:
                     raise APIError(503, "claude-max-proxy is shutting down; the request was "
                                    "ended.", type="server_error", code="shutting_down") from None
                 tail = process.stderr_tail()
+                if process.launch and process.launch.session is not None and not process.lines:
+                    # It refused the session it was given or asked for (a CLI whose format
+                    # changed): the conversation goes as a transcript instead.
+                    refused, refused_launch = tail or "exit code %s" % code, process.launch
+                    self.note["history"] = "transcript"
+                    self._end()
+                    self.launch = self.launch._replace(session=None)
+                    continue
                 raise APIError(502, "Claude Code exited (code %s) without an answer. %s" % (
                     code, ("Its last output: " + tail[-1000:]) if tail else "It printed nothing."),
                     type="server_error", code="claude_error") from None
             except APIError as error:
-                if (error.status != 401 or answered or attempt > 1
+                if (error.status != 401 or answered or retried
                         or not self.server.overlapped(process)):
                     raise
-                self.note["retried"] = 401
+                self.note["retried"] = retried = "401"
                 self._end()
 
     def _end(self) -> None:
@@ -3229,6 +3619,15 @@ class ProxyServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, ProxyHandler)
         self.workdir = make_workdir()  # once bound: a port in use leaves nothing behind
+        try:
+            shared: Optional[str] = shared_dir()
+            self.cwd = os.path.join(shared or "", "cwd")
+        except OSError as e:
+            log.warning("%s: the CLI works in a directory of this daemon's instead, so the "
+                        "prompt cache does not carry conversations across a restart", e)
+            shared, self.cwd = None, os.path.join(self.workdir, "cwd")
+            os.mkdir(self.cwd, 0o700)
+        self.sessions = Sessions(self.cwd, shared, self.workdir, settings.history == "turns")
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """One thread per connection, up to MAX_CONNECTIONS; past it a 503 and the door."""
@@ -3288,9 +3687,32 @@ class ProxyServer(ThreadingHTTPServer):
                 self.chats -= 1
                 self.changed.notify_all()
 
+    def launch(self, request: Request) -> Launch:
+        """How `request` runs: the CLI, and a session for its conversation (Sessions.plan)."""
+        claude = self.claude.require()
+        version = self.claude.status(wait=False)[1]
+        return self.sessions.plan(Launch(claude, request, self.settings.user_settings), version)
+
     def start_process(self, launch: Launch) -> "ClaudeProcess":
-        process = ClaudeProcess(launch.argv, launch.stdin(), launch.environment(dict(os.environ)),
-                                launch.files(), self.workdir)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.cwd, 0o700)  # a temp-dir cleaner may have removed it meanwhile
+        try:
+            session = self.sessions.open(launch)
+        except OSError as e:  # a full disk, say: this request goes as a transcript
+            log.warning("could not write a session file for a conversation: %s", e)
+            launch, session = launch._replace(session=None), None
+        try:
+            process = ClaudeProcess(
+                lambda paths: launch.argv(dict(paths, session=session) if session else paths),
+                launch.stdin(), launch.environment(dict(os.environ)), launch.files(),
+                self.workdir, self.cwd)
+        except BaseException:
+            if session:
+                self.sessions.close(launch, session)
+            raise
+        process.session, process.launch = session, launch
+        if launch.resumed is not None:
+            self.sessions.resumed += 1
         with self.changed:
             process.peers_at_start = len(self.processes)
             self.processes_started += 1
@@ -3308,6 +3730,8 @@ class ProxyServer(ThreadingHTTPServer):
         try:
             return process.close(finished=finished)
         finally:
+            if process.session and process.launch:
+                self.sessions.close(process.launch, process.session, finished)
             with self.changed:
                 self.processes.discard(process)
                 self.changed.notify_all()
@@ -3698,6 +4122,8 @@ class ProxyHandler(StrictHTTPHandler):
             "uptime_seconds": round(time.time() - server.started, 1),
             "requests_in_flight": len(server.processes),
             "requests_waiting": server.slots.waiting,
+            "history": "transcript" if server.settings.history != "turns" or
+                       server.sessions.refused else "turns",
             "max_concurrency": server.slots.limit}
         if not path:
             body["reason"] = problem
@@ -3726,8 +4152,7 @@ class ProxyHandler(StrictHTTPHandler):
         """Any dialect's request: parsed, answered by one CLI run, streamed or whole."""
         request = dialect.parse(self._read_json())
         self._note["model"] = request.model
-        launch = Launch(self.server.claude.require(), request,
-                        self.server.settings.user_settings)
+        launch = self.server.launch(request)
         answer = dialect.answer(request, self._request_id, request.stream)
         with self.server.serving():
             try:
@@ -3890,6 +4315,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="let the CLI read your own ~/.claude settings: their env block and apiKeyHelper, "
              "but also your CLAUDE.md memory, hooks, output style, agents and skills, which "
              "every API caller then gets (CLAUDE_MAX_API_USER_SETTINGS=1; default: none of it)")
+    add("--history", choices=["turns", "transcript"],
+        default=env("CLAUDE_MAX_API_HISTORY", "turns").strip().lower() or "turns",
+        help="how a conversation's earlier messages reach the model: as its real turns, so the "
+             "prompt cache covers them, or as one transcript in the last message "
+             "(CLAUDE_MAX_API_HISTORY; default %(default)s)")
     add("--log-level", type=str.upper, default=env("CLAUDE_MAX_API_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity (CLAUDE_MAX_API_LOG_LEVEL; default %(default)s)")
@@ -3909,6 +4339,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error("cannot read --api-key-file: %s" % e)
         if not args.api_keys:
             parser.error("--api-key-file %s holds no key" % args.api_key_file)
+    if args.history not in ("turns", "transcript"):  # from the environment, unchecked
+        parser.error("CLAUDE_MAX_API_HISTORY must be turns or transcript")
     args.cors_origins = split_list(args.cors_origin)
     args.allowed_hosts = split_list(args.allowed_host)
     return args

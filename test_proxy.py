@@ -22,6 +22,7 @@ benchmark, which prints figures and asserts nothing about speed.
 import argparse
 import collections
 import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -755,6 +756,118 @@ def start_mcp_servers(opts):
     return servers
 
 
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+NO_RESPONSE = "No response requested."
+CONTINUE = "Continue from where you left off."
+
+
+def session_path(session_id):
+    """Where 2.1.331 keeps a session of the working directory (s1-*, s-sessions.sh)."""
+    config = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"),
+                                                                 ".claude")
+    return os.path.join(config, "projects", re.sub(r"[^A-Za-z0-9]", "-", os.getcwd()),
+                        session_id + ".jsonl")
+
+
+def preamble_rows(model):
+    """The attachment rows 2.1.331 writes after a fresh session's first user row
+    (shared/claude-cli/s1-session-written-by-cli.jsonl), and sends as one system message."""
+    cwd, today = os.getcwd(), time.strftime("%Y-%m-%d")
+    environment = ("# Environment\nYou have been invoked in the following environment: \n"
+                   " - Primary working directory: %s\n - Is a git repository: false\n"
+                   " - Platform: linux\n - Shell: bash\n - OS Version: Linux 6.18" % cwd)
+    identity = ("You are powered by the model named %s. The exact model ID is %s." % (
+        model, model))
+    reminder = lambda text: [{"content": "<system-reminder>\n%s\n</system-reminder>" % text}]
+    return [
+        {"type": "attachment", "attachment": {"type": "environment", "snapshot": {
+            "workingDirectory": cwd, "isWorktree": False, "isGitRepo": False,
+            "additionalWorkingDirectories": [], "platform": "linux", "shell": "bash",
+            "osVersion": "Linux 6.18"}}, "rendered": reminder(environment),
+         "renderedRole": "system"},
+        {"type": "attachment", "attachment": {"type": "model", "identity": {
+            "modelId": model, "marketingName": model, "knowledgeCutoff": "June 2026"},
+            "text": identity}, "rendered": reminder(identity), "renderedRole": "system"},
+        {"type": "attachment", "attachment": {"type": "session_context", "context": {}}},
+        {"type": "attachment", "attachment": {"type": "date", "date": today},
+         "rendered": reminder("Today's date is %s." % today), "renderedRole": "system"},
+        {"type": "attachment", "attachment": {"type": "prompt_snapshot",
+                                              "systemPrompt": ["(the system prompt)"]}}]
+
+
+def rendered(rows):
+    """Attachment rows as the one system message 2.1.331 makes of them."""
+    texts = [part["content"] for row in rows for part in row.get("rendered") or []]
+    return "\n\n".join(re.sub(r"^<system-reminder>\n|\n</system-reminder>$", "", t)
+                       for t in texts)
+
+
+def api_messages(rows, new, resume_turn):
+    """The messages 2.1.331 sends for a session's rows and the stdin user turns `new` (None:
+    nothing to do): rows as they are, the attachments' system message after the first user
+    row (else after everything), a file ending with a user row answered "No response
+    requested." before a new line, or resumed with CONTINUE added when it holds tool results
+    (RESUME_TURN env); tool_result blocks on stdin dropped; consecutive user messages merged,
+    the first one's last text gaining a newline (seen in the end-to-end test)."""
+    messages, attachments = [], []
+    for row in rows:
+        if row.get("type") == "attachment" and row.get("rendered"):
+            attachments.append(row)
+        elif row.get("type") in ("user", "assistant"):
+            content = row["message"]["content"]
+            messages.append({"role": row["type"], "content": [{"type": "text", "text": content}]
+                             if isinstance(content, str) else list(content)})
+    if messages and messages[-1]["role"] == "user":
+        if new:
+            messages.append({"role": "assistant", "content": [{"type": "text",
+                                                               "text": NO_RESPONSE}]})
+        elif not resume_turn:
+            return None
+        elif any(b.get("type") == "tool_result" for b in messages[-1]["content"]):
+            messages.append({"role": "user", "content": [{"type": "text", "text": CONTINUE}]})
+    elif not new:
+        return None
+    for content in new:
+        content = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        messages.append({"role": "user", "content": [b for b in content
+                                                     if b.get("type") != "tool_result"]})
+    merged = []
+    for message in messages:
+        if merged and message["role"] == merged[-1]["role"] == "user":
+            last = merged[-1]["content"]
+            if last and last[-1].get("type") == "text":
+                last[-1] = dict(last[-1], text=last[-1]["text"] + "\n")
+            merged[-1] = {"role": "user", "content": last + message["content"]}
+        else:
+            merged.append(message)
+    system = {"role": "system", "content": rendered(attachments or preamble_rows("m"))}
+    firsts = [i for i, m in enumerate(merged) if m["role"] == "user"]
+    if attachments and firsts:
+        merged.insert(firsts[0] + 1, system)
+    else:
+        merged.append(system)
+    return merged
+
+
+def conversation_text(messages):
+    """What the directives are read from: every user message's text, tool results as the
+    transcript writes them."""
+    parts = []
+    for message in messages:
+        if message["role"] != "user":
+            continue
+        for block in message["content"]:
+            if block.get("type") == "text":
+                parts.append(block["text"])
+            elif block.get("type") == "tool_result":
+                content = block.get("content")
+                text = content if isinstance(content, str) else "".join(
+                    b.get("text", "") for b in content or [])
+                parts.append('<tool_result tool_call_id="%s">\n%s\n</tool_result>' % (
+                    block.get("tool_use_id"), text))
+    return " ".join(parts)
+
+
 def main():
     argv = sys.argv[1:]
     if argv in (["--version"], ["-v"]):
@@ -783,25 +896,44 @@ def main():
             fail("Error parsing streaming input line (type=unknown, %d chars): SyntaxError"
                  % len(raw))
         turns.append(line)
-    if not turns and not prompt:
+    if not turns and not prompt and not opts.get("--resume"):
         fail("Error: Input must be provided either through stdin or as a prompt argument "
              "when using --print")
+    session_id = opts.get("--resume") or opts.get("--session-id")
+    if session_id and not UUID.fullmatch(session_id):
+        fail("Error: Invalid session ID. Must be a valid UUID.")
+    rows, session = [], None
+    if session_id:
+        path = session_path(session_id)
+        if opts.get("--resume"):
+            if os.environ.get("FAKE_CLAUDE_NO_SESSIONS") or not os.path.exists(path):
+                fail("No conversation found with session ID: %s" % session_id)
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            session = {"path": path, "text": text, "rows": rows,
+                       "mode": os.stat(path).st_mode & 0o777,
+                       "dir_mode": os.stat(os.path.dirname(path)).st_mode & 0o777}
+        elif os.path.exists(path):
+            fail("Error: Session ID %s is already in use." % session_id)
+    messages = api_messages(rows, [t["message"]["content"] for t in turns],
+                            os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") == "1")
+    if messages is None:
+        return 0  # a resumed session with nothing to do: 2.1.331 prints nothing either
     system_file = opts.get("--append-system-prompt-file")
     log_dir = os.environ.get("FAKE_CLAUDE_LOG")
     record = {"pid": os.getpid(), "started": time.time(),
               "peers": alive_peers(log_dir) if log_dir else [],
               "argv": argv, "cwd": os.getcwd(),
               "cwd_entries": sorted(os.listdir(".")), "stdin": turns,
+              "messages": messages, "session": session,
               "system": open(system_file, encoding="utf-8").read() if system_file else None,
               "env": {k: os.environ.get(k) for k in ("CLAUDE_CODE_MAX_OUTPUT_TOKENS",
                                                      "CLAUDECODE",
-                                                     "CLAUDE_CODE_DISABLE_AUTO_MEMORY")}}
-    texts = []
-    for turn in turns:
-        content = turn["message"]["content"]
-        texts.append(content if isinstance(content, str) else " ".join(
-            b.get("text", "") for b in content if b.get("type") == "text"))
-    d = directives(" ".join(texts))
+                                                     "CLAUDE_CODE_DISABLE_AUTO_MEMORY",
+                                                     "CLAUDE_CODE_RESUME_INTERRUPTED_TURN")}}
+    texts = [conversation_text(messages)]
+    d = directives(texts[0])
     if "child" in d:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         record["child"] = child.pid
@@ -816,6 +948,23 @@ def main():
         sys.stderr.write("fake claude: something broke before answering\n")
         return int(d["exit"] or 2)
     model = resolve(opts.get("--model"))
+    if opts.get("--session-id") and not opts.get("--no-session-persistence"):
+        # A fresh session, persisted as 2.1.331 does: the user row, then the attachments.
+        chain, rows = None, []
+        for row in [{"type": "queue-operation", "operation": "enqueue"},
+                    {"type": "user", "message": {"role": "user",
+                                                 "content": turns[0]["message"]["content"]}}] \
+                + preamble_rows(model):
+            if row["type"] != "queue-operation":
+                row.update({"parentUuid": chain, "uuid": str(uuid.uuid4()),
+                            "isSidechain": False, "cwd": os.getcwd(), "version": "2.1.331"})
+                chain = row["uuid"]
+            row["sessionId"] = session_id
+            rows.append(row)
+        os.makedirs(os.path.dirname(session_path(session_id)), 0o700, exist_ok=True)
+        with open(os.open(session_path(session_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                          0o600), "w") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
     servers = start_mcp_servers(opts)
     if log_dir and servers:
         record["mcp_tools"] = list(MCP_TOOLS)
@@ -934,6 +1083,21 @@ def children_of(pid):
             if int(fields[1]) == pid:
                 found.append((int(entry), fields[0]))
     return found
+
+
+def sent(run, role=None, kind=None):
+    """The blocks the fake CLI would have sent the API in `run` (its `messages`), of `role`
+    messages and `kind` blocks when given."""
+    return [block for message in run["messages"] if role in (None, message["role"])
+            for block in (message["content"] if isinstance(message["content"], list) else
+                          [{"type": "text", "text": message["content"]}])
+            if kind in (None, block.get("type"))]
+
+
+def session_files(home=None):
+    """Files under $HOME/.claude/projects (where the CLI keeps sessions)."""
+    root = os.path.join(home or os.environ["HOME"], ".claude", "projects")
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
 
 def open_fds():
@@ -1100,13 +1264,15 @@ class FakeClaudeMixin:
         cls.log_dir = os.path.join(cls.tmp, "runs")
         os.mkdir(cls.bin_dir)
         os.mkdir(cls.log_dir)
+        cls.home = os.path.join(cls.tmp, "home")  # the fake's sessions go under it
+        os.mkdir(cls.home)
         cls.fake_path = os.path.join(cls.bin_dir, "claude")
         with open(cls.fake_path, "w") as f:
             f.write("#!%s\n%s" % (sys.executable, FAKE_CLAUDE))
         os.chmod(cls.fake_path, 0o755)
         cls.env_patch = mock.patch.dict(os.environ, {
             "PATH": cls.bin_dir + os.pathsep + os.environ.get("PATH", ""),
-            "FAKE_CLAUDE_LOG": cls.log_dir})
+            "FAKE_CLAUDE_LOG": cls.log_dir, "HOME": cls.home})
         cls.env_patch.start()
 
     @classmethod
@@ -2206,20 +2372,27 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(run["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "77")
         self.assertEqual(run["env"]["CLAUDE_CODE_DISABLE_AUTO_MEMORY"], "1")
         self.assertIn("--safe-mode", argv)
-        private = os.path.dirname(run["cwd"])
+        shared = os.path.dirname(run["cwd"])
+        self.assertEqual(os.path.basename(shared), "claude-max-proxy.%d" % os.getuid())
+        self.assertEqual(os.stat(shared).st_mode & 0o777, 0o700)
+        self.assertEqual(os.stat(run["cwd"]).st_mode & 0o777, 0o700)
+        self.assertEqual(run["cwd_entries"], [], "the working directory is empty")
+        private = p.server.workdir
         self.assertTrue(os.path.basename(private).startswith("claude-max-proxy-"))
         self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
-        self.assertEqual(run["cwd_entries"], [], "the working directory is empty")
         system_file = argv[argv.index("--append-system-prompt-file") + 1]
-        self.assertEqual(os.path.dirname(system_file), private, "beside the working directory")
+        self.assertEqual(os.path.dirname(system_file), private, "in the private directory")
         self.assert_no_cli_left(p)
         self.assertFalse(os.path.exists(system_file), "the system prompt file is removed")
-        # The next run works in the same directory: the CLI writes its path into the prompt.
+        # The next run, and a restarted daemon's, work in the same directory: the CLI writes
+        # its path into the prompt, ahead of the conversation.
         self.assertEqual(p.chat()[0], 200)
         self.assertEqual(self.runs()[-1]["cwd"], run["cwd"])
-        self.assertEqual(sorted(os.listdir(private)), ["cwd", "pid"])
+        self.assertEqual(sorted(os.listdir(private)), ["pid"])
         p.close()
         self.assertFalse(os.path.exists(private), "the private directory goes with the daemon")
+        self.assertEqual(self.start_proxy().chat()[0], 200)
+        self.assertEqual(self.runs()[-1]["cwd"], run["cwd"])
 
     def test_a_request_as_openclaw_sends_it(self):
         """OpenClaw 2026.9.6's shape: it streams, sends its 11 tools and tool_choice "auto"
@@ -2302,7 +2475,8 @@ class ChatTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(sorted(removed), sorted([dirs["dead"], dirs["old"]]))
         self.assertEqual(sorted(os.listdir(root)), sorted([
             "claude-max-proxy-alive", "claude-max-proxy-new", "claude-max-proxy-garbage",
-            "other-dir", os.path.basename(p.server.workdir)]))
+            "other-dir", os.path.basename(p.server.workdir),
+            "claude-max-proxy.%d" % os.getuid()]))
         with open(os.path.join(p.server.workdir, "pid")) as f:
             self.assertEqual(int(f.read()), os.getpid())
 
@@ -2999,9 +3173,14 @@ class DialectContract(FakeClaudeMixin):
         follow_up = self.client.follow_up(body, answer, [(calls[0][0], "sunny, 21C")])
         self.assertEqual(self.client.answer(self.post(follow_up)),
                          ("Tools said: sunny, 21C", "", "stop"))
-        prompt = json.dumps(self.runs()[-1]["stdin"])
-        self.assertIn('name=\\"mcp__proxy__get_weather\\"', prompt, "the call, by its name")
-        self.assertIn(calls[0][0], prompt, "the result, matched to its call by id")
+        run = self.runs()[-1]
+        made = sent(run, "assistant", "tool_use")
+        self.assertEqual([(b["name"], b["input"]) for b in made],
+                         [("mcp__proxy__get_weather", {"city": "Paris"})],
+                         "the call, a real tool_use under the name the model knows")
+        self.assertEqual([b["tool_use_id"] for b in sent(run, "user", "tool_result")],
+                         [made[0]["id"]], "the result, a real tool_result for that call")
+        self.assertEqual(made[0]["id"], proxy.wire_tool_id(calls[0][0]))
         self.assert_no_cli_left(self.p)
 
     def test_parallel_calls_streamed_as_the_api_streams_them(self):
@@ -3138,14 +3317,14 @@ class MessagesDialectTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(status, 200, body)
         run = self.only_run()
         self.assertEqual(run["system"], "Be terse.\n\nAlso be kind.")
-        content = run["stdin"][0]["message"]["content"]
+        content = sent(run)
         self.assertIn({"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                    "data": PNG_1PX}}, content)
         self.assertIn({"type": "document", "source": {"type": "base64",
                                                       "media_type": "application/pdf",
                                                       "data": pdf}}, content)
         text = json.dumps(content)
-        self.assertIn("an answer", text)
+        self.assertIn({"type": "text", "text": "an answer"}, sent(run, "assistant"))
         self.assertNotIn("hmm", text, "earlier thinking is not part of the transcript")
         self.assertNotIn("cache_control", text, "the CLI places its own cache breakpoints")
 
@@ -3284,9 +3463,13 @@ class ResponsesDialectTest(FakeClaudeMixin, unittest.TestCase):
         status, _, second = self.post(input="What is my name?",
                                       previous_response_id=first["id"])
         self.assertEqual((status, second["previous_response_id"]), (200, first["id"]))
-        prompt = json.dumps(self.runs()[-1]["stdin"])
-        self.assertIn("My name is Ada.", prompt)
-        self.assertIn("Hello from the fake API.", prompt, "the earlier answer is a turn too")
+        run = self.runs()[-1]
+        self.assertEqual([m["role"] for m in run["messages"]],
+                         ["user", "system", "assistant", "user"])
+        self.assertIn({"type": "text", "text": "My name is Ada."}, sent(run, "user"))
+        self.assertEqual(sent(run, "assistant"), [{"type": "text",
+                                                   "text": "Hello from the fake API."}],
+                         "the earlier answer is the model's own turn")
         self.assertIsNone(self.runs()[-1]["system"], "instructions are not carried over")
         status, _, body = self.post(input="x", previous_response_id="resp_nope")
         self.assertEqual((status, body["error"]["code"]), (404, "previous_response_not_found"))
@@ -3315,8 +3498,8 @@ class ResponsesDialectTest(FakeClaudeMixin, unittest.TestCase):
         run = self.only_run()
         self.assertEqual(run["system"], "You are Codex.\n\nFollow AGENTS.md.")
         self.assertEqual(run["argv"][run["argv"].index("--effort") + 1], "low")
-        prompt = json.dumps(run["stdin"])
-        self.assertIn("first answer", prompt)
+        prompt = json.dumps(run["messages"])
+        self.assertIn({"type": "text", "text": "first answer"}, sent(run, "assistant"))
         self.assertIn(PNG_1PX, prompt)
         self.assertEqual(body["reasoning"], {"effort": "minimal", "summary": "auto"})
 
@@ -3395,9 +3578,10 @@ class ResponsesDialectTest(FakeClaudeMixin, unittest.TestCase):
                 {"type": "input_text", "text": "spawned"}]}])
         self.assertEqual((status, follow["output"][0]["content"][0]["text"]),
                          (200, "Tools said: spawned"))
-        prompt = json.dumps(self.runs()[-1]["stdin"])
-        self.assertIn('name=\\"mcp__proxy__agents_v1__spawn\\"', prompt)
-        self.assertIn("*** Begin Patch", prompt)
+        run = self.runs()[-1]
+        self.assertEqual([b["name"] for b in sent(run, "assistant", "tool_use")],
+                         ["mcp__proxy__apply_patch", "mcp__proxy__agents_v1__spawn"])
+        self.assertIn("*** Begin Patch", json.dumps(sent(run, "assistant", "tool_use")))
 
     def test_a_history_as_codex_resends_it(self):
         """store: false, so Codex sends every item again: reasoning, calls, their outputs."""
@@ -3594,10 +3778,10 @@ class LeakTest(FakeClaudeMixin, unittest.TestCase):
         self.assert_no_cli_left(p)
         if before is not None:
             wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
-        self.assertEqual(sorted(os.listdir(p.server.workdir)), ["cwd", "pid"],
-                         "no system prompt or tools file left")
-        self.assertEqual({r["cwd"] for r in self.runs()},
-                         {os.path.join(p.server.workdir, "cwd")})
+        self.assertEqual(sorted(os.listdir(p.server.workdir)), ["pid"],
+                         "no system prompt, tools file or session marker left")
+        self.assertEqual({r["cwd"] for r in self.runs()}, {p.server.cwd})
+        self.assertEqual(session_files(), [], "no session file left")
 
 
 class MalformedInputTest(FakeClaudeMixin, unittest.TestCase):
@@ -4769,6 +4953,8 @@ class FakeAnthropicAPI(ThreadingHTTPServer):
 
     def __init__(self):
         self.requests = []
+        self.usages = []  # (request body, the usage answered to it)
+        self.prefixes = {}  # the prompt cache: hash of a prefix ending at a breakpoint -> tokens
         self.request_headers = []
         self.calls = {}  # last user message -> how many API calls it had
         self.lock = threading.Lock()
@@ -4781,6 +4967,43 @@ class FakeAnthropicAPI(ThreadingHTTPServer):
 
     def url(self):
         return "http://127.0.0.1:%d" % self.server_address[1]
+
+    def usage_of(self, body):
+        return next(usage for sent, usage in self.usages if sent is body)
+
+    def cached_usage(self, body):
+        """Anthropic's prompt cache rule, simulated: the prompt is its tools, system blocks and
+        message blocks in that order; each prefix that ends at a block carrying cache_control
+        is remembered (hash -> tokens, about 4 characters each). The usage reads the longest
+        remembered prefix this prompt starts with, creates the rest up to its last
+        breakpoint, and counts what follows as input. The markers themselves and how a text
+        is written (a string or one text block) are not part of the prompt, as in the API."""
+        items = [("tool", t) for t in body.get("tools") or []]
+        system = body.get("system") or []
+        items += [("system", b) for b in ([{"type": "text", "text": system}]
+                                          if isinstance(system, str) else system)]
+        for n, message in enumerate(body["messages"]):
+            content = message["content"]
+            for block in [{"type": "text", "text": content}] if isinstance(content, str) \
+                    else content:
+                items.append(("message", n, message["role"], block))
+        digest = hashlib.sha256(body.get("model", "").encode())
+        tokens = read = last_mark = 0
+        for item in items:
+            plain = item[:-1] + ({k: v for k, v in item[-1].items() if k != "cache_control"},)
+            text = json.dumps(plain, sort_keys=True, ensure_ascii=False)
+            digest.update(text.encode())
+            tokens += max(1, len(text) // 4)
+            with self.lock:
+                if digest.hexdigest() in self.prefixes:
+                    read = tokens
+            if "cache_control" in item[-1]:
+                last_mark = tokens
+                with self.lock:
+                    self.prefixes[digest.hexdigest()] = tokens
+        return {"input_tokens": tokens - max(read, last_mark),
+                "cache_creation_input_tokens": max(0, last_mark - read),
+                "cache_read_input_tokens": read, "output_tokens": 1}
 
 
 class FakeAnthropicHandler(BaseHTTPRequestHandler):
@@ -4872,8 +5095,8 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             json.dumps(body["messages"]) else "end_turn"
         if any(kind == "tool_use" for kind, _ in blocks):
             stop = "tool_use"
-        usage = {"input_tokens": 12, "cache_creation_input_tokens": 0,
-                 "cache_read_input_tokens": 0, "output_tokens": 1}
+        usage = self.server.cached_usage(body)
+        self.server.usages.append((body, usage))
         if not body.get("stream"):  # the CLI's own fallback after a stream that failed
             content = [{"type": "text", "text": "".join(p)} if kind == "text" else
                        {"type": "thinking", "thinking": "".join(p), "signature": "c2ln"}
@@ -4982,6 +5205,7 @@ class EndToEndTest(unittest.TestCase):
 
     def setUp(self):
         self.api.requests.clear()
+        self.api.usages.clear()
         self.api.request_headers.clear()
         self.api.calls.clear()
         self.api.release.clear()
@@ -5006,7 +5230,11 @@ class EndToEndTest(unittest.TestCase):
         sent, _ = self.api_request("e2e-marker-1")
         self.assertEqual(body["model"], sent["model"])  # the model the CLI reported
         self.assertIn("sonnet", sent["model"])
-        self.assertEqual(body["usage"]["prompt_tokens"], 12)
+        usage = self.api.usage_of(sent)  # the API's, summed as OpenAI's
+        self.assertEqual(body["usage"]["prompt_tokens"], usage["input_tokens"] + usage[
+            "cache_creation_input_tokens"] + usage["cache_read_input_tokens"])
+        self.assertEqual(body["usage"]["prompt_tokens_details"]["cached_tokens"],
+                         usage["cache_read_input_tokens"])
         self.assertEqual(body["usage"]["completion_tokens"], 9)
         self.assertEqual(body["choices"][0]["finish_reason"], "stop")
 
@@ -5217,6 +5445,7 @@ class EndToEndTest(unittest.TestCase):
         self.assertIn("sunny", json.dumps(self.api.requests[-1]["messages"]))
         # Streamed, and through the other two dialects.
         self.api.requests.clear()
+        self.api.usages.clear()
         events = parse_sse(self.proxy.request("POST", "/v1/chat/completions", dict(
             body, messages=body["messages"][:1], stream=True))[2])
         calls, finish = ChatClient().streamed_calls(events)
@@ -5349,6 +5578,7 @@ class EndToEndTest(unittest.TestCase):
         with open(note, "w") as f:
             f.write("secret-note-42")
         self.api.requests.clear()
+        self.api.usages.clear()
         done = subprocess.run(
             [self.claude, "-p", "--output-format", "json", "--safe-mode", "--setting-sources",
              "", "--allowedTools", "Read"],
@@ -5461,6 +5691,7 @@ class EndToEndTest(unittest.TestCase):
         opts = {"--tools": "", "--disable-slash-commands": True, "--safe-mode": True}
         for api_prompt, fake_prompt, env in cases:
             self.api.requests.clear()
+            self.api.usages.clear()
             real = self.run_real_cli(api_prompt, **env)
             with mock.patch.dict(os.environ, {k: v for k, v in env.items() if v is not None}):
                 ours = [fake.ui_invalidate(), fake.init_line(opts, "claude-sonnet-5-5")] + \
