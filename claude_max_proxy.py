@@ -235,6 +235,7 @@ BRIDGE_START = ("import sys; p = sys.argv[1]; s = open(p, encoding='utf-8').read
 WORKDIR_PREFIX = "claude-max-proxy-"  # of each daemon's private directory, in the temp dir
 SHARED_DIR = "claude-max-proxy.%d"  # this user's directory shared by daemons (see shared_dir)
 PREAMBLES_FILE = "preambles.json"  # in it: the session preambles learnt (see Sessions)
+PREAMBLES_KEPT = 32  # of today's: one per CLI, model and settings in use
 SESSION_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 MAX_SCHEMA_BYTES = 64 * 1024  # --json-schema goes on the command line (128 KiB per argument)
 
@@ -903,22 +904,43 @@ def has_results(blocks: List[Block]) -> bool:
     return any(block["type"] == "tool_result" for block in blocks)
 
 
+def joined(turns: List[List[Block]]) -> List[Block]:
+    """Consecutive user turns as the CLI makes one message of them: the earlier one's last
+    text gains a newline."""
+    out: List[Block] = []
+    for blocks in turns:
+        if out and blocks and out[-1]["type"] == "text":
+            out[-1] = dict(out[-1], text=out[-1]["text"] + "\n")
+        out.extend(blocks)
+    return out
+
+
 def conversation_history(turns: List[Turn], names: Mapping[str, str], tools: bool) -> History:
     """The turns of a request with history as session rows (see the notes above): the same
-    earlier turns always give the same rows, so a conversation's requests share a prefix."""
-    rows: List[Turn] = []
-    *earlier, (_, last) = turns
-    for role, blocks in earlier:
+    earlier turns always give the same rows, so a conversation's requests share a prefix.
+    Consecutive user turns are one row (a file ending with one user row of several would get
+    "No response requested." between them); a user row with tool results is followed by
+    CONTINUE_TEXT, as the CLI resumed it when it was the last."""
+    groups: List[Turn] = []
+    for role, blocks in turns:
         content = real_blocks(blocks, names, tools)
-        if content:
-            rows.append((role, content))
-            if role == "user" and has_results(content):
-                rows.append(("user", [{"type": "text", "text": CONTINUE_TEXT}]))
-    content = real_blocks(last, names, tools)
-    if has_results(content):
-        rows.append(("user", content))
+        if not content:
+            continue
+        if role == "user" and groups and groups[-1][0] == "user":
+            groups[-1] = ("user", joined([groups[-1][1], content]))
+        else:
+            groups.append((role, content))
+    # The last turn is the user's (check_turns) and not empty.
+    *earlier, (_, last) = groups
+    rows: List[Turn] = []
+    for role, content in earlier:
+        rows.append((role, content))
+        if role == "user" and has_results(content):
+            rows.append(("user", [{"type": "text", "text": CONTINUE_TEXT}]))
+    if has_results(last):
+        rows.append(("user", last))
         return History(rows, None)
-    return History(rows, content)
+    return History(rows, last)
 
 
 def session_lines(history: History, preamble: List[Dict[str, Any]], session_id: str, cwd: str,
@@ -3032,6 +3054,8 @@ class Sessions:
         self._preambles: Dict[str, List[Dict[str, Any]]] = self._load()
         self.refused: Optional[str] = None  # the CLI (path and version) that refused one
         self.resumed = 0  # runs that resumed a prepared session
+        # A projects directory that the runs' sessions bring into being goes with them.
+        self._made_projects = not os.path.isdir(os.path.dirname(self.directory()))
 
     def directory(self) -> str:
         """Where the CLI keeps sessions of the working directory (its own naming)."""
@@ -3109,6 +3133,9 @@ class Sessions:
             elif finished:
                 self.refuse(launch, "its session file held no environment rows")
         remove_session_file(path)
+        if self._made_projects:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(os.path.dirname(path)))  # only when empty
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.workdir, "session-" + session_id))
 
@@ -3131,8 +3158,8 @@ class Sessions:
         with self._lock:
             if self._preambles.get(key) == preamble:
                 return
-            self._preambles = {k: v for k, v in self._preambles.items()
-                               if json.loads(k)[-1] == day}
+            kept = [(k, v) for k, v in self._preambles.items() if json.loads(k)[-1] == day]
+            self._preambles = dict(kept[-(PREAMBLES_KEPT - 1):])
             self._preambles[key] = preamble
             if self.store:
                 try:

@@ -802,7 +802,7 @@ def rendered(rows):
                        for t in texts)
 
 
-def api_messages(rows, new, resume_turn):
+def api_messages(rows, new, resume_turn, model):
     """The messages 2.1.331 sends for a session's rows and the stdin user turns `new` (None:
     nothing to do): rows as they are, the attachments' system message after the first user
     row (else after everything), a file ending with a user row answered "No response
@@ -840,7 +840,7 @@ def api_messages(rows, new, resume_turn):
             merged[-1] = {"role": "user", "content": last + message["content"]}
         else:
             merged.append(message)
-    system = {"role": "system", "content": rendered(attachments or preamble_rows("m"))}
+    system = {"role": "system", "content": rendered(attachments or preamble_rows(model))}
     firsts = [i for i, m in enumerate(merged) if m["role"] == "user"]
     if attachments and firsts:
         merged.insert(firsts[0] + 1, system)
@@ -917,7 +917,8 @@ def main():
         elif os.path.exists(path):
             fail("Error: Session ID %s is already in use." % session_id)
     messages = api_messages(rows, [t["message"]["content"] for t in turns],
-                            os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") == "1")
+                            os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") == "1",
+                            resolve(opts.get("--model")))
     if messages is None:
         return 0  # a resumed session with nothing to do: 2.1.331 prints nothing either
     system_file = opts.get("--append-system-prompt-file")
@@ -1780,6 +1781,153 @@ def tool_fold(text, opts=None, **options):
     finally:
         fake.MCP_TOOLS[:] = []
     return lines, list(proxy.completion_events(lines, tools=tools, **options))
+
+
+def text(value):
+    return [{"type": "text", "text": value}]
+
+
+class HistoryTest(unittest.TestCase):
+    """A conversation as the rows of a session file (conversation_history, session_lines)
+    and what the CLI makes of them (the fake's api_messages, which follows 2.1.331)."""
+
+    NAMES = {"get_weather": "mcp__proxy__get_weather"}
+    CALL = {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Oslo"}}
+    RESULT = {"type": "tool_result", "tool_use_id": "call_1", "content": text("sunny")}
+    MODEL = "claude-sonnet-5-5"
+
+    def test_earlier_turns_are_rows_and_the_last_goes_on_stdin(self):
+        turns = [("user", text("hi")), ("assistant", text("hello")), ("user", text("and?"))]
+        history = proxy.conversation_history(turns, {}, False)
+        self.assertEqual(history.rows, turns[:2])
+        self.assertEqual(history.stdin, text("and?"))
+
+    def test_calls_and_results_are_real_blocks_under_the_names_the_model_knows(self):
+        turns = [("user", text("weather?")), ("assistant", text("Let me look.") + [self.CALL]),
+                 ("user", [self.RESULT])]
+        history = proxy.conversation_history(turns, self.NAMES, True)
+        call = dict(self.CALL, name="mcp__proxy__get_weather")
+        self.assertEqual(history.rows, [turns[0], ("assistant", text("Let me look.") + [call]),
+                                        ("user", [self.RESULT])])
+        self.assertIsNone(history.stdin, "the CLI resumes a turn of results itself")
+        # Once answered, that turn is followed by what the CLI added when it resumed it.
+        later = proxy.conversation_history(turns + [("assistant", text("Sunny.")),
+                                                    ("user", text("thanks"))], self.NAMES, True)
+        self.assertEqual(later.rows[2:4], [("user", [self.RESULT]),
+                                           ("user", text(proxy.CONTINUE_TEXT))])
+        self.assertEqual(later.stdin, text("thanks"))
+
+    def test_without_tools_calls_and_results_are_text(self):
+        turns = [("user", text("weather?")), ("assistant", [self.CALL]),
+                 ("user", [self.RESULT, {"type": "text", "text": "so?"}])]
+        history = proxy.conversation_history(turns, {}, False)
+        self.assertEqual(history.rows[1][1], proxy.tool_text(self.CALL, {}))
+        self.assertEqual({b["type"] for b in history.stdin}, {"text"}, "no tool block")
+        self.assertIn("sunny", json.dumps(history.stdin))
+
+    def test_call_ids_the_api_refuses_are_replaced_alike_in_call_and_result(self):
+        odd = "functions.get_weather:0"
+        turns = [("user", text("w")), ("assistant", [dict(self.CALL, id=odd)]),
+                 ("user", [dict(self.RESULT, tool_use_id=odd)])]
+        history = proxy.conversation_history(turns, self.NAMES, True)
+        call_id = history.rows[1][1][0]["id"]
+        self.assertRegex(call_id, r"^toolu_[0-9a-f]{24}$")
+        self.assertEqual(history.rows[2][1][0]["tool_use_id"], call_id)
+        self.assertEqual(proxy.wire_tool_id("call_ok-1"), "call_ok-1")
+
+    def test_empty_text_and_empty_turns_are_left_out(self):
+        turns = [("user", text("a")), ("assistant", text("  ")), ("user", text("")),
+                 ("assistant", text("b")), ("user", text("c"))]
+        self.assertEqual(proxy.conversation_history(turns, {}, False).rows,
+                         [("user", text("a")), ("assistant", text("b"))])
+
+    def test_a_call_of_a_tool_no_longer_offered_keeps_the_bridge_name(self):
+        self.assertEqual(proxy.model_tool_name("gone", {}), "mcp__proxy__gone")
+        long_name = "x" * 70
+        self.assertEqual(proxy.model_tool_name(long_name, {}), proxy.BRIDGE_PREFIX + next(
+            iter(proxy.bridge_names([proxy.Tool(long_name, "", {})]))))
+
+    def file_rows(self, history, preamble=None):
+        preamble = fake.preamble_rows(self.MODEL) if preamble is None else preamble
+        lines = proxy.session_lines(history, preamble, "0" * 8 + "-0000-4000-8000-" + "0" * 12,
+                                    "/w", "2.1.331", self.MODEL, 1796000000.5)
+        return [json.loads(line) for line in lines.splitlines()]
+
+    def test_the_file_chains_its_rows_with_the_preamble_after_the_first_user_row(self):
+        history = proxy.History([("assistant", text("Hi!")), ("user", text("a")),
+                                 ("assistant", text("b"))], text("c"))
+        rows = self.file_rows(history)
+        self.assertEqual([r["type"] for r in rows], ["assistant", "user"] + ["attachment"] * 5 +
+                         ["assistant"])
+        self.assertEqual([r["parentUuid"] for r in rows], [None] + [r["uuid"] for r in rows[:-1]])
+        self.assertEqual({(r["sessionId"], r["cwd"], r["version"], r["timestamp"]) for r in rows},
+                         {("00000000-0000-4000-8000-000000000000", "/w", "2.1.331",
+                           "2026-11-30T00:53:20.500Z")})
+        self.assertEqual(rows[-1]["message"]["content"], text("b"))
+        self.assertEqual(rows[-1]["message"]["stop_reason"], "end_turn")
+        only_assistant = self.file_rows(proxy.History([("assistant", text("Hi!"))], text("c")))
+        self.assertEqual([r["type"] for r in only_assistant], ["assistant"] + ["attachment"] * 5)
+
+    def test_the_preamble_is_learnt_from_the_file_the_cli_wrote(self):
+        written = [{"type": "queue-operation"}, {"type": "user", "message": {}}] + \
+            fake.preamble_rows(self.MODEL) + [{"type": "assistant"}, {"type": "attachment",
+                                                                      "rendered": ["later"]}]
+        text_ = "\n".join(json.dumps(r) for r in written) + "\nnot json\n[1]\n"
+        learnt = proxy.learnt_preamble(text_)
+        self.assertEqual([r["attachment"]["type"] for r in learnt],
+                         ["environment", "model", "date"], "the rows that the CLI renders")
+        self.assertEqual(learnt[0], {k: v for k, v in fake.preamble_rows(self.MODEL)[0].items()})
+        self.assertIsNone(proxy.learnt_preamble('{"type": "user"}\n{"type": "assistant"}\n'))
+        self.assertIsNone(proxy.learnt_preamble(""))
+
+    def sent_for(self, turns, tools=True):
+        """What the CLI sends for `turns`: a first turn fresh, later ones resumed."""
+        if len(turns) == 1:
+            return fake.api_messages([], [turns[0][1]], False, self.MODEL)
+        history = proxy.conversation_history(turns, self.NAMES, tools)
+        return fake.api_messages(self.file_rows(history), [] if history.stdin is None
+                                 else [history.stdin], history.stdin is None, self.MODEL)
+
+    def test_each_request_of_a_conversation_repeats_the_one_before(self):
+        """The prompt cache's condition: request N+1 starts with all of request N."""
+        steps = [("user", text("Weather in Oslo?")), ("assistant", text("Let me look.") +
+                                                     [self.CALL]),
+                 ("user", [self.RESULT]), ("assistant", text("Sunny.")),
+                 ("user", text("And tomorrow?")), ("assistant", [dict(self.CALL, id="call_2")]),
+                 ("user", [dict(self.RESULT, tool_use_id="call_2"), *text("in C please")]),
+                 ("assistant", text("Cloudy.")), ("user", text("Thanks!"))]
+        previous = None
+        for n in range(1, len(steps) + 1):
+            if steps[n - 1][0] != "user":
+                continue
+            messages = self.sent_for(steps[:n])
+            if previous is not None:
+                self.assertEqual(messages[:len(previous)], previous, "turn %d" % n)
+                self.assertGreater(len(messages), len(previous))
+            previous = messages
+        roles = [m["role"] for m in previous]
+        self.assertEqual(roles, ["user", "system", "assistant", "user", "assistant", "user",
+                                 "assistant", "user", "assistant", "user"])
+        self.assertEqual(previous[3]["content"], [self.RESULT] + text(proxy.CONTINUE_TEXT))
+        self.assertEqual(previous[7]["content"], [dict(self.RESULT, tool_use_id="call_2"),
+                                                  *text("in C please\n"),
+                                                  *text(proxy.CONTINUE_TEXT)])
+
+    def test_user_messages_in_a_row_are_one_turn_with_no_made_up_answer_between(self):
+        turns = [("user", text("a")), ("assistant", text("b")), ("user", text("c")),
+                 ("user", text("d"))]
+        self.assertEqual(self.sent_for(turns)[3:], [{"role": "user", "content": [
+            {"type": "text", "text": "c\n"}, {"type": "text", "text": "d"}]}])
+        turns += [("assistant", text("e")), ("user", text("f"))]
+        self.assertEqual([m["role"] for m in self.sent_for(turns)],
+                         ["user", "system", "assistant", "user", "assistant", "user"])
+
+    def test_the_transcript_repeats_only_what_comes_before_the_conversation(self):
+        first = fake.api_messages([], [text("a")], False, self.MODEL)
+        second = fake.api_messages([], [proxy.prompt_content([
+            ("user", text("a")), ("assistant", text("b")), ("user", text("c"))])], False,
+            self.MODEL)
+        self.assertNotEqual(second[0], first[0])
 
 
 class ToolFoldTest(unittest.TestCase):
