@@ -3118,20 +3118,27 @@ class Sessions:
                 raise
         return session_id
 
-    def close(self, launch: Launch, session_id: str, finished: bool = False) -> None:
-        """After the run: a fresh run's file read for the preamble, then every trace gone."""
-        path = os.path.join(self.directory(), session_id + ".jsonl")
+    def learn(self, launch: Launch, session_id: str) -> bool:
+        """A fresh run's preamble, read from the session file it wrote (as soon as it has
+        answered: the client's next turn may come before the CLI has exited)."""
         plan = launch.session
-        if plan is not None and plan.history is None:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    preamble = learnt_preamble(f.read())
-            except (OSError, UnicodeDecodeError):
-                preamble = None
-            if preamble:
-                self._remember(plan.key, preamble)
-            elif finished:
-                self.refuse(launch, "its session file held no environment rows")
+        if plan is None or plan.history is not None:
+            return True
+        try:
+            with open(os.path.join(self.directory(), session_id + ".jsonl"),
+                      encoding="utf-8") as f:
+                preamble = learnt_preamble(f.read())
+        except (OSError, UnicodeDecodeError):
+            preamble = None
+        if preamble:
+            self._remember(plan.key, preamble)
+        return preamble is not None
+
+    def close(self, launch: Launch, session_id: str, finished: bool = False) -> None:
+        """After the run: every trace of its session gone (a fresh run's read first)."""
+        path = os.path.join(self.directory(), session_id + ".jsonl")
+        if not self.learn(launch, session_id) and finished:
+            self.refuse(launch, "its session file held no environment rows")
         remove_session_file(path)
         if self._made_projects:
             with contextlib.suppress(OSError):
@@ -3539,6 +3546,8 @@ class ClaudeRun:
                         single_call=not request.parallel_tools):
                     if isinstance(event, Finish):
                         self.finished = not event.cut_short
+                        if process.session and process.launch:
+                            self.server.sessions.learn(process.launch, process.session)
                     if refused and not answered:  # the transcript works: the session did not
                         self.server.sessions.refuse(refused_launch, refused)
                     answered = True

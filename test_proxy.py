@@ -907,6 +907,11 @@ def main():
         path = session_path(session_id)
         if opts.get("--resume"):
             if os.environ.get("FAKE_CLAUDE_NO_SESSIONS") or not os.path.exists(path):
+                log_dir = os.environ.get("FAKE_CLAUDE_LOG")
+                if log_dir:  # what was tried, for the tests
+                    with open(os.path.join(log_dir, "%d.json" % os.getpid()), "w") as f:
+                        json.dump({"pid": os.getpid(), "started": time.time(), "argv": argv,
+                                   "refused": True}, f)
                 fail("No conversation found with session ID: %s" % session_id)
             with open(path, encoding="utf-8") as f:
                 text = f.read()
@@ -1095,8 +1100,11 @@ def sent(run, role=None, kind=None):
             if kind in (None, block.get("type"))]
 
 
-def session_files(home=None):
-    """Files under $HOME/.claude/projects (where the CLI keeps sessions)."""
+def session_files(home=None, p=None):
+    """Files under $HOME/.claude/projects (where the CLI keeps sessions), once the runs of
+    proxy `p` (if given) have ended."""
+    if p is not None:
+        wait_until(lambda: not p.server.processes, what="the CLI runs to end")
     root = os.path.join(home or os.environ["HOME"], ".claude", "projects")
     return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
@@ -3877,6 +3885,204 @@ class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
         wait_until(lambda: p.server.connections == 0, what="the server to let it go")
         self.assertEqual(self.runs(), [])
         self.assertEqual(p.chat()[0], 200)
+
+
+class ConversationTest(FakeClaudeMixin, unittest.TestCase):
+    """Requests with history resume a session prepared for them (Sessions): what the fake
+    CLI (which reads session files as 2.1.331 does) gets, and that nothing stays behind."""
+
+    def setUp(self):
+        super().setUp()
+        # A temp dir of the test's own: the shared directory (working directory and learnt
+        # preambles) starts empty, as on a machine the daemon never ran on.
+        self.tmp_root = tempfile.mkdtemp(prefix="proxy-conv-")
+        self.addCleanup(shutil.rmtree, self.tmp_root, True)
+        patch = mock.patch.object(tempfile, "tempdir", self.tmp_root)
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def ask(self, p, messages, **fields):
+        status, _, body = p.request("POST", "/v1/chat/completions", dict(
+            {"model": "sonnet", "messages": messages}, **fields))
+        self.assertEqual(status, 200, body)
+        return body["choices"][0]["message"]
+
+    def converse(self, p, turns, first="Hello there."):
+        """`turns` exchanges; returns the messages sent and the runs' records."""
+        messages = [{"role": "user", "content": first}]
+        records = []
+        for n in range(turns):
+            answer = self.ask(p, messages)
+            records.append(self.runs()[-1])
+            messages += [{"role": "assistant", "content": answer["content"]},
+                         {"role": "user", "content": "Turn %d." % (n + 2)}]
+        return messages, records
+
+    def assert_repeats(self, records):
+        for before, after in zip(records, records[1:]):
+            self.assertEqual(after["messages"][:len(before["messages"])], before["messages"])
+            self.assertGreater(len(after["messages"]), len(before["messages"]))
+
+    def test_a_conversation_resumes_its_session_turn_after_turn(self):
+        p = self.start_proxy()
+        _, records = self.converse(p, 4)
+        first = records[0]["argv"]
+        self.assertIn("--session-id", first, "a first run persists its session to learn from")
+        self.assertNotIn("--no-session-persistence", first)
+        for n, record in enumerate(records[1:], 2):
+            argv = record["argv"]
+            self.assertIn("--no-session-persistence", argv, "the prepared file stays as it is")
+            self.assertEqual(argv[argv.index("--resume") + 1] + ".jsonl",
+                             os.path.basename(record["session"]["path"]))
+            self.assertEqual(record["session"]["mode"], 0o600)
+            self.assertEqual(record["session"]["dir_mode"], 0o700)
+            self.assertEqual(record["stdin"], [{"type": "user", "message": {
+                "role": "user", "content": text("Turn %d." % n)}}])
+            self.assertEqual([m["role"] for m in record["messages"]],
+                             ["user", "system"] + ["assistant", "user"] * (n - 1))
+            self.assertEqual(sent(record, "assistant"), text("Hello from the fake API.") *
+                             (n - 1), "the answers are the model's own turns")
+        self.assert_repeats(records)
+        self.assert_no_cli_left(p)
+        self.assertEqual(session_files(p=p), [], "no session file stays")
+        self.assertFalse(os.path.exists(os.path.join(self.home, ".claude", "projects")))
+        self.assertEqual(os.listdir(p.server.workdir), ["pid"], "no marker stays")
+        health = p.request("GET", "/health")[2]
+        self.assertEqual(health["history"], "turns")
+
+    def test_a_turn_of_tool_results_is_resumed_by_the_cli(self):
+        p = self.start_proxy()
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        messages = [{"role": "user", "content": 'Oslo? [[fake:call:get_weather:{"city": '
+                                                '"Oslo"}]]'}]
+        answer = self.ask(p, messages, tools=tools)
+        call = answer["tool_calls"][0]
+        messages += [answer, {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+        answer = self.ask(p, messages, tools=tools)
+        self.assertEqual(answer["content"], "Tools said: sunny")
+        record = self.runs()[-1]
+        self.assertEqual(record["stdin"], [], "tool results cannot go on stdin")
+        self.assertEqual(record["env"]["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"], "1")
+        self.assertEqual(record["session"]["rows"][-1]["message"]["content"], [{
+            "type": "tool_result", "tool_use_id": call["id"], "content": text("sunny")}])
+        messages += [answer, {"role": "user", "content": "Thanks."}]
+        self.ask(p, messages, tools=tools)
+        later = self.runs()[-1]
+        self.assertIsNone(later["env"]["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"])
+        self.assert_repeats([record, later])
+        self.assertEqual(session_files(p=p), [])
+
+    def test_a_restarted_daemon_goes_on_with_the_same_prefix(self):
+        p = self.start_proxy()
+        messages, records = self.converse(p, 2)
+        p.close()
+        again = self.start_proxy()
+        self.ask(again, messages)
+        record = self.runs()[-1]
+        self.assertIn("--resume", record["argv"], "the preamble was kept: no run to learn it")
+        self.assert_repeats(records + [record])
+
+    def test_edited_and_regenerated_histories_start_their_own_prefix(self):
+        p = self.start_proxy()
+        messages, records = self.converse(p, 3)
+        self.ask(p, messages[:-2])  # the last answer again
+        regenerated = self.runs()[-1]
+        self.assertEqual(regenerated["messages"], records[-1]["messages"])
+        edited = [dict(messages[0], content="Hello, edited.")] + messages[1:]
+        self.ask(p, edited)
+        record = self.runs()[-1]
+        self.assertIn("Hello, edited.", json.dumps(record["messages"]))
+        self.assertNotIn("Hello there.", json.dumps(record["messages"]))
+        self.assertEqual(session_files(p=p), [])
+
+    def test_conversations_in_parallel_never_mix(self):
+        p = self.start_proxy(max_concurrency=4)
+        self.ask(p, [{"role": "user", "content": "warm up"}])  # learns the preamble
+        failures = []
+
+        def talk(name):
+            try:
+                messages = [{"role": "user", "content": "I am %s. [[fake:slow:0.01]]" % name}]
+                for n in range(3):
+                    answer = self.ask(p, messages)
+                    messages += [answer, {"role": "user", "content": "%s again %d" % (name, n)}]
+            except Exception as e:  # reported below, in the test's thread
+                failures.append(e)
+
+        threads = [threading.Thread(target=talk, args=(name,)) for name in ("Ada", "Bob")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(failures, [])
+        resumed = [r for r in self.runs() if "--resume" in r["argv"]]
+        self.assertEqual(len(resumed), 4, "the second and third turns of each")
+        for record in resumed:
+            said = json.dumps(record["messages"])
+            self.assertNotEqual("Ada" in said, "Bob" in said, said)
+        self.assertEqual(len({r["session"]["path"] for r in resumed}), 4, "a file per run")
+        self.assertEqual(session_files(p=p), [])
+
+    def test_a_cli_that_refuses_the_session_gets_the_transcript_said_once(self):
+        p = self.start_proxy()
+        messages, _ = self.converse(p, 1)
+        with mock.patch.dict(os.environ, {"FAKE_CLAUDE_NO_SESSIONS": "1"}), \
+                self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            answer = self.ask(p, messages)
+            refused, transcript = self.runs()[-2:]
+            messages += [answer, {"role": "user", "content": "Again."}]
+            self.assertEqual(self.ask(p, messages)["content"], "Hello from the fake API.")
+        self.assertEqual(answer["content"], "Hello from the fake API.")
+        self.assertIn("--resume", refused["argv"])
+        self.assertNotIn("--resume", transcript["argv"])
+        self.assertTrue(transcript["stdin"][0]["message"]["content"].startswith(
+            proxy.TRANSCRIPT_HEAD))
+        self.assertTrue(refused["refused"])
+        self.assertNotIn("--resume", self.runs()[-1]["argv"], "not tried again")
+        said = [r for r in logs.output if "did not take the session" in r]
+        self.assertEqual(len(said), 1, logs.output)
+        self.assertIn("No conversation found", said[0])
+        self.assertEqual(p.request("GET", "/health")[2]["history"], "transcript")
+        self.assertEqual(session_files(p=p), [])
+
+    def test_history_transcript_keeps_the_old_way(self):
+        p = self.start_proxy(history="transcript")
+        _, records = self.converse(p, 2)
+        for record in records:
+            self.assertNotIn("--resume", record["argv"])
+            self.assertNotIn("--session-id", record["argv"])
+        self.assertTrue(records[-1]["stdin"][0]["message"]["content"].startswith(
+            proxy.TRANSCRIPT_HEAD))
+        self.assertEqual(p.request("GET", "/health")[2]["history"], "transcript")
+        with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_HISTORY": "transcript"}):
+            self.assertEqual(proxy.parse_args([]).history, "transcript")
+        with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_HISTORY": "sometimes"}), \
+                self.assertRaises(SystemExit):
+            proxy.parse_args([])
+
+    def test_what_a_killed_daemon_left_in_the_projects_directory_is_swept(self):
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        dead = os.path.join(self.tmp_root, "claude-max-proxy-dead")
+        os.mkdir(dead)
+        with open(os.path.join(dead, "pid"), "w") as f:
+            f.write(str(gone.pid))
+        projects = os.path.join(self.home, ".claude", "projects", "-somewhere")
+        os.makedirs(projects)
+        left = os.path.join(projects, str(proxy.uuid.uuid4()) + ".jsonl")
+        keep = os.path.join(projects, "notes.txt")
+        for path in (left, keep):
+            with open(path, "w") as f:
+                f.write("{}\n")
+        os.mkdir(left[:-6])  # what the CLI keeps beside a session, by its name
+        for n, path in enumerate((left, keep)):
+            with open(os.path.join(dead, "session-%d" % n), "w") as f:
+                f.write(path + "\n")
+        self.start_proxy()
+        self.assertFalse(os.path.exists(dead))
+        self.assertFalse(os.path.exists(left) or os.path.exists(left[:-6]))
+        self.assertTrue(os.path.exists(keep), "only a session file's name is trusted")
 
 
 class LeakTest(FakeClaudeMixin, unittest.TestCase):
