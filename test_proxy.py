@@ -5289,6 +5289,89 @@ class ServiceTest(FakeClaudeMixin, unittest.TestCase):
 # The real CLI against a fake Anthropic Messages API
 ##############################################################################
 
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}},
+                  "required": ["city"]}
+TOOLS_BY_DIALECT = {
+    "chat": [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                               "parameters": WEATHER_SCHEMA}}],
+    "messages": [{"name": "get_weather", "description": "Weather",
+                  "input_schema": WEATHER_SCHEMA}],
+    "responses": [{"type": "function", "name": "get_weather", "description": "Weather",
+                   "parameters": WEATHER_SCHEMA}]}
+
+
+def converse(p, dialect, turns, marker, call_at=4, restart_at=None, restart=None):
+    """A conversation of `turns` requests through dialect "chat", "messages" or "responses"
+    as their clients hold one: Chat and Messages send the whole history each time, Responses
+    chains previous_response_id. Request `call_at` asks the model (FakeAnthropicAPI) for a
+    tool call, the next one carries its result. Before request `restart_at`, `restart()`
+    gives the proxy to go on with. Returns per request (prompt tokens, cache-read tokens,
+    seconds), from the usage the client got."""
+    tools = TOOLS_BY_DIALECT[dialect]
+    history, previous, figures = [], None, []
+    pending = None  # the call to answer in the next request
+    for n in range(1, turns + 1):
+        if n == restart_at:
+            p = restart()
+        say = "%s turn %d.%s" % (marker, n, ' [[api:call:get_weather:{"city": "Oslo"}]]'
+                                 if n == call_at else "")
+        if dialect == "chat":
+            if pending:
+                history.append({"role": "tool", "tool_call_id": pending, "content": "sunny"})
+            else:
+                history.append({"role": "user", "content": say})
+            body = {"model": "sonnet", "messages": history, "tools": tools}
+            path = "/v1/chat/completions"
+        elif dialect == "messages":
+            history.append({"role": "user", "content": [{
+                "type": "tool_result", "tool_use_id": pending, "content": "sunny"}]
+                if pending else say})
+            body = {"model": "sonnet", "max_tokens": 1024, "messages": history, "tools": tools}
+            path = "/v1/messages"
+        else:
+            body = {"model": "sonnet", "tools": tools, "input": [{
+                "type": "function_call_output", "call_id": pending, "output": "sunny"}]
+                if pending else say}
+            if previous:
+                body["previous_response_id"] = previous
+            path = "/v1/responses"
+        started = time.monotonic()
+        status, _, answer = p.request("POST", path, body)
+        took = time.monotonic() - started
+        assert status == 200, (n, answer)
+        pending = None
+        if dialect == "chat":
+            message = answer["choices"][0]["message"]
+            history.append({k: v for k, v in message.items() if v is not None})
+            pending = (message.get("tool_calls") or [{}])[0].get("id")
+            usage = answer["usage"]
+            prompt, read = usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+        elif dialect == "messages":
+            history.append({"role": "assistant", "content": answer["content"]})
+            pending = next((b["id"] for b in answer["content"] if b["type"] == "tool_use"), None)
+            usage = answer["usage"]
+            read = usage["cache_read_input_tokens"]
+            prompt = usage["input_tokens"] + usage["cache_creation_input_tokens"] + read
+        else:
+            previous = answer["id"]
+            pending = next((o["call_id"] for o in answer["output"]
+                            if o["type"] == "function_call"), None)
+            usage = answer["usage"]
+            prompt, read = usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"]
+        assert (pending is not None) == (n == call_at), (n, answer)
+        figures.append((prompt, read, took))
+    return figures
+
+
+def cache_table(title, figures):
+    """The per-turn figures of converse() as lines of a table."""
+    lines = [title, "  turn  prompt  cache read  of the previous prompt  seconds"]
+    for n, (prompt, read, took) in enumerate(figures, 1):
+        share = "%5.1f%%" % (100.0 * read / figures[n - 2][0]) if n > 1 else "     -"
+        lines.append("  %4d  %6d  %10d  %21s  %7.3f" % (n, prompt, read, share, took))
+    return "\n".join(lines)
+
+
 def find_real_claude():
     """The real CLI for the end-to-end tests: $CLAUDE_E2E_BIN, else the one CI installs."""
     configured = os.environ.get("CLAUDE_E2E_BIN")
@@ -5627,6 +5710,8 @@ class EndToEndTest(unittest.TestCase):
         self.assertIn(big + " end", json.dumps(sent["system"]))
 
     def test_images_and_conversations_reach_the_api(self):
+        # A first turn of the model: the daemon learns its session preamble from it.
+        self.assertEqual(self.proxy.chat("e2e-warm-haiku", model="haiku")[0], 200)
         status, _, _ = self.proxy.request("POST", "/v1/chat/completions", {
             "model": "haiku", "messages": [
                 {"role": "user", "content": "earlier turn"},
@@ -5642,7 +5727,91 @@ class EndToEndTest(unittest.TestCase):
         self.assertEqual(images[0]["source"], {"type": "base64", "media_type": "image/png",
                                                "data": PNG_1PX})
         self.assertEqual(images[1]["source"], {"type": "url", "url": "https://example.com/a.png"})
-        self.assertIn("earlier answer", json.dumps(blocks))
+        body, _ = self.api_request("e2e-marker-4")
+        self.assertEqual([(m["role"], m["content"]) for m in body["messages"]
+                          if m["role"] == "assistant"], [("assistant", text("earlier answer"))],
+                         "the earlier answer is the model's own turn")
+        self.assertNotIn("earlier answer", json.dumps(blocks))
+
+    def test_a_conversation_is_read_from_the_prompt_cache_in_every_dialect(self):
+        """Ten requests per dialect, a tool call among them: from the second on, the cache
+        covers at least 90% of the request before; the transcript covers only what comes
+        before the conversation. Chat's goes on through a restarted daemon."""
+        for dialect in ("chat", "messages", "responses"):
+            holder = {}
+
+            def restart():
+                self.proxy.close()
+                holder["p"] = type(self).proxy = Proxy(claude_bin=self.claude, timeout=120.0,
+                                                       idle_timeout=60.0)
+                return holder["p"]
+
+            resumed = self.proxy.server.sessions.resumed
+            figures = converse(self.proxy, dialect, 10, "e2e-cache-" + dialect,
+                               restart_at=6 if dialect == "chat" else None, restart=restart)
+            for n in range(1, len(figures)):
+                self.assertGreaterEqual(figures[n][1], 0.9 * figures[n - 1][0],
+                                        cache_table(dialect, figures))
+            self.assertGreater(self.proxy.server.sessions.resumed, 0)
+            self.assertIsNone(self.proxy.server.sessions.refused)
+            body, _ = self.api_request("e2e-cache-%s turn 10." % dialect)
+            roles = [m["role"] for m in body["messages"]]
+            self.assertEqual(roles[:3], ["user", "system", "assistant"], roles)
+            self.assertEqual(roles.count("assistant"), 9, roles)
+            blocks = [b.get("type") for m in body["messages"] if isinstance(m["content"], list)
+                      for b in m["content"]]
+            self.assertEqual((blocks.count("tool_use"), blocks.count("tool_result")), (1, 1))
+            del resumed
+        transcript = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0,
+                           history="transcript")
+        try:
+            figures = converse(transcript, "chat", 4, "e2e-cache-transcript", call_at=None)
+        finally:
+            transcript.close()
+        for n in range(1, len(figures)):  # at most what precedes the conversation
+            self.assertLess(figures[n][1], 0.5 * figures[n - 1][0],
+                            cache_table("transcript", figures))
+        self.assertEqual(session_files(self.home), [], "nothing left in ~/.claude/projects")
+
+    def test_conversations_in_parallel_and_edits_through_the_real_cli(self):
+        self.assertEqual(self.proxy.chat("e2e-par warm up", model="sonnet")[0], 200)
+        failures = []
+
+        def talk(name):
+            try:
+                messages = []
+                for n in range(3):
+                    messages.append({"role": "user", "content": "e2e-par %s %d" % (name, n)})
+                    status, _, body = self.proxy.request("POST", "/v1/chat/completions", {
+                        "model": "sonnet", "messages": messages})
+                    assert status == 200, body
+                    messages.append(body["choices"][0]["message"])
+            except Exception as e:  # reported below
+                failures.append(e)
+
+        threads = [threading.Thread(target=talk, args=(name,)) for name in ("ada", "bob")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        self.assertEqual(failures, [])
+        for body in self.api.requests:
+            said = json.dumps(body["messages"])
+            self.assertFalse("e2e-par ada" in said and "e2e-par bob" in said)
+        # An edited first message and a regenerated last answer are answered as asked.
+        edited = [{"role": "user", "content": "e2e-par edited 0"},
+                  {"role": "assistant", "content": "Hello from the fake API."},
+                  {"role": "user", "content": "e2e-par edited 1 [[api:words:3]]"}]
+        status, _, body = self.proxy.request("POST", "/v1/chat/completions", {
+            "model": "sonnet", "messages": edited})
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "w0 w1 w2"))
+        sent, _ = self.api_request("e2e-par edited 1")
+        self.assertEqual(sent["messages"][0]["content"], text("e2e-par edited 0"))
+        status, _, again = self.proxy.request("POST", "/v1/chat/completions", {
+            "model": "sonnet", "messages": edited})
+        self.assertEqual(again["choices"][0]["message"]["content"], "w0 w1 w2")
+        wait_until(lambda: not self.proxy.server.processes)
+        self.assertEqual(session_files(self.home), [])
 
     # Every hook event; a -p run fires SessionStart, UserPromptSubmit, Stop and SessionEnd.
     HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "Stop", "SessionEnd", "PreToolUse",
