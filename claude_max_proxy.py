@@ -1210,10 +1210,13 @@ class Launch(NamedTuple):
         """The one stream-json user line the CLI reads from stdin: the last turn of a resumed
         session (nothing when the session ends with it), else the whole conversation."""
         history = self.resumed
-        if history is not None and history.stdin is None:
+        content: Union[str, List[Block]]
+        if history is None:
+            content = prompt_content(self.request.turns, self.offered_names())
+        elif history.stdin is None:
             return b""
-        content: Union[str, List[Block]] = history.stdin if history is not None else \
-            prompt_content(self.request.turns, self.offered_names())
+        else:
+            content = history.stdin
         line = {"type": "user", "message": {"role": "user", "content": content}}
         return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
 
@@ -3057,6 +3060,16 @@ class Sessions:
         # A projects directory that the runs' sessions bring into being goes with them.
         self._made_projects = not os.path.isdir(os.path.dirname(self.directory()))
 
+    def logs(self) -> str:
+        """Where the CLI logs its MCP connections in the working directory (a file per run with
+        tools, ~1.5 KB, kept forever): the user's cache folder, under the same naming."""
+        if sys.platform == "darwin":
+            cache = os.path.join(os.path.expanduser("~"), "Library", "Caches")
+        else:
+            cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+                os.path.expanduser("~"), ".cache")
+        return os.path.join(cache, "claude-cli-nodejs", re.sub(r"[^A-Za-z0-9]", "-", self.cwd))
+
     def directory(self) -> str:
         """Where the CLI keeps sessions of the working directory (its own naming)."""
         config = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(
@@ -3529,10 +3542,12 @@ class ClaudeRun:
 
         An authentication failure while other CLI processes were starting is retried once with
         a fresh CLI: when several start together, one may be refreshing the subscription's
-        login token while another reads the old one.
+        login token while another reads the old one. A CLI that does not take the session it
+        is given (it prints nothing and exits) gets the conversation as a transcript.
         """
         settings, request = self.server.settings, self.launch.request
         retried = refused = ""
+        refused_launch = self.launch
         while True:
             self.process = process = self.server.start_process(self.launch)
             answered = False
@@ -3768,6 +3783,10 @@ class ProxyServer(ThreadingHTTPServer):
         finally:
             if process.session and process.launch:
                 self.sessions.close(process.launch, process.session, finished)
+            if process.launch and process.launch.request.tools:
+                # The CLI's log of its connection to the bridge: one file per run, else kept
+                # for ever. The folder is the working directory's, which is the daemons' own.
+                shutil.rmtree(self.sessions.logs(), ignore_errors=True)
             with self.changed:
                 self.processes.discard(process)
                 self.changed.notify_all()

@@ -6004,6 +6004,11 @@ class EndToEndTest(unittest.TestCase):
         wait_until(lambda: not self.proxy.server.processes, what="the CLI to be gone")
         wait_until(lambda: not bridges_running(self.proxy.server.workdir),
                    what="the CLI's bridge processes to end")
+        # The CLI logs each bridge connection to a file of its own, kept for ever: removed.
+        self.assertFalse(os.path.exists(self.proxy.server.sessions.logs()))
+        if not os.environ.get("XDG_CACHE_HOME"):
+            self.assertEqual([f for _, _, files in os.walk(os.path.join(self.home, ".cache"))
+                              for f in files], [])
 
     def test_structured_output_through_the_real_cli(self):
         schema = {"type": "object", "properties": {"name": {"type": "string"}},
