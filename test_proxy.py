@@ -5779,6 +5779,58 @@ class EndToEndTest(unittest.TestCase):
                          "only what precedes the conversation, the same each time: " + table)
         self.assertEqual(session_files(self.home), [], "nothing left in ~/.claude/projects")
 
+    def test_the_fake_reads_sessions_as_the_real_cli_does(self):
+        """For the session files the proxy writes, the messages the real CLI sends the API
+        are the ones the fake's api_messages says (its environment text aside): what the
+        conversation tests with the fake CLI rest on."""
+        self.assertEqual(self.proxy.chat("e2e-fidelity warm-up", model="sonnet")[0], 200)
+        call = {"type": "tool_use", "id": "toolu_fid_1", "name": "get_weather",
+                "input": {"city": "Oslo"}}
+        result = {"type": "tool_result", "tool_use_id": "toolu_fid_1", "content": "sunny"}
+        asked = {"role": "user", "content": "e2e-fid weather?"}
+        cases = [
+            [asked, {"role": "assistant", "content": "Where?"},
+             {"role": "user", "content": "e2e-fid 1"}],
+            [asked, {"role": "assistant", "content": [{"type": "text", "text": "Looking."},
+                                                      call]},
+             {"role": "user", "content": [result]}],
+            [asked, {"role": "assistant", "content": [call]},
+             {"role": "user", "content": [result, {"type": "text", "text": "e2e-fid 3"}]}],
+            [asked, {"role": "assistant", "content": "Hm."}, {"role": "user", "content": "a"},
+             {"role": "user", "content": "e2e-fid 4"}],
+            [asked, {"role": "assistant", "content": [call]}, {"role": "user", "content": [result]},
+             {"role": "assistant", "content": "Sunny."},
+             {"role": "user", "content": [{"type": "image", "source": {
+                 "type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                 {"type": "text", "text": "e2e-fid 5"}]}]]
+
+        def plain(messages):
+            out = []
+            for m in messages:
+                if m["role"] == "system":
+                    continue
+                content = text(m["content"]) if isinstance(m["content"], str) else m["content"]
+                out.append((m["role"], [{k: v for k, v in b.items() if k != "cache_control"}
+                                        for b in content]))
+            return out
+
+        for messages in cases:
+            body = {"model": "sonnet", "max_tokens": 100, "messages": messages,
+                    "tools": TOOLS_BY_DIALECT["messages"]}
+            status, _, answer = self.proxy.request("POST", "/v1/messages", body)
+            self.assertEqual(status, 200, answer)
+            real = self.api.requests[-1]["messages"]
+            request = proxy.parse_messages_request(body)
+            history = proxy.conversation_history(
+                request.turns, proxy.Launch("claude", request).offered_names(), True)
+            rows = [json.loads(line) for line in proxy.session_lines(
+                history, fake.preamble_rows("m"), str(proxy.uuid.uuid4()), "/", "2.1.331", "m",
+                0.0).splitlines()]
+            expected = fake.api_messages(rows, [] if history.stdin is None else [
+                history.stdin], history.stdin is None, "m")
+            self.assertEqual(plain(real), plain(expected), json.dumps(messages))
+            self.assertEqual([m["role"] for m in real][:2], ["user", "system"])
+
     def test_conversations_in_parallel_and_edits_through_the_real_cli(self):
         self.assertEqual(self.proxy.chat("e2e-par warm up", model="sonnet")[0], 200)
         failures = []
