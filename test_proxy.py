@@ -5927,10 +5927,11 @@ class EndToEndTest(unittest.TestCase):
         return home, project, witness
 
     def through_customized_home(self, tools=None, **overrides):
-        """Three requests with the same model and system message (the first two identical)
-        through a proxy whose user has customized_home() and whose working directory is below
-        its project directory: (the markers that reached the API, witness files, files that
-        the later requests added under ~/.claude, the three API requests)."""
+        """Three requests with the same model and system message (the first two identical),
+        then the first one's conversation continued (a resumed session), through a proxy whose
+        user has customized_home() and whose working directory is below its project directory:
+        (the markers that reached the API, witness files, files that the later requests added
+        under ~/.claude, the first three API requests, the fourth)."""
         home, project, witness = self.customized_home()
 
         def names_under(path):
@@ -5942,11 +5943,15 @@ class EndToEndTest(unittest.TestCase):
             p = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0, **overrides)
             self.addCleanup(p.close)
             after = []
-            for prompt in ("iso-same", "iso-same", "iso-other"):
+            conversation = [{"role": "user", "content": "iso-same"},
+                            {"role": "assistant", "content": "Hello from the fake API."},
+                            {"role": "user", "content": "iso-resumed"}]
+            for prompt in ("iso-same", "iso-same", "iso-other", conversation):
+                messages = prompt if isinstance(prompt, list) else [
+                    {"role": "user", "content": prompt}]
                 status, _, body = p.request("POST", "/v1/chat/completions", dict({
-                    "model": "sonnet", "messages": [{"role": "system", "content": "Be brief."},
-                                                    {"role": "user", "content": prompt}]},
-                    **({"tools": tools} if tools else {})))
+                    "model": "sonnet", "messages": [{"role": "system", "content": "Be brief."}] +
+                    messages}, **({"tools": tools} if tools else {})))
                 self.assertEqual(status, 200, body)
                 self.assertEqual(body["choices"][0]["message"]["content"],
                                  "Hello from the fake API.")
@@ -5954,12 +5959,17 @@ class EndToEndTest(unittest.TestCase):
                 wait_until(lambda: not p.server.processes, what="the CLI to exit")
                 after.append(names_under(os.path.join(home, ".claude")))
         seen = json.dumps([self.api.requests, self.api.request_headers])
-        self.assertEqual(len(self.api.requests), 3)
+        self.assertEqual(len(self.api.requests), 4)
+        resumed = self.api.requests[3]
+        # (With --user-settings and an output style, the CLI reminds of the style after them.)
+        self.assertEqual([m["role"] for m in resumed["messages"]][:4],
+                         ["user", "system", "assistant", "user"], "the conversation's turns")
+        self.assertEqual(p.server.sessions.resumed, 1)
         return types.SimpleNamespace(
             arrived={what for what, marker in self.MARKERS.items() if marker in seen},
-            witnesses=sorted(os.listdir(witness)), added=after[2] - after[0],
-            memory=sorted(f for f in after[2] if f.startswith("projects")),
-            sent=self.api.requests)
+            witnesses=sorted(os.listdir(witness)), added=after[-1] - after[0],
+            memory=sorted(f for f in after[-1] if f.startswith("projects")),
+            sent=self.api.requests[:3])
 
     def assert_same_prompt_prefix(self, sent):
         """Two identical requests send identical system prompts, and what the CLI adds after
