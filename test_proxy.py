@@ -1109,6 +1109,29 @@ def session_files(home=None, p=None):
     return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
 
+def in_parallel(function, arguments, timeout=120):
+    """function(a) for each of `arguments`, each in a thread of its own, all at once: the
+    exceptions they raised (to be asserted in the test's own thread)."""
+    failures = []
+
+    def run(argument):
+        try:
+            function(argument)
+        except Exception as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return failures
+
+
+def uuid_hex():
+    return os.urandom(8).hex()
+
+
 def open_fds():
     for where in ("/proc/self/fd", "/dev/fd"):
         if os.path.isdir(where):
@@ -3999,23 +4022,14 @@ class ConversationTest(FakeClaudeMixin, unittest.TestCase):
     def test_conversations_in_parallel_never_mix(self):
         p = self.start_proxy(max_concurrency=4)
         self.ask(p, [{"role": "user", "content": "warm up"}])  # learns the preamble
-        failures = []
 
         def talk(name):
-            try:
-                messages = [{"role": "user", "content": "I am %s. [[fake:slow:0.01]]" % name}]
-                for n in range(3):
-                    answer = self.ask(p, messages)
-                    messages += [answer, {"role": "user", "content": "%s again %d" % (name, n)}]
-            except Exception as e:  # reported below, in the test's thread
-                failures.append(e)
+            messages = [{"role": "user", "content": "I am %s. [[fake:slow:0.01]]" % name}]
+            for n in range(3):
+                answer = self.ask(p, messages)
+                messages += [answer, {"role": "user", "content": "%s again %d" % (name, n)}]
 
-        threads = [threading.Thread(target=talk, args=(name,)) for name in ("Ada", "Bob")]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        self.assertEqual(failures, [])
+        self.assertEqual(in_parallel(talk, ("Ada", "Bob")), [])
         resumed = [r for r in self.runs() if "--resume" in r["argv"]]
         self.assertEqual(len(resumed), 4, "the second and third turns of each")
         for record in resumed:
@@ -4129,7 +4143,20 @@ class LeakTest(FakeClaudeMixin, unittest.TestCase):
             self.assertEqual(status, 200)
             status, _, events = p.stream("hi", stream_options={"include_usage": True})
             self.assertEqual((status, events[-1]), (200, "[DONE]"))
+            # A conversation (a resumed session), also one whose client leaves mid-answer.
+            history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                       {"role": "user", "content": "[[fake:slow:0.2]]" if i % 2 else "again"}]
+            if i % 2:
+                conn = p.connect()
+                conn.request("POST", "/v1/chat/completions", json.dumps(dict(
+                    chat_body(model="claude-sonnet-4"), messages=history, stream=True)),
+                    {"Content-Type": "application/json"})
+                self.assertEqual(conn.getresponse().status, 200)
+                conn.close()
+            else:
+                self.assertEqual(p.chat(messages=history)[0], 200)
         self.assert_no_cli_left(p)
+        self.assertGreaterEqual(p.server.sessions.resumed, 15)
         if before is not None:
             wait_until(lambda: open_fds() <= before, what="descriptors to return to %d" % before)
         self.assertEqual(sorted(os.listdir(p.server.workdir)), ["pid"],
@@ -5833,26 +5860,17 @@ class EndToEndTest(unittest.TestCase):
 
     def test_conversations_in_parallel_and_edits_through_the_real_cli(self):
         self.assertEqual(self.proxy.chat("e2e-par warm up", model="sonnet")[0], 200)
-        failures = []
 
         def talk(name):
-            try:
-                messages = []
-                for n in range(3):
-                    messages.append({"role": "user", "content": "e2e-par %s %d" % (name, n)})
-                    status, _, body = self.proxy.request("POST", "/v1/chat/completions", {
-                        "model": "sonnet", "messages": messages})
-                    assert status == 200, body
-                    messages.append(body["choices"][0]["message"])
-            except Exception as e:  # reported below
-                failures.append(e)
+            messages = []
+            for n in range(3):
+                messages.append({"role": "user", "content": "e2e-par %s %d" % (name, n)})
+                status, _, body = self.proxy.request("POST", "/v1/chat/completions", {
+                    "model": "sonnet", "messages": messages})
+                assert status == 200, body
+                messages.append(body["choices"][0]["message"])
 
-        threads = [threading.Thread(target=talk, args=(name,)) for name in ("ada", "bob")]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        self.assertEqual(failures, [])
+        self.assertEqual(in_parallel(talk, ("ada", "bob")), [])
         for body in self.api.requests:
             said = json.dumps(body["messages"])
             self.assertFalse("e2e-par ada" in said and "e2e-par bob" in said)
@@ -6886,6 +6904,17 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
                 expected = ([("get_weather", {"city": "Paris"}), ("get_time", {"city": "Oslo"})],
                             "tool")
                 return 200 if got == expected else "wrong: %.80r" % (got,)
+            if kind == "conversation":  # resumed from a session: its earlier turns are its own
+                name = "soak-%s" % uuid_hex()
+                response = post(chat_body(messages=[
+                    {"role": "user", "content": "I am %s." % name},
+                    {"role": "assistant", "content": "Hello %s." % name},
+                    {"role": "user", "content": "Who am I? [[fake:reply:%s]]" % name}]))
+                data = response.read()
+                if response.status != 200:
+                    return response.status
+                got = json.loads(data)["choices"][0]["message"]["content"]
+                return 200 if got == name else "wrong: %.80r" % (got,)
             if kind == "leave at once":
                 sock = send_chat(port, chat_body("[[fake:silent]]"))
                 sock.close()
@@ -6917,8 +6946,8 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
                 "leave mid-stream": "left", "overloaded": 503, "exits early": 502,
                 "dies mid-stream": 200, "bad request": 400, "no key": 401, "messages": 200,
                 "messages stream": 200, "responses": 200, "responses stream": 200,
-                "tool call": 200, "tool call stream": 200}
-    WEIGHTS = {"chat": 20, "stream": 15, "health": 4, "models": 4, "leave at once": 5,
+                "tool call": 200, "tool call stream": 200, "conversation": 200}
+    WEIGHTS = {"conversation": 8, "chat": 20, "stream": 15, "health": 4, "models": 4, "leave at once": 5,
                "leave mid-stream": 8, "overloaded": 4, "exits early": 4, "dies mid-stream": 4,
                "bad request": 4, "no key": 3, "messages": 7, "messages stream": 6,
                "responses": 6, "responses stream": 6, "tool call": 5, "tool call stream": 5}
@@ -6972,6 +7001,7 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
         daemon.send_signal(signal.SIGTERM)
         self.assertEqual(daemon.wait(30), 0)
         self.assertNotIn("Traceback", daemon.log())
+        self.assertEqual(session_files(), [], "no session file left")
 
 
 ##############################################################################
