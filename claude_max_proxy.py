@@ -3062,7 +3062,7 @@ class Sessions:
 
     def logs(self) -> str:
         """Where the CLI logs its MCP connections in the working directory (a file per run with
-        tools, ~1.5 KB, kept forever): the user's cache folder, under the same naming."""
+        tools, ~1.5 KB, which it keeps for 30 days): the user's cache folder, same naming."""
         if sys.platform == "darwin":
             cache = os.path.join(os.path.expanduser("~"), "Library", "Caches")
         else:
@@ -3785,7 +3785,7 @@ class ProxyServer(ThreadingHTTPServer):
                 self.sessions.close(process.launch, process.session, finished)
             if process.launch and process.launch.request.tools:
                 # The CLI's log of its connection to the bridge: one file per run, else kept
-                # for ever. The folder is the working directory's, which is the daemons' own.
+                # for a month. The folder is the working directory's, the daemons' own.
                 shutil.rmtree(self.sessions.logs(), ignore_errors=True)
             with self.changed:
                 self.processes.discard(process)

@@ -4072,7 +4072,7 @@ class ConversationTest(FakeClaudeMixin, unittest.TestCase):
         with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_HISTORY": "transcript"}):
             self.assertEqual(proxy.parse_args([]).history, "transcript")
         with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_HISTORY": "sometimes"}), \
-                self.assertRaises(SystemExit):
+                self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             proxy.parse_args([])
 
     def test_what_a_killed_daemon_left_in_the_projects_directory_is_swept(self):
@@ -6084,11 +6084,14 @@ class EndToEndTest(unittest.TestCase):
         wait_until(lambda: not self.proxy.server.processes, what="the CLI to be gone")
         wait_until(lambda: not bridges_running(self.proxy.server.workdir),
                    what="the CLI's bridge processes to end")
-        # The CLI logs each bridge connection to a file of its own, kept for ever: removed.
-        self.assertFalse(os.path.exists(self.proxy.server.sessions.logs()))
+        # The CLI logs each bridge connection to a file of its own, kept for a month: removed.
+        # (Its folder is named after the working directory; other CLIs' are not ours.)
+        logs = self.proxy.server.sessions.logs()
+        self.assertFalse(os.path.exists(logs))
         if not os.environ.get("XDG_CACHE_HOME"):
-            self.assertEqual([f for _, _, files in os.walk(os.path.join(self.home, ".cache"))
-                              for f in files], [])
+            root = os.path.join(self.home, ".cache", "claude-cli-nodejs")
+            self.assertEqual(os.path.dirname(logs), root)
+            self.assertEqual([d for d in os.listdir(root) if "claude-max-proxy" in d], [])
 
     def test_structured_output_through_the_real_cli(self):
         schema = {"type": "object", "properties": {"name": {"type": "string"}},
@@ -6688,7 +6691,8 @@ class AgentsSDKTest(FakeClaudeMixin, unittest.TestCase):
             self.assertEqual((first, streamed, follow), ("Hello from the fake API.",) * 3, kind)
             self.assertIn("response.reasoning_summary_text.delta", kinds, kind)
             # The follow-up sent the first answer back, and it reached the CLI as a turn.
-            self.assertIn("Hello from the fake API.", json.dumps(self.runs()[-1]["stdin"]))
+            self.assertIn({"type": "text", "text": "Hello from the fake API."},
+                          sent(self.runs()[-1], "assistant"))
             self.assertEqual(self.runs()[-1]["system"], "Be brief.")
 
     def test_an_agent_loop_of_two_tool_steps(self):
