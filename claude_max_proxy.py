@@ -850,11 +850,14 @@ WIRE_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")  # what the Messages API take
 PREAMBLE_KEYS = ("type", "attachment", "rendered", "renderedRole")
 
 
+Content = Union[str, List[Block]]  # a message's: one text as a string (join_blocks), or blocks
+
+
 class History(NamedTuple):
     """A conversation as a session: the rows of the file, and the last turn for stdin (None:
     the file ends with it and the CLI resumes it, see RESUME_TURN_ENV)."""
-    rows: List[Turn]
-    stdin: Optional[List[Block]]
+    rows: List[Tuple[str, Content]]
+    stdin: Optional[Content]
 
 
 def wire_tool_id(call_id: str) -> str:
@@ -932,15 +935,15 @@ def conversation_history(turns: List[Turn], names: Mapping[str, str], tools: boo
             groups.append((role, content))
     # The last turn is the user's (check_turns) and not empty.
     *earlier, (_, last) = groups
-    rows: List[Turn] = []
-    for role, content in earlier:
-        rows.append((role, content))
+    rows: List[Tuple[str, Content]] = []
+    for role, content in earlier:  # a user's text alone as a string, as a lone prompt goes
+        rows.append((role, join_blocks(content) if role == "user" else content))
         if role == "user" and has_results(content):
             rows.append(("user", [{"type": "text", "text": CONTINUE_TEXT}]))
     if has_results(last):
-        rows.append(("user", last))
+        rows.append(("user", join_blocks(last)))
         return History(rows, None)
-    return History(rows, last)
+    return History(rows, join_blocks(last))
 
 
 def session_lines(history: History, preamble: List[Dict[str, Any]], session_id: str, cwd: str,
@@ -958,7 +961,8 @@ def session_lines(history: History, preamble: List[Dict[str, Any]], session_id: 
             entries.append({"type": "assistant", "message": {
                 "id": "msg_proxy_%d" % n, "type": "message", "role": "assistant",
                 "model": model, "content": blocks,
-                "stop_reason": "tool_use" if any(b["type"] == "tool_use" for b in blocks)
+                "stop_reason": "tool_use" if any(isinstance(b, dict) and b["type"] == "tool_use"
+                                                 for b in blocks)
                 else "end_turn", "stop_sequence": None,
                 "usage": {"input_tokens": 0, "output_tokens": 0}}})
         if role == "user" and not placed:
@@ -1090,11 +1094,13 @@ def tool_instructions(request: Request, names: Mapping[str, str]) -> str:
 
 class SessionPlan(NamedTuple):
     """How a run uses a Claude Code session (see Sessions): `history` resumed from a file
-    written for the run, or (None) a fresh run whose own file is read for its preamble."""
+    written for the run (a fresh run when it has no rows: a first turn), or None: a fresh
+    run of the transcript; `learn`: the fresh run saves its session, read for its preamble."""
     history: Optional[History]
     preamble: List[Dict[str, Any]]
     key: str  # what the preamble depends on (Sessions.key)
     version: str  # the CLI's, as it says it
+    learn: bool = False
 
 
 class Launch(NamedTuple):
@@ -1108,7 +1114,9 @@ class Launch(NamedTuple):
     @property
     def resumed(self) -> Optional[History]:
         """The history the run resumes, if it does."""
-        return self.session.history if self.session else None
+        plan = self.session
+        return plan.history if plan and plan.history and plan.history.rows and not plan.learn \
+            else None
 
     def model_tools(self) -> Dict[str, Tool]:
         """The client's tools by the name the model sees (BRIDGE_PREFIX + the bridge's)."""
@@ -1152,8 +1160,8 @@ class Launch(NamedTuple):
         ]
         if self.resumed is not None:
             argv += ["--resume", paths["session"]]  # the file Sessions wrote; left unchanged
-        elif self.session is not None:  # the CLI writes its session, to learn its preamble from
-            argv.remove("--no-session-persistence")
+        elif self.session is not None and self.session.learn:
+            argv.remove("--no-session-persistence")  # it saves its session: learnt from
             argv += ["--session-id", paths["session"]]
         # Measured with the real CLI 2.1.331 and a ~/.claude holding one of everything: each
         # flag alone leaves something through. `--setting-sources ""` keeps out settings,
@@ -1207,10 +1215,10 @@ class Launch(NamedTuple):
         return env
 
     def stdin(self) -> bytes:
-        """The one stream-json user line the CLI reads from stdin: the last turn of a resumed
-        session (nothing when the session ends with it), else the whole conversation."""
-        history = self.resumed
-        content: Union[str, List[Block]]
+        """The one stream-json user line the CLI reads from stdin: the last turn of a session
+        (nothing when a resumed one ends with it), else the whole conversation."""
+        history = self.session.history if self.session else None
+        content: Content
         if history is None:
             content = prompt_content(self.request.turns, self.offered_names())
         elif history.stdin is None:
@@ -3091,19 +3099,20 @@ class Sessions:
         key = self.key(launch, version)
         with self._lock:
             preamble = self._preambles.get(key)
-        if preamble is None:
-            return launch._replace(session=SessionPlan(None, [], key, version))
-        if len(launch.request.turns) < 2:
-            return launch
         history = conversation_history(launch.request.turns, launch.offered_names(),
                                        bool(launch.request.tools))
+        if not history.rows:  # a first turn (user messages only): fresh, as the CLI starts one
+            return launch._replace(session=SessionPlan(history, [], key, version,
+                                                       learn=preamble is None))
+        if preamble is None:  # the transcript, this time
+            return launch._replace(session=SessionPlan(None, [], key, version, learn=True))
         return launch._replace(session=SessionPlan(history, preamble, key, version))
 
     def open(self, launch: Launch) -> Optional[str]:
         """Before a run: the session id it uses, with its marker in the daemon's directory
         and, to resume, its file written (0600, in a 0700 directory)."""
         plan = launch.session
-        if plan is None:
+        if plan is None or not (plan.learn or launch.resumed):
             return None
         session_id = str(uuid.uuid4())
         directory = self.directory()
@@ -3111,8 +3120,8 @@ class Sessions:
         with open(os.open(os.path.join(self.workdir, "session-" + session_id),
                           os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(path + "\n")
-        if plan.history is not None:
-            text = session_lines(plan.history, plan.preamble, session_id, self.cwd,
+        if launch.resumed is not None:
+            text = session_lines(launch.resumed, plan.preamble, session_id, self.cwd,
                                  plan.version.split()[0], launch.request.cli_model, time.time())
             try:
                 for attempt in range(3):
@@ -3135,7 +3144,7 @@ class Sessions:
         """A fresh run's preamble, read from the session file it wrote (as soon as it has
         answered: the client's next turn may come before the CLI has exited)."""
         plan = launch.session
-        if plan is None or plan.history is not None:
+        if plan is None or not plan.learn:
             return True
         try:
             with open(os.path.join(self.directory(), session_id + ".jsonl"),
@@ -3574,10 +3583,10 @@ class ClaudeRun:
                     raise APIError(503, "claude-max-proxy is shutting down; the request was "
                                    "ended.", type="server_error", code="shutting_down") from None
                 tail = process.stderr_tail()
-                if process.launch and process.launch.session is not None and not process.lines:
+                if process.session and not process.lines:
                     # It refused the session it was given or asked for (a CLI whose format
                     # changed): the conversation goes as a transcript instead.
-                    refused, refused_launch = tail or "exit code %s" % code, process.launch
+                    refused, refused_launch = tail or "exit code %s" % code, self.launch
                     self.note["history"] = "transcript"
                     self._end()
                     self.launch = self.launch._replace(session=None)

@@ -814,30 +814,29 @@ def api_messages(rows, new, resume_turn, model):
         if row.get("type") == "attachment" and row.get("rendered"):
             attachments.append(row)
         elif row.get("type") in ("user", "assistant"):
-            content = row["message"]["content"]
-            messages.append({"role": row["type"], "content": [{"type": "text", "text": content}]
-                             if isinstance(content, str) else list(content)})
+            content = row["message"]["content"]  # a string stays one (s2-api-request)
+            messages.append({"role": row["type"], "content": content if isinstance(
+                content, str) else list(content)})
     if messages and messages[-1]["role"] == "user":
         if new:
             messages.append({"role": "assistant", "content": [{"type": "text",
                                                                "text": NO_RESPONSE}]})
         elif not resume_turn:
             return None
-        elif any(b.get("type") == "tool_result" for b in messages[-1]["content"]):
+        elif any(b.get("type") == "tool_result" for b in blocks_of(messages[-1]["content"])):
             messages.append({"role": "user", "content": [{"type": "text", "text": CONTINUE}]})
     elif not new:
         return None
     for content in new:
-        content = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        messages.append({"role": "user", "content": [b for b in content
-                                                     if b.get("type") != "tool_result"]})
+        messages.append({"role": "user", "content": content if isinstance(content, str) else
+                         [b for b in content if b.get("type") != "tool_result"]})
     merged = []
     for message in messages:
         if merged and message["role"] == merged[-1]["role"] == "user":
-            last = merged[-1]["content"]
+            last = blocks_of(merged[-1]["content"])
             if last and last[-1].get("type") == "text":
                 last[-1] = dict(last[-1], text=last[-1]["text"] + "\n")
-            merged[-1] = {"role": "user", "content": last + message["content"]}
+            merged[-1] = {"role": "user", "content": last + blocks_of(message["content"])}
         else:
             merged.append(message)
     system = {"role": "system", "content": rendered(attachments or preamble_rows(model))}
@@ -849,6 +848,10 @@ def api_messages(rows, new, resume_turn, model):
     return merged
 
 
+def blocks_of(content):
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
 def conversation_text(messages):
     """What the directives are read from: every user message's text, tool results as the
     transcript writes them."""
@@ -856,7 +859,7 @@ def conversation_text(messages):
     for message in messages:
         if message["role"] != "user":
             continue
-        for block in message["content"]:
+        for block in blocks_of(message["content"]):
             if block.get("type") == "text":
                 parts.append(block["text"])
             elif block.get("type") == "tool_result":
@@ -1830,15 +1833,16 @@ class HistoryTest(unittest.TestCase):
     def test_earlier_turns_are_rows_and_the_last_goes_on_stdin(self):
         turns = [("user", text("hi")), ("assistant", text("hello")), ("user", text("and?"))]
         history = proxy.conversation_history(turns, {}, False)
-        self.assertEqual(history.rows, turns[:2])
-        self.assertEqual(history.stdin, text("and?"))
+        self.assertEqual(history.rows, [("user", "hi"), turns[1]], "a user's text as a string")
+        self.assertEqual(history.stdin, "and?")
 
     def test_calls_and_results_are_real_blocks_under_the_names_the_model_knows(self):
         turns = [("user", text("weather?")), ("assistant", text("Let me look.") + [self.CALL]),
                  ("user", [self.RESULT])]
         history = proxy.conversation_history(turns, self.NAMES, True)
         call = dict(self.CALL, name="mcp__proxy__get_weather")
-        self.assertEqual(history.rows, [turns[0], ("assistant", text("Let me look.") + [call]),
+        self.assertEqual(history.rows, [("user", "weather?"),
+                                        ("assistant", text("Let me look.") + [call]),
                                         ("user", [self.RESULT])])
         self.assertIsNone(history.stdin, "the CLI resumes a turn of results itself")
         # Once answered, that turn is followed by what the CLI added when it resumed it.
@@ -1846,15 +1850,15 @@ class HistoryTest(unittest.TestCase):
                                                     ("user", text("thanks"))], self.NAMES, True)
         self.assertEqual(later.rows[2:4], [("user", [self.RESULT]),
                                            ("user", text(proxy.CONTINUE_TEXT))])
-        self.assertEqual(later.stdin, text("thanks"))
+        self.assertEqual(later.stdin, "thanks")
 
     def test_without_tools_calls_and_results_are_text(self):
         turns = [("user", text("weather?")), ("assistant", [self.CALL]),
                  ("user", [self.RESULT, {"type": "text", "text": "so?"}])]
         history = proxy.conversation_history(turns, {}, False)
         self.assertEqual(history.rows[1][1], proxy.tool_text(self.CALL, {}))
-        self.assertEqual({b["type"] for b in history.stdin}, {"text"}, "no tool block")
-        self.assertIn("sunny", json.dumps(history.stdin))
+        self.assertIsInstance(history.stdin, str, "text alone: no tool block")
+        self.assertIn("sunny", history.stdin)
 
     def test_call_ids_the_api_refuses_are_replaced_alike_in_call_and_result(self):
         odd = "functions.get_weather:0"
@@ -1870,7 +1874,7 @@ class HistoryTest(unittest.TestCase):
         turns = [("user", text("a")), ("assistant", text("  ")), ("user", text("")),
                  ("assistant", text("b")), ("user", text("c"))]
         self.assertEqual(proxy.conversation_history(turns, {}, False).rows,
-                         [("user", text("a")), ("assistant", text("b"))])
+                         [("user", "a"), ("assistant", text("b"))])
 
     def test_a_call_of_a_tool_no_longer_offered_keeps_the_bridge_name(self):
         self.assertEqual(proxy.model_tool_name("gone", {}), "mcp__proxy__gone")
@@ -1913,9 +1917,9 @@ class HistoryTest(unittest.TestCase):
 
     def sent_for(self, turns, tools=True):
         """What the CLI sends for `turns`: a first turn fresh, later ones resumed."""
-        if len(turns) == 1:
-            return fake.api_messages([], [turns[0][1]], False, self.MODEL)
         history = proxy.conversation_history(turns, self.NAMES, tools)
+        if not history.rows:
+            return fake.api_messages([], [history.stdin], False, self.MODEL)
         return fake.api_messages(self.file_rows(history), [] if history.stdin is None
                                  else [history.stdin], history.stdin is None, self.MODEL)
 
@@ -1947,8 +1951,7 @@ class HistoryTest(unittest.TestCase):
     def test_user_messages_in_a_row_are_one_turn_with_no_made_up_answer_between(self):
         turns = [("user", text("a")), ("assistant", text("b")), ("user", text("c")),
                  ("user", text("d"))]
-        self.assertEqual(self.sent_for(turns)[3:], [{"role": "user", "content": [
-            {"type": "text", "text": "c\n"}, {"type": "text", "text": "d"}]}])
+        self.assertEqual(self.sent_for(turns)[3:], [{"role": "user", "content": "c\nd"}])
         turns += [("assistant", text("e")), ("user", text("f"))]
         self.assertEqual([m["role"] for m in self.sent_for(turns)],
                          ["user", "system", "assistant", "user", "assistant", "user"])
@@ -3960,7 +3963,7 @@ class ConversationTest(FakeClaudeMixin, unittest.TestCase):
             self.assertEqual(record["session"]["mode"], 0o600)
             self.assertEqual(record["session"]["dir_mode"], 0o700)
             self.assertEqual(record["stdin"], [{"type": "user", "message": {
-                "role": "user", "content": text("Turn %d." % n)}}])
+                "role": "user", "content": "Turn %d." % n}}])
             self.assertEqual([m["role"] for m in record["messages"]],
                              ["user", "system"] + ["assistant", "user"] * (n - 1))
             self.assertEqual(sent(record, "assistant"), text("Hello from the fake API.") *
@@ -3995,6 +3998,18 @@ class ConversationTest(FakeClaudeMixin, unittest.TestCase):
         self.assertIsNone(later["env"]["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"])
         self.assert_repeats([record, later])
         self.assertEqual(session_files(p=p), [])
+
+    def test_a_first_turn_of_several_user_messages_is_one_message_not_a_transcript(self):
+        """Codex opens with its environment notes and the prompt as two user messages."""
+        p = self.start_proxy()
+        messages = [{"role": "user", "content": "<environment_context>x</environment_context>"},
+                    {"role": "user", "content": "Fix the bug."}]
+        answer = self.ask(p, messages)
+        first = self.runs()[-1]
+        self.assertEqual(first["stdin"][0]["message"]["content"],
+                         "<environment_context>x</environment_context>\nFix the bug.")
+        self.ask(p, messages + [answer, {"role": "user", "content": "Thanks."}])
+        self.assert_repeats([first, self.runs()[-1]])
 
     def test_a_restarted_daemon_goes_on_with_the_same_prefix(self):
         p = self.start_proxy()
@@ -5882,7 +5897,7 @@ class EndToEndTest(unittest.TestCase):
             "model": "sonnet", "messages": edited})
         self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "w0 w1 w2"))
         sent, _ = self.api_request("e2e-par edited 1")
-        self.assertEqual(sent["messages"][0]["content"], text("e2e-par edited 0"))
+        self.assertEqual(sent["messages"][0]["content"], "e2e-par edited 0")
         status, _, again = self.proxy.request("POST", "/v1/chat/completions", {
             "model": "sonnet", "messages": edited})
         self.assertEqual(again["choices"][0]["message"]["content"], "w0 w1 w2")
