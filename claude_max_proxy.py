@@ -236,6 +236,7 @@ WORKDIR_PREFIX = "claude-max-proxy-"  # of each daemon's private directory, in t
 SHARED_DIR = "claude-max-proxy.%d"  # this user's directory shared by daemons (see shared_dir)
 PREAMBLES_FILE = "preambles.json"  # in it: the session preambles learnt (see Sessions)
 PREAMBLES_KEPT = 32  # of today's: one per CLI, model and settings in use
+LEARN_WAIT = 1.0  # seconds an answer may wait for the CLI to write the session it learns from
 SESSION_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 MAX_SCHEMA_BYTES = 64 * 1024  # --json-schema goes on the command line (128 KiB per argument)
 
@@ -3140,18 +3141,24 @@ class Sessions:
                 raise
         return session_id
 
-    def learn(self, launch: Launch, session_id: str) -> bool:
-        """A fresh run's preamble, read from the session file it wrote (as soon as it has
-        answered: the client's next turn may come before the CLI has exited)."""
+    def learn(self, launch: Launch, session_id: str, wait: float = 0.0) -> bool:
+        """A fresh run's preamble, read from the session file it wrote; waiting up to `wait`
+        seconds for the CLI to write it out (it lags behind the answer by some milliseconds,
+        and a client's next turn may come before the CLI has exited)."""
         plan = launch.session
         if plan is None or not plan.learn:
             return True
-        try:
-            with open(os.path.join(self.directory(), session_id + ".jsonl"),
-                      encoding="utf-8") as f:
-                preamble = learnt_preamble(f.read())
-        except (OSError, UnicodeDecodeError):
-            preamble = None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                with open(os.path.join(self.directory(), session_id + ".jsonl"),
+                          encoding="utf-8") as f:
+                    preamble = learnt_preamble(f.read())
+            except (OSError, UnicodeDecodeError):
+                preamble = None
+            if preamble or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
         if preamble:
             self._remember(plan.key, preamble)
         return preamble is not None
@@ -3571,7 +3578,8 @@ class ClaudeRun:
                     if isinstance(event, Finish):
                         self.finished = not event.cut_short
                         if process.session and process.launch:
-                            self.server.sessions.learn(process.launch, process.session)
+                            self.server.sessions.learn(process.launch, process.session,
+                                                       wait=LEARN_WAIT)
                     if refused and not answered:  # the transcript works: the session did not
                         self.server.sessions.refuse(refused_launch, refused)
                     answered = True

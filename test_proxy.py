@@ -5821,6 +5821,20 @@ class EndToEndTest(unittest.TestCase):
                          "only what precedes the conversation, the same each time: " + table)
         self.assertEqual(session_files(self.home), [], "nothing left in ~/.claude/projects")
 
+    def test_a_first_request_that_calls_a_tool_teaches_the_preamble_in_time(self):
+        """On a machine the daemon never ran on, a conversation that opens with a tool call
+        (as Codex's often do): the follow-up comes as soon as the call is answered, before
+        the CLI has exited, and is read from the cache already."""
+        root = tempfile.mkdtemp(prefix="proxy-e2e-fresh-")
+        self.addCleanup(shutil.rmtree, root, True)
+        with mock.patch.object(tempfile, "tempdir", root):
+            p = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0)
+            self.addCleanup(p.close)
+            figures = converse(p, "chat", 3, "e2e-opens-with-call", call_at=1)
+        for n in range(1, len(figures)):
+            self.assertGreaterEqual(figures[n][1], 0.9 * figures[n - 1][0],
+                                    cache_table("opens with a call", figures))
+
     def test_the_fake_reads_sessions_as_the_real_cli_does(self):
         """For the session files the proxy writes, the messages the real CLI sends the API
         are the ones the fake's api_messages says (its environment text aside): what the
