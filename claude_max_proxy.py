@@ -821,10 +821,6 @@ def parse_chat_request(body: Any) -> Request:
 
 
 ##############################################################################
-# The CLI launch (pure functions)
-##############################################################################
-
-##############################################################################
 # Conversations as real turns: the history as a Claude Code session (pure functions)
 ##############################################################################
 
@@ -836,7 +832,7 @@ def parse_chat_request(body: Any) -> Request:
 #   there (their `rendered` text, verbatim: environment, model and date), then the new user
 #   line from stdin, which alone carries the last cache breakpoint.
 # - A fresh run sends [first user message, that same environment text]: so a session holding
-#   the attachment rows the CLI wrote for a fresh run (SessionPreamble, learnt from one) makes
+#   the attachment rows the CLI wrote for a fresh run (the preamble, learnt from one) makes
 #   the second request's prefix repeat the first's, and each later request's the one before.
 # - A file ending with a user row gets a made-up "No response requested." answer before the
 #   stdin line, and tool_result blocks on stdin are dropped: a last turn holding tool results
@@ -874,10 +870,16 @@ def model_tool_name(key: str, names: Mapping[str, str]) -> str:
     name it would have (calls in the history may name tools a client no longer sends)."""
     if key in names:
         return names[key]
+    return BRIDGE_PREFIX + bridge_alias(key)
+
+
+def bridge_alias(key: str) -> str:
+    """What the bridge calls a tool: its key, or one that would make the model's name longer
+    than CLI_TOOL_NAME_LIMIT shortened, ending in a hash of it."""
     room = CLI_TOOL_NAME_LIMIT - len(BRIDGE_PREFIX)
-    if len(key) > room:
-        key = "%s_%s" % (key[:room - 9], hashlib.sha256(key.encode()).hexdigest()[:8])
-    return BRIDGE_PREFIX + key
+    if len(key) <= room:
+        return key
+    return "%s_%s" % (key[:room - 9], hashlib.sha256(key.encode()).hexdigest()[:8])
 
 
 def real_blocks(blocks: List[Block], names: Mapping[str, str], tools: bool) -> List[Block]:
@@ -1007,17 +1009,18 @@ def learnt_preamble(text: str) -> Optional[List[Dict[str, Any]]]:
     return rows or None
 
 
+##############################################################################
+# The CLI launch (pure functions)
+##############################################################################
+
 def bridge_names(tools: Iterable[Tool]) -> Dict[str, Tool]:
     """What the bridge calls each tool (the model sees BRIDGE_PREFIX + that) -> the tool. A
     name that would make the model's name longer than CLI_TOOL_NAME_LIMIT gets a short alias
     ending in a hash of it; no name can reach anything but the bridge, as every one the model
     sees carries the bridge's prefix."""
     names: Dict[str, Tool] = {}
-    room = CLI_TOOL_NAME_LIMIT - len(BRIDGE_PREFIX)
     for tool in tools:
-        name = tool.key
-        if len(name) > room:
-            name = "%s_%s" % (name[:room - 9], hashlib.sha256(name.encode()).hexdigest()[:8])
+        name = bridge_alias(tool.key)
         if name in names:
             raise invalid("tools", "The tool names %r and %r are too much alike to offer both."
                           % (names[name].key[:80], tool.key[:80]))
@@ -1073,7 +1076,6 @@ def bridge_main(argv: "List[str]") -> int:
         out.write(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}) + "\n")
         out.flush()
     return 0
-
 
 
 def tool_instructions(request: Request, names: Mapping[str, str]) -> str:
@@ -3000,6 +3002,13 @@ def shared_dir() -> str:
     return path
 
 
+def cli_folder_name(path: str) -> str:
+    """What the CLI names its folders for a working directory (sessions, logs): its path with
+    every other character than a letter or digit a dash. (Past 200 characters it shortens it
+    with a hash; the shared directory's path is far shorter.)"""
+    return re.sub(r"[^A-Za-z0-9]", "-", path)
+
+
 def remove_session_file(path: str) -> None:
     """A session file of Sessions (`<projects>/<slug>/<uuid>.jsonl`), what the CLI may have
     put beside it under the same name, and its directory once empty."""
@@ -3077,13 +3086,13 @@ class Sessions:
         else:
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
                 os.path.expanduser("~"), ".cache")
-        return os.path.join(cache, "claude-cli-nodejs", re.sub(r"[^A-Za-z0-9]", "-", self.cwd))
+        return os.path.join(cache, "claude-cli-nodejs", cli_folder_name(self.cwd))
 
     def directory(self) -> str:
         """Where the CLI keeps sessions of the working directory (its own naming)."""
         config = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(
             os.path.expanduser("~"), ".claude")
-        return os.path.join(config, "projects", re.sub(r"[^A-Za-z0-9]", "-", self.cwd))
+        return os.path.join(config, "projects", cli_folder_name(self.cwd))
 
     def key(self, launch: Launch, version: str) -> str:
         """What the preamble's text depends on: the CLI, the model, the day (it is in it), the
@@ -3125,7 +3134,7 @@ class Sessions:
             text = session_lines(launch.resumed, plan.preamble, session_id, self.cwd,
                                  plan.version.split()[0], launch.request.cli_model, time.time())
             try:
-                for attempt in range(3):
+                for _ in range(3):
                     os.makedirs(directory, 0o700, exist_ok=True)
                     try:
                         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -3687,9 +3696,10 @@ class ProxyServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, ProxyHandler)
         self.workdir = make_workdir()  # once bound: a port in use leaves nothing behind
+        shared: Optional[str]
         try:
-            shared: Optional[str] = shared_dir()
-            self.cwd = os.path.join(shared or "", "cwd")
+            shared = shared_dir()
+            self.cwd = os.path.join(shared, "cwd")
         except OSError as e:
             log.warning("%s: the CLI works in a directory of this daemon's instead, so the "
                         "prompt cache does not carry conversations across a restart", e)
@@ -3779,9 +3789,9 @@ class ProxyServer(ThreadingHTTPServer):
                 self.sessions.close(launch, session)
             raise
         process.session, process.launch = session, launch
-        if launch.resumed is not None:
-            self.sessions.resumed += 1
         with self.changed:
+            if launch.resumed is not None:
+                self.sessions.resumed += 1
             process.peers_at_start = len(self.processes)
             self.processes_started += 1
             process.sequence = self.processes_started
