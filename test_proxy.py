@@ -5780,22 +5780,22 @@ class EndToEndTest(unittest.TestCase):
         """Ten requests per dialect, a tool call among them: from the second on, the cache
         covers at least 90% of the request before; the transcript covers only what comes
         before the conversation. Chat's goes on through a restarted daemon."""
+        def restart():
+            self.proxy.close()
+            type(self).proxy = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0)
+            return self.proxy
+
         for dialect in ("chat", "messages", "responses"):
-            holder = {}
-
-            def restart():
-                self.proxy.close()
-                holder["p"] = type(self).proxy = Proxy(claude_bin=self.claude, timeout=120.0,
-                                                       idle_timeout=60.0)
-                return holder["p"]
-
-            resumed = self.proxy.server.sessions.resumed
+            before = self.proxy
+            resumed = before.server.sessions.resumed
             figures = converse(self.proxy, dialect, 10, "e2e-cache-" + dialect,
                                restart_at=6 if dialect == "chat" else None, restart=restart)
             for n in range(1, len(figures)):
                 self.assertGreaterEqual(figures[n][1], 0.9 * figures[n - 1][0],
                                         cache_table(dialect, figures))
-            self.assertGreater(self.proxy.server.sessions.resumed, 0)
+            # Every request after the first resumed a session (after the restart: 6 to 10).
+            self.assertEqual(self.proxy.server.sessions.resumed - (
+                resumed if self.proxy is before else 0), 9 if self.proxy is before else 5)
             self.assertIsNone(self.proxy.server.sessions.refused)
             body, _ = self.api_request("e2e-cache-%s turn 10." % dialect)
             roles = [m["role"] for m in body["messages"]]
@@ -5804,7 +5804,6 @@ class EndToEndTest(unittest.TestCase):
             blocks = [b.get("type") for m in body["messages"] if isinstance(m["content"], list)
                       for b in m["content"]]
             self.assertEqual((blocks.count("tool_use"), blocks.count("tool_result")), (1, 1))
-            del resumed
         transcript = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0,
                            history="transcript")
         try:
