@@ -131,6 +131,19 @@ DEFAULT_CLIENT_TIMEOUT = 60.0  # seconds a client may stay silent while sending 
 # After SIGTERM, seconds the requests in flight get to finish; launchd's ExitTimeOut in the
 # plist (20 s) leaves room for this plus KILL_GRACE.
 DEFAULT_SHUTDOWN_GRACE = 10.0
+# CLI processes started ahead of requests (WarmPool), each for one of the most recently used
+# request shapes: an idle CLI holds some 160-180 MB (measured, 2.1.331), so a few at most.
+DEFAULT_WARM = 2
+# Seconds a warm process waits for a request before it is replaced by a fresh one: what the CLI
+# read at start (its settings, the login, the date) is never older than this.
+DEFAULT_WARM_IDLE = 300.0
+# A shape no request has used for this long gets no new warm process when its own expires.
+WARM_KEY_KEPT = 1800.0
+# Seconds a warm CLI gets to answer the control requests that set a request's model and system
+# prompt (milliseconds, measured) before the request goes to a fresh CLI instead.
+CONTROL_TIMEOUT = 5.0
+# Seconds a request waits for a warm process of its shape that is being started at that moment.
+WARM_START_WAIT = 2.0
 
 MAX_CONNECTIONS = 256  # open client connections; past it new ones get a 503 and are closed
 QUEUE_RETRY_AFTER = 5  # Retry-After (seconds) on a 429 from a full or slow queue
@@ -1232,6 +1245,48 @@ class Launch(NamedTuple):
         return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
+def warm_key(launch: Launch, strict: bool = False) -> Optional[str]:
+    """What a CLI process is bound to from its start on, which a request must match to take a
+    warm one (WarmPool): its command line, environment and tool list, a resumed session's rows,
+    the day (in its environment note). Not the model or the appended system prompt: a waiting
+    CLI takes both on stdin (stdin_controls) and then sends the API what a CLI started with
+    them sends, byte for byte (measured with 2.1.331 for every family and for a system prompt
+    set, changed and removed), unless `strict`. None for a run that cannot wait warm: one that
+    saves its session to learn the preamble from."""
+    plan = launch.session
+    if plan is not None and plan.learn:
+        return None
+    argv = launch.argv({"system": "", "tools": "", "session": ""})
+    files = launch.files()
+    if not strict:
+        at = argv.index("--model")
+        del argv[at:at + 2]
+        if "--append-system-prompt-file" in argv:
+            at = argv.index("--append-system-prompt-file")
+            del argv[at:at + 2]
+        files.pop("system", None)
+    bound: List[Any] = [argv, sorted(launch.environment({}).items()), files,
+                        time.strftime("%Y-%m-%d")]
+    history = launch.resumed
+    if plan is not None and history is not None:
+        bound += [launch.request.cli_model, history.rows, plan.preamble, plan.version]
+    return hashlib.sha256(json.dumps(bound, ensure_ascii=False, sort_keys=True)
+                          .encode("utf-8")).hexdigest()
+
+
+def stdin_controls(launch: Launch, spawned: Launch) -> List[Dict[str, Any]]:
+    """The control requests (stream-json, as the Agent SDK sends them) that make a CLI started
+    for `spawned` run `launch` instead: its appended system prompt ("" removes one) and its
+    model."""
+    controls: List[Dict[str, Any]] = []
+    system = launch.files().get("system", "")
+    if system != spawned.files().get("system", ""):
+        controls.append({"subtype": "initialize", "appendSystemPrompt": system})
+    if launch.request.cli_model != spawned.request.cli_model:
+        controls.append({"subtype": "set_model", "model": launch.request.cli_model})
+    return controls
+
+
 ##############################################################################
 # CLI events -> completion events (pure functions)
 ##############################################################################
@@ -1288,6 +1343,11 @@ class Finish(NamedTuple):
 
 
 Event = Union[Start, Text, Thinking, ToolCall, ToolInput, Revised, Finish]
+
+
+class ControlRefused(Exception):
+    """A warm CLI did not take a control request (a CLI without them): the request goes to a
+    fresh one."""
 
 
 class CLIEndedWithoutResult(Exception):
@@ -3251,11 +3311,13 @@ class ClaudeProcess:
     """One `claude -p` run: its own process group, the daemon's empty working directory, the
     prompt on stdin, stdout read as stream-json events, stderr drained for its tail."""
 
-    def __init__(self, argv_for: Callable[[Mapping[str, str]], List[str]], stdin_data: bytes,
-                 env: Dict[str, str], files: Mapping[str, str], workdir: str, cwd: str):
+    def __init__(self, argv_for: Callable[[Mapping[str, str]], List[str]],
+                 stdin_data: Optional[bytes], env: Dict[str, str], files: Mapping[str, str],
+                 workdir: str, cwd: str):
         """`files` (name -> text) are written, private, into `workdir` (make_workdir()) and
         removed by close(); `argv_for(paths)` gives the command line once they exist (paths:
-        name -> path); `cwd` is the working directory (shared_dir()'s)."""
+        name -> path); `cwd` is the working directory (shared_dir()'s). Without `stdin_data`
+        the process is a warm one: it waits on stdin for begin()."""
         self._files: Dict[str, str] = {}
         try:
             for name, text in files.items():
@@ -3269,9 +3331,14 @@ class ClaudeProcess:
             self._remove_files()
             raise
         self.argv: List[str] = argv_for(dict(self._files))
-        self._stdin_data = memoryview(stdin_data)
+        self._stdin_data = memoryview(stdin_data or b"")
+        self._held = b""  # the request's line, written once the CLI has answered its controls
+        self._awaiting: "set[str]" = set()  # control requests not answered yet
+        self.waiting = stdin_data is None  # a warm process that has no request yet
+        self.handed = False  # a warm process that was given one (begin)
         self._stderr = bytearray()
-        self.started = time.monotonic()
+        self.identity = file_identity(self.argv[0])  # an upgraded CLI has another
+        self.started = self.spawned = time.monotonic()
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -3292,6 +3359,33 @@ class ClaudeProcess:
     def stderr_tail(self) -> str:
         return self._stderr.decode("utf-8", "replace").strip()
 
+    def begin(self, stdin_data: bytes, controls: List[Dict[str, Any]]) -> None:
+        """Give a warm process its request: `controls` (stdin_controls) first, each answered
+        before the request's line goes, then the line. Its deadlines count from now."""
+        lines = []
+        for n, control in enumerate(controls):
+            request_id = "proxy_%d" % n
+            self._awaiting.add(request_id)
+            lines.append(json.dumps({"type": "control_request", "request_id": request_id,
+                                     "request": control}, ensure_ascii=False).encode("utf-8")
+                         + b"\n")
+        self._stdin_data = memoryview(b"".join(lines) if lines else stdin_data)
+        self._held = stdin_data if lines else b""
+        self.waiting, self.handed = False, True
+        self.started = time.monotonic()
+
+    def _answered(self, event: Dict[str, Any]) -> bool:
+        """A control_response line: True once every control request has its answer."""
+        response = event.get("response")
+        response = response if isinstance(response, dict) else {}
+        request_id = response.get("request_id")
+        if request_id not in self._awaiting:
+            return False
+        if response.get("subtype") != "success":
+            raise ControlRefused(str(response.get("error") or response)[:300])
+        self._awaiting.discard(request_id)
+        return not self._awaiting
+
     def events(self, timeout: float, idle_timeout: float,
                watch: Optional[socket.socket] = None) -> Iterator[Dict[str, Any]]:
         """Parsed stdout lines, as they come. Feeds stdin and drains stderr meanwhile.
@@ -3300,12 +3394,14 @@ class ClaudeProcess:
         `watch` (the client's socket) is closed by the other side.
         """
         proc = self.proc
-        assert proc.stdin and proc.stdout and proc.stderr
+        assert proc.stdin and proc.stdout and proc.stderr and not self.waiting
         deadline = self.started + timeout
         idle_deadline = time.monotonic() + idle_timeout
+        control_deadline = self.started + CONTROL_TIMEOUT
         with selectors.DefaultSelector() as sel:
             os.set_blocking(proc.stdin.fileno(), False)
             sel.register(proc.stdin, selectors.EVENT_WRITE, "stdin")
+            writing = True
             sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
             sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
             if watch is not None:
@@ -3320,12 +3416,17 @@ class ClaudeProcess:
                 if now >= idle_deadline:
                     raise APIError(504, "Claude Code printed nothing for %g s." % idle_timeout,
                                    type="server_error", code="timeout")
-                for key, _ in sel.select(min(deadline, idle_deadline) - now):
+                if self._awaiting and now >= control_deadline:
+                    raise ControlRefused("no answer within %g s" % CONTROL_TIMEOUT)
+                for key, _ in sel.select(min(deadline, idle_deadline, control_deadline
+                                             if self._awaiting else deadline) - now):
                     name = key.data
                     if name == "stdin":
                         if self._feed_stdin():
                             sel.unregister(proc.stdin)
-                            proc.stdin.close()
+                            writing = False
+                            if not self._awaiting:
+                                proc.stdin.close()
                     elif name == "stderr":
                         self._read_stderr(sel)
                     elif name == "client":
@@ -3346,9 +3447,20 @@ class ClaudeProcess:
                             buffer = bytearray(rest)
                             for line in lines:
                                 event = parse_cli_line(line)
-                                if event is not None:
-                                    self.lines += 1
-                                    yield event
+                                if event is None:
+                                    continue
+                                if self._awaiting and event.get("type") == "control_response":
+                                    if self._answered(event):  # now the request's line
+                                        self._stdin_data = memoryview(
+                                            bytes(self._stdin_data) + self._held)
+                                        self._held = b""
+                                        if not writing:
+                                            sel.register(proc.stdin, selectors.EVENT_WRITE,
+                                                         "stdin")
+                                            writing = True
+                                    continue
+                                self.lines += 1
+                                yield event
                         if len(buffer) > MAX_CLI_LINE_BYTES:
                             raise APIError(502, "Claude Code printed a line longer than %d bytes."
                                            % MAX_CLI_LINE_BYTES, type="server_error",
@@ -3454,8 +3566,10 @@ def client_gone(sock: socket.socket) -> bool:
 
 
 class ProcessSlots:
-    """At most `limit` CLI processes at once. Later requests wait their turn in arrival order,
-    at most `max_waiting` of them and each for at most its timeout; the rest get a 429."""
+    """At most `limit` CLI processes at once, warm ones (WarmPool) included. Later requests
+    wait their turn in arrival order, at most `max_waiting` of them and each for at most its
+    timeout; the rest get a 429. A request never waits for an idle warm process: `reclaim()`
+    ends one and hands its slot over."""
 
     def __init__(self, limit: int, max_waiting: int):
         self.limit = limit
@@ -3464,26 +3578,36 @@ class ProcessSlots:
         self._waiting: "collections.deque[object]" = collections.deque()
         self._changed = threading.Condition()
         self._closed = False
+        # Set by the warm pool: reclaim() ends an idle warm process, True if there was one
+        # (its slot is then the caller's); released() is told of every slot given back.
+        self.reclaim: Callable[[], bool] = lambda: False
+        self.released: Callable[[], None] = lambda: None
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
-    @contextlib.contextmanager
-    def taken(self, timeout: float,
-              client_gone: Callable[[], bool] = lambda: False) -> Iterator[float]:
-        """Hold a slot for the `with` block; yields the seconds spent waiting for it.
+    def acquire(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> float:
+        """Take a slot, to be given back with release(); returns the seconds spent waiting.
 
         Raises APIError(429) when the queue is full or `timeout` runs out, APIError(503) once
         closed, and ClientDisconnected when `client_gone()` says the client left meanwhile.
         """
-        waited = self._acquire(timeout, client_gone)
-        try:
-            yield waited
-        finally:
-            with self._changed:
-                self.running -= 1
-                self._changed.notify_all()
+        return self._acquire(timeout, client_gone)
+
+    def try_acquire(self) -> bool:
+        """A slot for a warm process: only a free one nobody is waiting for."""
+        with self._changed:
+            if self._closed or self._waiting or self.running >= self.limit:
+                return False
+            self.running += 1
+            return True
+
+    def release(self) -> None:
+        with self._changed:
+            self.running -= 1
+            self._changed.notify_all()
+        self.released()
 
     def close(self) -> None:
         """At shutdown: nobody waits any more, and no new slot is given."""
@@ -3496,8 +3620,7 @@ class ProcessSlots:
         ticket = object()
         with self._changed:
             self._check_open()
-            if self.running < self.limit and not self._waiting:
-                self.running += 1
+            if not self._waiting and self._take():
                 return 0.0
             if len(self._waiting) >= self.max_waiting:
                 raise self._busy("%d requests are running and %d more are waiting, as many as "
@@ -3505,7 +3628,7 @@ class ProcessSlots:
                                  "queue_full")
             self._waiting.append(ticket)
             try:
-                while not (self._waiting[0] is ticket and self.running < self.limit):
+                while not (self._waiting[0] is ticket and self._take()):
                     self._check_open()
                     remaining = begun + timeout - time.monotonic()
                     if remaining <= 0:
@@ -3515,12 +3638,18 @@ class ProcessSlots:
                     if client_gone():
                         raise ClientDisconnected()
                 self._waiting.popleft()
-                self.running += 1
                 return time.monotonic() - begun
             finally:
                 if ticket in self._waiting:  # gave up: the next in line may be able to go
                     self._waiting.remove(ticket)
                 self._changed.notify_all()
+
+    def _take(self) -> bool:
+        """A free slot, or an idle warm process's (under the lock)."""
+        if self.running < self.limit:
+            self.running += 1
+            return True
+        return self.reclaim()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -3533,27 +3662,259 @@ class ProcessSlots:
                         type="rate_limit_error", code=code, retry_after=QUEUE_RETRY_AFTER)
 
 
+class Wanted(NamedTuple):
+    """A request shape the warm pool keeps a process ready for."""
+    launch: Launch  # the latest request of that shape, as it was run
+    used: float  # when a request of that shape last came (monotonic)
+    again: bool  # whether another request of it is likely: not for a conversation's next turn
+
+
+class WarmPool:
+    """CLI processes started ahead of requests, waiting on stdin (a fresh CLI gives its first
+    token ~0.7 s after it is started, one that waits ~0.15 s after its line: measured with
+    2.1.331): one for each of the `size` request shapes (warm_key) used last.
+
+    A request of a shape that has one takes it, its slot included, and a new one is started
+    for the next request of that shape; a conversation's answer has one started for the turn
+    that follows it (predict). The pool's thread starts them, a slot permitting (ProcessSlots;
+    an idle one is ended for any request that needs its slot), and ends them when they have
+    waited `idle_limit` seconds (a shape still in use gets a new one), when the CLI binary
+    changed, or when their shape is no longer among the last `size`. A dead one is never handed
+    out."""
+
+    def __init__(self, server: "ProxyServer", size: int, idle_limit: float):
+        self.server, self.size, self.idle_limit = server, size, idle_limit
+        self._changed = threading.Condition()
+        self._ready: "collections.OrderedDict[str, ClaudeProcess]" = collections.OrderedDict()
+        self._wanted: "collections.OrderedDict[str, Wanted]" = collections.OrderedDict()
+        self._starting: "set[str]" = set()
+        self._ending: List[Tuple[ClaudeProcess, bool]] = []  # (process, its slot to give back)
+        self._closed = False
+        self._conversing = -WARM_KEY_KEPT  # when a conversation last went on (monotonic)
+        self._no_slot = False  # the last start found no free slot: wait for one to be given back
+        self.strict = False  # set when the CLI took no control request: model etc. in the key
+        self.hits = self.misses = 0
+        self._thread: Optional[threading.Thread] = None
+        if size:
+            server.slots.reclaim, server.slots.released = self._reclaim, self._poke
+            self._thread = threading.Thread(target=self._run, name="warm-pool", daemon=True)
+            self._thread.start()
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def settled(self) -> bool:
+        """Whether each shape wanted has its process waiting (for tests and the benchmark)."""
+        with self._changed:
+            return not self._starting and not self._ending and \
+                all(key in self._ready for key in self._wanted)
+
+    def status(self) -> Dict[str, Any]:
+        """For /health: how many wait, and how often a request found one of its shape."""
+        with self._changed:
+            asked = self.hits + self.misses
+            return {"ready": len(self._ready), "size": self.size, "hits": self.hits,
+                    "misses": self.misses,
+                    "hit_rate": round(self.hits / asked, 3) if asked else None}
+
+    def take(self, launch: Launch) -> Optional["ClaudeProcess"]:
+        """The warm process for `launch`'s shape, with its slot, or None (then one is started
+        for the next request like it)."""
+        key = warm_key(launch, self.strict) if self.size else None
+        if key is None:
+            return None
+        with self._changed:
+            if self._closed:
+                return None
+            if launch.resumed is None:
+                self._want(key, Wanted(launch, time.monotonic(), True))
+            else:  # a conversation's turn: wanted once, if predicted
+                self._wanted.pop(key, None)
+                self._conversing = time.monotonic()
+            # One being started this moment (a conversation's next turn, say) is worth the wait.
+            self._changed.wait_for(lambda: key not in self._starting, timeout=WARM_START_WAIT)
+            process = self._ready.pop(key, None)
+            self._changed.notify_all()
+        if process is not None and not self._usable(process):
+            self._finish(process, True)
+            process = None
+        with self._changed:
+            if process is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        return process
+
+    def predict(self, launch: Launch, answer: "Answer") -> None:
+        """After a conversation's answer: a process for its next turn, the session as it will
+        be once the client sends the answer back with a new message."""
+        request = launch.request
+        if not self.size or self._closed or launch.session is None or \
+                launch.session.history is None or answer.calls or not answer.text():
+            return
+        if launch.resumed is None and time.monotonic() - self._conversing > WARM_KEY_KEPT:
+            return  # a first turn, and no conversation went on lately: one question, likely
+        turns = request.turns + [answer.turn(), ("user", [{"type": "text", "text": "?"}])]
+        try:
+            following = self.server.launch(request._replace(turns=turns))
+        except APIError:
+            return
+        key = warm_key(following, self.strict)
+        if key is not None and following.resumed is not None:
+            with self._changed:
+                self._want(key, Wanted(following, time.monotonic(), False))
+                self._changed.notify_all()
+
+    def refuse_controls(self, why: str) -> None:
+        """The CLI took no control request: from now on a warm process must match the model and
+        system prompt too."""
+        with self._changed:
+            if self.strict:
+                return
+            self.strict = True
+            self._wanted.clear()
+            self._ending += [(process, True) for process in self._ready.values()]
+            self._ready.clear()
+            self._changed.notify_all()
+        log.warning("a warm Claude Code did not take the model or system prompt on stdin (%s): "
+                    "warm processes are kept per model and system prompt from now on", why)
+
+    def close(self) -> None:
+        """At shutdown: no new warm process, and the idle ones end."""
+        with self._changed:
+            self._closed = True
+            self._wanted.clear()
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _want(self, key: str, wanted: Wanted) -> None:
+        """(Under the lock.) `key` is the most recent shape. Beyond `size`, the least recently
+        used of its kind goes (a next turn for an older next turn, a shape for a shape, so that
+        neither crowds the other out), else the least recently used of all."""
+        self._wanted.pop(key, None)
+        while len(self._wanted) >= self.size:
+            old = next((k for k, w in self._wanted.items() if w.again == wanted.again),
+                       next(iter(self._wanted)))
+            del self._wanted[old]
+            if old in self._ready:
+                self._ending.append((self._ready.pop(old), True))
+        self._wanted[key] = wanted
+
+    def _usable(self, process: "ClaudeProcess") -> bool:
+        return not process._exited() and process.identity == file_identity(process.argv[0]) \
+            and time.monotonic() - process.spawned < self.idle_limit
+
+    def _reclaim(self) -> bool:
+        """(Under the slots' lock.) End the longest-unused idle process; its slot is the
+        caller's."""
+        with self._changed:
+            if not self._ready:
+                return False
+            _, process = self._ready.popitem(last=False)
+            self._ending.append((process, False))
+            self._changed.notify_all()
+            return True
+
+    def _poke(self) -> None:
+        """A slot was given back."""
+        with self._changed:
+            self._no_slot = False
+            self._changed.notify_all()
+
+    def _finish(self, process: "ClaudeProcess", give_back: bool) -> None:
+        try:
+            self.server.end_process(process, False)
+        finally:
+            if give_back:
+                self.server.slots.release()
+
+    def _run(self) -> None:
+        """The pool's thread: ends what is to end, starts what is wanted, a slot permitting."""
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                for key, process in list(self._ready.items()):
+                    if not self._usable(process):  # waited too long, died, or an upgraded CLI
+                        del self._ready[key]
+                        self._ending.append((process, True))
+                        wanted = self._wanted.get(key)
+                        if wanted and not (wanted.again and now - wanted.used < WARM_KEY_KEPT):
+                            del self._wanted[key]
+                ending, self._ending = self._ending, []
+                missing = [(k, w) for k, w in reversed(self._wanted.items())
+                           if k not in self._ready]
+                if not ending and (not missing or self._no_slot) and not self._closed:
+                    soonest = min((p.spawned + self.idle_limit for p in self._ready.values()),
+                                  default=now + self.idle_limit)
+                    self._changed.wait(max(0.01, soonest - now))
+                    continue
+                if self._closed:
+                    ending += [(process, True) for process in self._ready.values()]
+                    self._ready.clear()
+                    missing = []
+                self._starting.update(k for k, _ in missing[:1])
+            for process, give_back in ending:
+                self._finish(process, give_back)
+            if self._closed and not ending:
+                return
+            if missing:
+                self._start(*missing[0])
+
+    def _start(self, key: str, wanted: Wanted) -> None:
+        """(The pool's thread.) A warm process for `key`, a slot permitting."""
+        process = None
+        try:
+            with self._changed:
+                self._no_slot = True  # until _poke(), unless this start gets one
+            if self.server.slots.try_acquire():
+                with self._changed:
+                    self._no_slot = False
+                try:
+                    process = self.server.start_process(wanted.launch, warm=True)
+                except (APIError, OSError) as e:
+                    self.server.slots.release()
+                    log.debug("could not start a warm Claude Code: %s", e)
+                    with self._changed:
+                        self._wanted.pop(key, None)  # until a request of it comes again
+        finally:
+            with self._changed:
+                self._starting.discard(key)
+                if process is not None:
+                    if self._closed or key not in self._wanted:
+                        self._ending.append((process, True))
+                    else:
+                        self._ready[key] = process
+                self._changed.notify_all()
+
+
 class ClaudeRun:
     """One request's use of the CLI, from its place in line to the reaped process:
 
         with ClaudeRun(server, launch, client_socket, note) as run:
             for event in run.events(): ...
 
-    Entering waits for a slot (ProcessSlots); leaving ends and reaps the CLI, then frees the
-    slot. `note` collects what the request's log line tells (queued, retried, cli_exit)."""
+    Entering takes a warm CLI of the request's shape (WarmPool), its slot with it, or waits
+    for a slot (ProcessSlots); leaving ends and reaps the CLI, then frees the slot. `note`
+    collects what the request's log line tells (warm, queued, retried, cli_exit)."""
 
     def __init__(self, server: "ProxyServer", launch: Launch, client: socket.socket,
                  note: Dict[str, Any]):
         self.server, self.launch, self.client, self.note = server, launch, client, note
         self.process: Optional[ClaudeProcess] = None
+        self.warm: Optional[ClaudeProcess] = None  # a warm CLI to hand the request to
         self.finished = False  # the CLI gave its result and is exiting by itself
         self._slot = contextlib.ExitStack()
 
     def __enter__(self) -> "ClaudeRun":
-        waited = self._slot.enter_context(self.server.slots.taken(
-            self.server.settings.queue_timeout, lambda: client_gone(self.client)))
-        if waited:
-            self.note["queued"] = "%.2fs" % waited
+        self.warm = self.server.warm.take(self.launch)
+        if self.warm is None:
+            waited = self.server.slots.acquire(self.server.settings.queue_timeout,
+                                               lambda: client_gone(self.client))
+            if waited:
+                self.note["queued"] = "%.2fs" % waited
+        self._slot.callback(self.server.slots.release)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -3574,7 +3935,15 @@ class ClaudeRun:
         retried = refused = ""
         refused_launch = self.launch
         while True:
-            self.process = process = self.server.start_process(self.launch)
+            process, self.warm = self.warm, None
+            if process is None:
+                process = self.server.start_process(self.launch)
+            else:
+                process.begin(self.launch.stdin(), stdin_controls(self.launch, process.launch)
+                              if process.launch else [])
+                self.server.begun(process, self.launch)
+                self.note["warm"] = "%.1fs" % (process.started - process.spawned)
+            self.process = process
             answered = False
             try:
                 for event in completion_events(
@@ -3594,12 +3963,24 @@ class ClaudeRun:
                     answered = True
                     yield event
                 return
+            except ControlRefused as e:
+                self.server.warm.refuse_controls(str(e))
+                self.note["warm"] = "refused"
+                self._end()
+                continue
             except CLIEndedWithoutResult:
                 code = process.close()
                 if self.server.stopping.is_set():
                     raise APIError(503, "claude-max-proxy is shutting down; the request was "
                                    "ended.", type="server_error", code="shutting_down") from None
                 tail = process.stderr_tail()
+                if process.handed and not process.lines:
+                    # The warm CLI ended before it took the request: a fresh one takes it.
+                    log.debug("a warm Claude Code ended unused (exit code %s): %s", code,
+                              tail[-300:])
+                    self.note["warm"] = "ended"
+                    self._end()
+                    continue
                 if process.session and not process.lines:
                     # It refused the session it was given or asked for (a CLI whose format
                     # changed): the conversation goes as a transcript instead.
@@ -3706,6 +4087,8 @@ class ProxyServer(ThreadingHTTPServer):
             shared, self.cwd = None, os.path.join(self.workdir, "cwd")
             os.mkdir(self.cwd, 0o700)
         self.sessions = Sessions(self.cwd, shared, self.workdir, settings.history == "turns")
+        self.warm = WarmPool(self, min(settings.warm, settings.max_concurrency),
+                             settings.warm_idle)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """One thread per connection, up to MAX_CONNECTIONS; past it a 503 and the door."""
@@ -3771,7 +4154,8 @@ class ProxyServer(ThreadingHTTPServer):
         version = self.claude.status(wait=False)[1]
         return self.sessions.plan(Launch(claude, request, self.settings.user_settings), version)
 
-    def start_process(self, launch: Launch) -> "ClaudeProcess":
+    def start_process(self, launch: Launch, warm: bool = False) -> "ClaudeProcess":
+        """A CLI process for `launch`: given its stdin now, or, `warm`, waiting for begin()."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.cwd, 0o700)  # a temp-dir cleaner may have removed it meanwhile
         try:
@@ -3782,21 +4166,28 @@ class ProxyServer(ThreadingHTTPServer):
         try:
             process = ClaudeProcess(
                 lambda paths: launch.argv(dict(paths, session=session) if session else paths),
-                launch.stdin(), launch.environment(dict(os.environ)), launch.files(),
-                self.workdir, self.cwd)
+                None if warm else launch.stdin(), launch.environment(dict(os.environ)),
+                launch.files(), self.workdir, self.cwd)
         except BaseException:
             if session:
                 self.sessions.close(launch, session)
             raise
         process.session, process.launch = session, launch
         with self.changed:
-            if launch.resumed is not None:
+            if launch.resumed is not None and not warm:
                 self.sessions.resumed += 1
             process.peers_at_start = len(self.processes)
             self.processes_started += 1
             process.sequence = self.processes_started
             self.processes.add(process)
         return process
+
+    def begun(self, process: "ClaudeProcess", launch: Launch) -> None:
+        """A warm process was given `launch`'s request."""
+        process.launch = launch
+        if launch.resumed is not None:
+            with self.changed:
+                self.sessions.resumed += 1
 
     def overlapped(self, process: "ClaudeProcess") -> bool:
         """Whether another CLI ran while `process` started or started after it: one of them
@@ -3830,7 +4221,7 @@ class ProxyServer(ThreadingHTTPServer):
     def stop_accepting(self) -> None:
         """The first step of a shutdown: no new CLI runs, no new connections."""
         self.stopping.set()
-        self.slots.close()
+        self.slots.close()  # and so no new warm process either
         self.shutdown()  # serve_forever returns; main() then closes the socket
 
     def finish_requests(self, grace: float) -> None:
@@ -3839,6 +4230,7 @@ class ProxyServer(ThreadingHTTPServer):
         then every CLI process group is ended and their clients are told so."""
         self.stopping.set()
         self.slots.close()
+        self.warm.close()
         with self.changed:
             busy = self.chats
             if busy:
@@ -3848,6 +4240,12 @@ class ProxyServer(ThreadingHTTPServer):
         with self.changed:  # let their handlers write the error to the clients
             self.changed.wait_for(lambda: not self.chats, timeout=KILL_GRACE)
         self.remove_workdir()
+
+    def server_close(self) -> None:
+        """No new connections, and no warm process any more."""
+        if hasattr(self, "warm"):  # not when binding failed: the pool comes after it
+            self.warm.close()
+        super().server_close()
 
     def remove_workdir(self) -> None:
         """Last, once no CLI runs: the private directory of make_workdir() goes."""
@@ -4202,11 +4600,12 @@ class ProxyHandler(StrictHTTPHandler):
             "version": __version__,
             "claude": {"path": path, "version": version},
             "uptime_seconds": round(time.time() - server.started, 1),
-            "requests_in_flight": len(server.processes),
+            "requests_in_flight": len(server.processes) - server.warm.ready,
             "requests_waiting": server.slots.waiting,
             "history": "transcript" if server.settings.history != "turns" or
                        server.sessions.refused else "turns",
-            "max_concurrency": server.slots.limit}
+            "max_concurrency": server.slots.limit,
+            "warm": server.warm.status()}
         if not path:
             body["reason"] = problem
         if not self._authorized:
@@ -4241,16 +4640,17 @@ class ProxyHandler(StrictHTTPHandler):
                 with ClaudeRun(self.server, launch, self.connection, self._note) as run, \
                         contextlib.closing(run.events()) as events:
                     if request.stream:
-                        self._stream(answer, events)
+                        self._stream(answer, events, run)
                     else:
                         for event in events:
                             answer.feed(event)
+                        self.server.warm.predict(run.launch, answer)
                         self._note_usage(answer.finish.usage)
                         self._send_json(200, answer.body())
             except APIError as error:
                 self._send_error(error)  # within serving(): a shutdown waits for this answer
 
-    def _stream(self, answer: Answer, events: Iterator[Event]) -> None:
+    def _stream(self, answer: Answer, events: Iterator[Event], run: ClaudeRun) -> None:
         """Relay events as SSE. Headers go out with the first model event, so a failure before
         it is a real HTTP error status; after it, an error is the dialect's final error event."""
         started = False
@@ -4266,6 +4666,8 @@ class ProxyHandler(StrictHTTPHandler):
                     self.send_header("X-Accel-Buffering", "no")
                     self.end_headers()
                 data = answer.feed(event)
+                if isinstance(event, Finish):  # before the client has it all and asks again
+                    self.server.warm.predict(run.launch, answer)
                 if data:  # an empty chunk would end the body
                     self._write_chunk(data)
         except APIError as error:
@@ -4322,6 +4724,10 @@ def _count(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return number
+
+
+def _count_or_none(value: str) -> int:
+    return 0 if value.strip() == "0" else _count(value)
 
 
 def _size(value: str) -> int:
@@ -4392,6 +4798,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
              "%(default)s)")
     number("--shutdown-grace", "CLAUDE_MAX_API_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive,
            "seconds requests in flight may finish after SIGTERM or Ctrl-C")
+    number("--warm", "CLAUDE_MAX_API_WARM", DEFAULT_WARM, _count_or_none,
+           "CLI processes kept started ahead of requests, one for each of the request shapes "
+           "used last (0: none); they count against --max-concurrency")
+    number("--warm-idle", "CLAUDE_MAX_API_WARM_IDLE", DEFAULT_WARM_IDLE, _positive,
+           "seconds a warm CLI waits for a request before a fresh one replaces it")
     add("--user-settings", action="store_true",
         default=env("CLAUDE_MAX_API_USER_SETTINGS", "").strip().lower() in ("1", "true", "yes"),
         help="let the CLI read your own ~/.claude settings: their env block and apiKeyHelper, "
@@ -4412,6 +4823,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("max_concurrency", "max_queue"):  # from the environment, unchecked by _count
         if getattr(args, name) < 1:
             parser.error("--%s must be at least 1" % name.replace("_", "-"))
+    if args.warm < 0 or not args.warm_idle > 0:
+        parser.error("--warm must be 0 or more and --warm-idle more than 0")
     args.api_keys = split_list(args.api_key)
     if args.api_key_file:
         try:

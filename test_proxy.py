@@ -889,19 +889,9 @@ def main():
         fail("Error: --input-format=stream-json requires output-format=stream-json.")
     if opts.get("--input-format") != "stream-json" or fmt != "stream-json":
         fail("fake claude: only stream-json in and out is faked")
-    turns = []
-    for raw in sys.stdin.read().splitlines():
-        if not raw.strip():
-            continue
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            fail("Error parsing streaming input line (type=unknown, %d chars): SyntaxError"
-                 % len(raw))
-        turns.append(line)
-    if not turns and not prompt and not opts.get("--resume"):
-        fail("Error: Input must be provided either through stdin or as a prompt argument "
-             "when using --print")
+    spawned = time.time()
+    # As 2.1.331 does before it reads stdin: it loads a resumed session (a missing one ends it
+    # at once) and starts its MCP servers. FAKE_CLAUDE_START_DELAY: the time the real one takes.
     session_id = opts.get("--resume") or opts.get("--session-id")
     if session_id and not UUID.fullmatch(session_id):
         fail("Error: Invalid session ID. Must be a valid UUID.")
@@ -924,19 +914,74 @@ def main():
                        "dir_mode": os.stat(os.path.dirname(path)).st_mode & 0o777}
         elif os.path.exists(path):
             fail("Error: Session ID %s is already in use." % session_id)
+    servers = start_mcp_servers(opts)
+    if opts.get("--safe-mode"):
+        out(ui_invalidate())
+    time.sleep(float(os.environ.get("FAKE_CLAUDE_START_DELAY") or 0))
+    turns, controls, system_text = [], [], None
+    # Line by line, as the real one: a control request (the Agent SDK's) is answered at once,
+    # before the next line is read. FAKE_CLAUDE_NO_CONTROL: a CLI without them (silence, as
+    # 2.1.331 gives a subtype it does not know).
+    for raw in sys.stdin:
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            fail("Error parsing streaming input line (type=unknown, %d chars): SyntaxError"
+                 % len(raw))
+        if line.get("type") != "control_request":
+            turns.append(line)
+            continue
+        if os.environ.get("FAKE_CLAUDE_NO_CONTROL"):
+            continue
+        request = line["request"]
+        controls.append(request)
+        response = {"subtype": "success", "request_id": line["request_id"]}
+        if request.get("subtype") == "initialize":  # as shared/claude-cli/d6-* (2.1.331)
+            if "appendSystemPrompt" in request:
+                system_text = request["appendSystemPrompt"]
+            response["response"] = {
+                "commands": [], "agents": [], "output_style": "default",
+                "available_output_styles": [], "user_output_styles_dir": os.path.expanduser(
+                    "~/.claude/output-styles"), "models": [], "account": {
+                        "tokenSource": "none", "apiKeySource": "ANTHROPIC_API_KEY",
+                        "apiProvider": "firstParty"}, "pid": os.getpid(),
+                "claude_code_version": VERSION.split()[0], "current_permission_mode":
+                    opts.get("--permission-mode", "default"), "hook_on_failure_supported": True,
+                "hooks_when_unanswered_kept": 0, "other_hook_ask_outranks_host": True,
+                "feedback_mode": {"kind": "disabled"}, "analytics_disabled": True,
+                "sandbox_enabled": False, "remote_control_auto_enable": False,
+                "remote_control_auto_connect_default": False, "remote_control_available": False,
+                "remote_control_auto_on_by_default": False, "ide_rc_auto_enable_gate": False,
+                "fast_mode_state": "off", "fast_mode_disabled_reason": "sdk_opt_in_required",
+                "session_state": "idle", "capabilities": []}
+            response.update(pending_permission_requests=[], pending_user_dialog_requests=[])
+        elif request.get("subtype") == "set_model":  # as 2.1.331 answers it (by experiment)
+            opts["--model"] = request.get("model")
+            response["response"] = {"model": resolve(opts["--model"])}
+        out({"type": "control_response", "response": response})
+    read_at = time.time()
+    if not turns and not prompt and not opts.get("--resume"):
+        fail("Error: Input must be provided either through stdin or as a prompt argument "
+             "when using --print")
     messages = api_messages(rows, [t["message"]["content"] for t in turns],
                             os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") == "1",
                             resolve(opts.get("--model")))
     if messages is None:
         return 0  # a resumed session with nothing to do: 2.1.331 prints nothing either
     system_file = opts.get("--append-system-prompt-file")
+    if system_text is None and system_file:
+        with open(system_file, encoding="utf-8") as f:
+            system_text = f.read()
     log_dir = os.environ.get("FAKE_CLAUDE_LOG")
-    record = {"pid": os.getpid(), "started": time.time(),
+    record = {"pid": os.getpid(), "started": time.time(), "spawned": spawned,
+              "read_at": read_at, "controls": controls, "model": resolve(opts.get("--model")),
               "peers": alive_peers(log_dir) if log_dir else [],
               "argv": argv, "cwd": os.getcwd(),
               "cwd_entries": sorted(os.listdir(".")), "stdin": turns,
               "messages": messages, "session": session,
-              "system": open(system_file, encoding="utf-8").read() if system_file else None,
+              "system": system_text or None,
               "env": {k: os.environ.get(k) for k in ("CLAUDE_CODE_MAX_OUTPUT_TOKENS",
                                                      "CLAUDECODE",
                                                      "CLAUDE_CODE_DISABLE_AUTO_MEMORY",
@@ -974,15 +1019,12 @@ def main():
         with open(os.open(session_path(session_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                           0o600), "w") as f:
             f.write("".join(json.dumps(row) + "\n" for row in rows))
-    servers = start_mcp_servers(opts)
     if log_dir and servers:
         record["mcp_tools"] = list(MCP_TOOLS)
         record["mcp_pids"] = [server.pid for server in servers]
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
         os.replace(path + ".tmp", path)
-    if opts.get("--safe-mode"):
-        out(ui_invalidate())
     out(init_line(opts, model))
     if "silent" in d:
         time.sleep(3600)
@@ -1147,6 +1189,7 @@ def settings(**overrides):
     with mock.patch.dict(os.environ, {k: "" for k in os.environ if k.startswith("CLAUDE_MAX_API")}):
         values = proxy.parse_args(["--port", "0", "--timeout", "30", "--idle-timeout", "30",
                                    "--log-level", "WARNING"])
+    values.warm = 0  # WarmTest and the tests that say so start CLIs ahead of requests
     for name, value in overrides.items():
         assert hasattr(values, name), name
         setattr(values, name, value)
@@ -4114,6 +4157,296 @@ class ConversationTest(FakeClaudeMixin, unittest.TestCase):
         self.assertTrue(os.path.exists(keep), "only a session file's name is trusted")
 
 
+def normalized(value):
+    """A response body without what differs between any two runs: ids and timestamps."""
+    if isinstance(value, dict):
+        return {k: normalized(v) for k, v in value.items()
+                if k not in ("id", "created", "created_at", "call_id", "system_fingerprint")}
+    if isinstance(value, list):
+        return [normalized(v) for v in value]
+    return value
+
+
+def what_the_cli_got(record):
+    """A fake CLI record without what differs between any two runs (file and session names),
+    and without the flags of what a waiting CLI takes on stdin: the model and system prompt
+    that it answers with are compared instead."""
+    argv = list(record["argv"])
+    for flag in ("--model", "--append-system-prompt-file"):
+        if flag in argv:
+            del argv[argv.index(flag):argv.index(flag) + 2]
+    argv = [re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}",
+                   "<id>", a) for a in argv]
+    argv = [re.sub(r"/[^\"\s]*/(system|tools)-<id>\.txt", r"<\1>", a) for a in argv]
+    return {"argv": argv, "model": record["model"], "system": record["system"],
+            "messages": record["messages"], "stdin": record["stdin"], "env": record["env"]}
+
+
+DIALECT_PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages",
+                 "responses": "/v1/responses"}
+
+
+def dialect_body(dialect, say, model="sonnet", system=None, history=(), tools=False):
+    """A request in `dialect`: `history` (user and assistant messages of text) then `say`."""
+    history = list(history) + [{"role": "user", "content": say}]
+    if dialect == "chat":
+        body = {"model": model, "messages": ([{"role": "system", "content": system}]
+                                             if system else []) + history}
+    elif dialect == "messages":
+        body = dict({"model": model, "max_tokens": 1024, "messages": history},
+                    **({"system": system} if system else {}))
+    else:
+        body = dict({"model": model, "input": history},
+                    **({"instructions": system} if system else {}))
+    if tools:
+        body["tools"] = TOOLS_BY_DIALECT[dialect]
+    return body
+
+
+def answer_text(dialect, answer):
+    if dialect == "chat":
+        return answer["choices"][0]["message"]["content"]
+    if dialect == "messages":
+        return "".join(b["text"] for b in answer["content"] if b["type"] == "text")
+    return "".join(part["text"] for item in answer["output"] if item["type"] == "message"
+                   for part in item["content"])
+
+
+class WarmTest(FakeClaudeMixin, unittest.TestCase):
+    """CLI processes started ahead of requests (WarmPool), with the fake CLI (which, as
+    2.1.331, loads a resumed session and its MCP servers before it reads stdin, and answers
+    control requests): which requests take one, that they answer as a fresh CLI does, and that
+    none is ever stale, left behind or in a request's way."""
+
+    def setUp(self):
+        super().setUp()
+        self.tmp_root = tempfile.mkdtemp(prefix="proxy-warm-")  # no preamble learnt yet
+        self.addCleanup(shutil.rmtree, self.tmp_root, True)
+        patch = mock.patch.object(tempfile, "tempdir", self.tmp_root)
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def settle(self, p):
+        """Once every shape the pool wants has its process waiting: their pids."""
+        wait_until(p.server.warm.settled, what="the warm processes to be started")
+        with p.server.warm._changed:
+            return [process.pid for process in p.server.warm._ready.values()]
+
+    def ask(self, p, content="hi", **fields):
+        status, _, body = p.chat(content, **fields)
+        self.assertEqual(status, 200, body)
+        return body, self.runs()[-1]
+
+    def test_a_request_of_a_shape_used_before_takes_a_waiting_cli(self):
+        p = self.start_proxy(warm=1)
+        self.ask(p, "learn")  # a day's first run learns the session preamble: it never waits
+        self.assertEqual(self.settle(p), [])
+        _, fresh = self.ask(p, "one")  # the shape's first request misses; one is started
+        waiting = self.settle(p)
+        self.assertEqual(len(waiting), 1)
+        wait_until(lambda: p.request("GET", "/health")[2]["requests_in_flight"] == 0,
+                   what="only the warm CLI to be left, which is not a request in flight")
+        body, warm = self.ask(p, "two")
+        self.assertEqual(body["choices"][0]["message"]["content"], "Hello from the fake API.")
+        self.assertEqual(warm["pid"], waiting[0], "the waiting CLI answered")
+        self.assertGreater(warm["read_at"] - warm["spawned"], fresh["read_at"] - fresh["spawned"],
+                           "it waited for its line")
+        self.assertEqual(warm["controls"], [], "the same model and system: only the line")
+        self.assertEqual(what_the_cli_got(warm)["argv"], what_the_cli_got(fresh)["argv"])
+        health = p.request("GET", "/health")[2]["warm"]
+        self.assertEqual({k: health[k] for k in ("size", "hits", "misses", "hit_rate")},
+                         {"size": 1, "hits": 1, "misses": 1, "hit_rate": 0.5})
+        replacement = self.settle(p)
+        self.assertEqual(len(replacement), 1)
+        self.assertNotEqual(replacement[0], warm["pid"], "a new one waits for the next")
+
+    def test_model_and_system_prompt_go_on_stdin_the_rest_is_a_shape_of_its_own(self):
+        p = self.start_proxy(warm=1)
+        for model in ("sonnet", "opus"):
+            self.ask(p, "learn", model=model)
+        self.ask(p, "one", model="sonnet")
+        system = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "x"}]
+        cases = [({"model": "opus"}, [{"subtype": "set_model", "model": "opus"}]),
+                 ({"model": "opus", "messages": system},
+                  [{"subtype": "initialize", "appendSystemPrompt": "Be terse."}]),
+                 ({"model": "sonnet"}, [{"subtype": "initialize", "appendSystemPrompt": ""},
+                                        {"subtype": "set_model", "model": "sonnet"}])]
+        for fields, controls in cases:
+            waiting = self.settle(p)
+            _, run = self.ask(p, **fields)
+            self.assertEqual(run["pid"], waiting[0], fields)
+            self.assertEqual(run["controls"], controls, fields)
+            self.assertEqual(run["model"], "claude-%s-5-5" % fields["model"])
+            self.assertEqual(run["system"], "Be terse." if "messages" in fields else None)
+        # Fixed at spawn: another tool list, output limit, effort or schema is another shape.
+        for fields in ({"tools": [{"type": "function", "function": {"name": "f"}}]},
+                       {"max_tokens": 50}, {"reasoning_effort": "low"}):
+            waiting = self.settle(p)
+            _, run = self.ask(p, **fields)
+            self.assertNotIn(run["pid"], waiting, fields)
+
+    def test_answers_are_the_same_with_warm_processes_or_without_in_every_dialect(self):
+        cold, warm = self.start_proxy(warm=0), self.start_proxy(warm=3)
+        for dialect in ("chat", "messages", "responses"):
+            steps = [dict(say="learn"), dict(say="learn", model="opus"), dict(say="a"),
+                     dict(say="b"), dict(say="c", model="opus"), dict(say="d", system="Terse."),
+                     dict(say="e"), dict(say="f [[fake:words:30]]", tools=True),
+                     dict(say="g", tools=True)] + [dict(say="turn %d" % n, turn=True)
+                                                   for n in range(4)]
+            conversation = {cold: [], warm: []}
+            took = []  # the steps the warm proxy answered with a waiting CLI
+            for step in steps:
+                hits = warm.server.warm.hits
+                got = []
+                for p in (cold, warm):
+                    self.settle(p)
+                    fields = {k: v for k, v in step.items() if k != "turn"}
+                    history = conversation[p] if step.get("turn") else []
+                    status, _, answer = p.request("POST", DIALECT_PATHS[dialect], dialect_body(
+                        dialect, history=history, **fields))
+                    self.assertEqual(status, 200, answer)
+                    got.append((normalized(answer), what_the_cli_got(self.runs()[-1])))
+                    if step.get("turn"):
+                        conversation[p] = history + [
+                            {"role": "user", "content": step["say"]},
+                            {"role": "assistant", "content": answer_text(dialect, answer)}]
+                self.assertEqual(got[0], got[1], (dialect, step))
+                if warm.server.warm.hits > hits:
+                    took.append(step["say"].split(" [[")[0])
+            # The model and system prompt set on stdin (c, d, e), the same shape (b), tools (g),
+            # a conversation's turns started when the answer before them came (2, 3).
+            self.assertLessEqual({"b", "c", "d", "e", "g", "turn 2", "turn 3"}, set(took),
+                                 dialect)
+        self.assertEqual(cold.server.warm.hits + cold.server.warm.misses, 0)
+
+    def test_a_conversation_s_next_turn_is_started_as_its_answer_streams(self):
+        p = self.start_proxy(warm=2)
+        self.ask(p, "learn")
+        messages = [{"role": "user", "content": "one"}]
+        pids = []
+        for n in range(4):
+            self.settle(p)
+            status, _, events = p.stream(messages=messages, model="sonnet")
+            self.assertEqual(status, 200)
+            run = self.runs()[-1]
+            pids.append(run["pid"])
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                           if e != "[DONE]" and e["choices"])
+            messages = messages + [{"role": "assistant", "content": text},
+                                   {"role": "user", "content": "turn %d" % (n + 2)}]
+            if n >= 2:  # turn 2 went on a conversation: from then on each next turn waits
+                self.assertIsNotNone(run["session"], "a resumed session")
+                self.assertEqual(run["stdin"], [{"type": "user", "message": {
+                    "role": "user", "content": "turn %d" % (n + 1)}}])
+                self.assertGreater(run["read_at"] - run["spawned"], 0.0)
+        self.assertEqual(p.server.warm.hits, 2, "turns 3 and 4")
+        self.assertEqual(p.server.sessions.resumed, 3, "turns 2 to 4 resumed a session")
+        # A new conversation, now that they go on here: its second turn is waiting too.
+        body, _ = self.ask(p, "another")
+        self.settle(p)
+        status, _, body = p.chat(messages=[
+            {"role": "user", "content": "another"},
+            {"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "and?"}], model="sonnet")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(p.server.warm.hits, 4, "its first turn (a shape) and its second")
+        self.assertIsNotNone(self.runs()[-1]["session"])
+        p.close()  # the session file written for a next turn that never came goes too
+        self.assertEqual(session_files(self.home, p), [])
+
+    def test_a_warm_cli_that_waited_too_long_or_died_or_was_upgraded_is_never_used(self):
+        p = self.start_proxy(warm=1, warm_idle=0.5)
+        self.ask(p, "learn")
+        self.ask(p, "one")
+        first = self.settle(p)[0]
+        # Past --warm-idle it is replaced, while its shape is in use.
+        wait_until(lambda: not alive(first), what="the warm CLI to be ended")
+        self.assertNotIn(first, self.settle(p), "another one waits instead")
+        p.server.warm.idle_limit = 300.0
+        dead = self.settle(p)[0]
+        os.killpg(dead, signal.SIGKILL)
+        wait_until(lambda: not alive(dead), what="it to be dead")
+        misses = p.server.warm.misses
+        _, run = self.ask(p, "after a crash")
+        self.assertNotEqual(run["pid"], dead)
+        self.assertEqual(p.server.warm.misses, misses + 1)
+        # An upgraded CLI (another file at its path): the waiting one is not used.
+        old = self.settle(p)[0]
+        with open(self.fake_path + ".new", "w") as f:
+            f.write("#!%s\n%s" % (sys.executable, FAKE_CLAUDE))
+        os.chmod(self.fake_path + ".new", 0o755)
+        os.replace(self.fake_path + ".new", self.fake_path)
+        _, run = self.ask(p, "after an upgrade")
+        self.assertNotEqual(run["pid"], old)
+        wait_until(lambda: not alive(old), what="the old CLI to end")
+
+    def test_a_request_never_waits_for_an_idle_warm_cli(self):
+        p = self.start_proxy(warm=1, max_concurrency=1, queue_timeout=5.0)
+        self.ask(p, "learn")
+        self.ask(p, "one")
+        waiting = self.settle(p)  # it holds the only slot
+        self.assertEqual(p.server.slots.running, 1)
+        _, run = self.ask(p, "tools", tools=[{"type": "function", "function": {"name": "f"}}])
+        self.assertNotIn(run["pid"], waiting)
+        self.assertFalse(alive(waiting[0]), "the idle CLI was ended for it")
+        self.assertEqual(len(self.settle(p)), 1, "the tools shape's own warm CLI now")
+        self.assertEqual(p.server.slots.running, 1)
+        # Also while another request holds the slot's warm CLI ready: reclaimed, not waited on.
+        status, _, body = p.chat("plain again")
+        self.assertEqual(status, 200, body)
+
+    def test_timeouts_count_from_the_request_not_from_the_spawn(self):
+        p = self.start_proxy(warm=1, timeout=1.0, idle_timeout=1.0)
+        self.ask(p, "learn")
+        self.ask(p, "one")
+        self.settle(p)
+        process = next(iter(p.server.warm._ready.values()))
+        wait_until(lambda: time.monotonic() - process.spawned > 1.5, what="1.5 s of waiting")
+        _, run = self.ask(p, "two")
+        self.assertEqual(run["pid"], process.pid)
+
+    def test_a_cli_without_control_requests_gets_the_request_fresh_and_shapes_get_strict(self):
+        with mock.patch.dict(os.environ, {"FAKE_CLAUDE_NO_CONTROL": "1"}), \
+                mock.patch.object(proxy, "CONTROL_TIMEOUT", 0.3), \
+                self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            p = self.start_proxy(warm=1)
+            for model in ("sonnet", "opus"):
+                self.ask(p, "learn", model=model)
+            self.ask(p, "one")
+            waiting = self.settle(p)
+            _, run = self.ask(p, "two", model="opus")  # set_model goes unanswered
+            self.assertNotEqual(run["pid"], waiting[0], "a fresh CLI answered")
+            self.assertEqual(run["model"], "claude-opus-5-5")
+            self.assertTrue(p.server.warm.strict)
+            self.assertFalse(alive(waiting[0]))
+            self.ask(p, "three", model="opus")  # the model is part of the shape now
+            waiting = self.settle(p)
+            _, run = self.ask(p, "four", model="opus")
+            self.assertEqual((run["pid"], run["model"]), (waiting[0], "claude-opus-5-5"))
+            _, run = self.ask(p, "five", model="sonnet")
+            self.assertNotEqual(run["pid"], waiting[0], "another model: another shape")
+        self.assertEqual(len([r for r in logs.records if "warm" in r.getMessage()]), 1)
+
+    def test_shutdown_ends_the_waiting_clis_and_warm_zero_starts_none(self):
+        p = self.start_proxy(warm=2)
+        self.ask(p, "learn")
+        self.ask(p, "one")
+        self.ask(p, "tools", tools=[{"type": "function", "function": {"name": "f"}}])
+        waiting = self.settle(p)
+        self.assertEqual(len(waiting), 2)
+        p.close()
+        for pid in waiting:
+            self.assertFalse(alive(pid), "ended at shutdown")
+        self.assertEqual(p.server.processes, set())
+        self.assertFalse(os.path.exists(p.server.workdir))
+        off = self.start_proxy(warm=0)
+        self.ask(off, "one")
+        self.ask(off, "one")
+        wait_until(lambda: not off.server.processes, what="the runs to end")
+        self.assertEqual(off.server.warm.hits + off.server.warm.misses, 0)
+        self.assertEqual(off.request("GET", "/health")[2]["warm"]["ready"], 0)
+
+
 class LeakTest(FakeClaudeMixin, unittest.TestCase):
     def test_cli_faults_leave_the_daemon_healthy_and_leak_nothing(self):
         p = self.start_proxy(idle_timeout=0.5)
@@ -6199,6 +6532,52 @@ class EndToEndTest(unittest.TestCase):
         self.assertEqual(sent["output_config"], {"effort": "low"})
         self.assertIn("Be brief.", json.dumps(sent["system"]))
 
+    def test_a_warm_cli_sends_the_api_what_a_fresh_one_sends_in_every_dialect(self):
+        """The same requests through a proxy without warm processes and one with them: the
+        real CLI sends the API the same request either way (but for the session id in its
+        metadata), when the model or system prompt were set on stdin, for tools, and for a
+        conversation's turn started ahead; and the clients get the same answers."""
+        cold = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0, warm=0)
+        self.addCleanup(cold.close)
+        warm = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0, warm=3)
+        self.addCleanup(warm.close)
+        full = [dict(say="learn"), dict(say="learn", model="opus"), dict(say="a"), dict(say="b"),
+                dict(say="c", model="opus"), dict(say="d", system="Answer tersely."),
+                dict(say="e"), dict(say="f", tools=True), dict(say="g", tools=True)]
+        short = [dict(say="a"), dict(say="b"), dict(say="c", model="opus"),
+                 dict(say="d", system="Answer tersely.")]
+        for dialect, steps in (("chat", full), ("messages", short), ("responses", short)):
+            conversation = {cold: [], warm: []}
+            took = []
+            for step in steps + [dict(say="turn %d" % n, turn=True) for n in range(4)]:
+                hits = warm.server.warm.hits
+                got = []
+                for p in (cold, warm):
+                    wait_until(p.server.warm.settled, timeout=30, what="warm CLIs to start")
+                    fields = {k: v for k, v in step.items() if k != "turn"}
+                    fields["say"] = "%s e2e-warm-%s" % (fields["say"], dialect)
+                    history = conversation[p] if step.get("turn") else []
+                    sent = len(self.api.requests)
+                    with self.api.lock:
+                        self.api.prefixes.clear()  # each answer's usage as if it came alone
+                    status, _, answer = p.request("POST", DIALECT_PATHS[dialect], dialect_body(
+                        dialect, history=history, **fields))
+                    self.assertEqual(status, 200, answer)
+                    self.assertEqual(len(self.api.requests), sent + 1)
+                    body = dict(self.api.requests[-1])
+                    del body["metadata"]
+                    got.append((normalized(answer), body))
+                    if step.get("turn"):
+                        conversation[p] = history + [
+                            {"role": "user", "content": fields["say"]},
+                            {"role": "assistant", "content": answer_text(dialect, answer)}]
+                self.assertEqual(got[0], got[1], (dialect, step))
+                if warm.server.warm.hits > hits:
+                    took.append(step["say"])
+            expected = {"b", "c", "d", "turn 2", "turn 3"} | (
+                {"e", "g"} if dialect == "chat" else set())
+            self.assertLessEqual(expected, set(took), dialect)
+
     def test_the_real_cli_as_a_client_of_messages(self):
         """Claude Code itself pointed at the proxy (ANTHROPIC_BASE_URL), its own CLI behind it."""
         client_home = tempfile.mkdtemp(prefix="proxy-e2e-client-")
@@ -7042,19 +7421,49 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
 
 @unittest.skipUnless(os.environ.get("PROXY_BENCH") == "1", "set PROXY_BENCH=1 to benchmark")
 class Benchmark(FakeClaudeMixin, unittest.TestCase):
-    """Prints medians of the proxy against running the same CLI directly, in the same run.
-    The difference is what the proxy costs: HTTP, JSON translation, process handling."""
+    """Prints figures of the proxy against running the same CLI directly, measured in pairs in
+    the same run (medians, and medians of the per-pair ratios): what the proxy costs (HTTP,
+    translation, process handling) and what warm processes save. The real CLI against
+    FakeAnthropicAPI when it is installed, else the fake CLI with a start-up delay like the
+    real one's (FAKE_CLAUDE_START_DELAY), or with PROXY_BENCH_FAKE=1."""
 
-    ROUNDS = int(os.environ.get("PROXY_BENCH_ROUNDS", "30"))
+    ROUNDS = int(os.environ.get("PROXY_BENCH_ROUNDS", "15"))
+    START_DELAY = "0.5"  # the fake's, in seconds: the real CLI's spawn-to-first-token here
 
     WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    DELTA = {"chat": b'"content": "', "messages": b'"text_delta"',
+             "responses": b'"response.output_text.delta"'}
 
-    def direct(self, claude, prompt, env=None, tools=None):
-        """Run the CLI as the proxy does, without the proxy: (first token s, result line s);
-        with tools, the second is when the model's turn that called ended (message_delta)."""
-        launch = launch_for(prompt, claude, model="sonnet", **({"tools": tools} if tools
-                                                                else {}))
+    def setUp(self):
+        super().setUp()
+        self.claude = None if os.environ.get("PROXY_BENCH_FAKE") == "1" else find_real_claude()
+        self.real = bool(self.claude)
+        if self.real:
+            self.api = FakeAnthropicAPI()
+            threading.Thread(target=self.api.serve_forever, daemon=True).start()
+            self.addCleanup(self.api.server_close)
+            self.addCleanup(self.api.shutdown)
+            home = tempfile.mkdtemp(prefix="proxy-bench-home-")
+            self.addCleanup(shutil.rmtree, home, True)
+            extra = {"HOME": home, "ANTHROPIC_BASE_URL": self.api.url(),
+                     "ANTHROPIC_API_KEY": "sk-ant-dummy", "DISABLE_TELEMETRY": "1",
+                     "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
+                     "CLAUDE_CODE_MAX_RETRIES": "0"}
+        else:
+            self.claude = self.fake_path
+            extra = {"FAKE_CLAUDE_START_DELAY": self.START_DELAY}
+        patch = mock.patch.dict(os.environ, extra)
+        patch.start()
+        self.addCleanup(patch.stop)
+        self.what = "real claude 2.1.331 + fake Messages API" if self.real else \
+            "fake claude, %s s start-up" % self.START_DELAY
+        self.words = "[[api:words:%d]]" if self.real else "[[fake:words:%d]]"
+
+    def direct(self, launch):
+        """Run the CLI as the proxy does, without the proxy: (first token s, answered s, the
+        times of its text deltas); `answered`: its result line, or with tools the end of the
+        model's turn that called."""
         cwd = tempfile.mkdtemp(prefix="proxy-bench-")  # as the proxy does: not in a git repo
         self.addCleanup(shutil.rmtree, cwd, True)
         paths = {}
@@ -7065,118 +7474,232 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
         begun = time.perf_counter()
         proc = subprocess.Popen(launch.argv(paths), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=launch.environment(
-                                    env or dict(os.environ)), cwd=cwd)
+                                    dict(os.environ)), cwd=cwd)
         proc.stdin.write(launch.stdin())
         proc.stdin.close()
-        first = answered = None
+        deltas, answered = [], None
         for line in proc.stdout:
-            if first is None and (b"text_delta" in line or b"input_json_delta" in line):
-                first = time.perf_counter() - begun
-            if answered is None and (b'"type":"result"' in line or tools and
+            if b"text_delta" in line or b"input_json_delta" in line:
+                deltas.append(time.perf_counter() - begun)
+            if answered is None and (b'"type":"result"' in line or launch.request.tools and
                                      b'"stop_reason":"tool_use"' in line):
                 answered = time.perf_counter() - begun  # all a caller needs; exit comes later
         proc.wait()
         proc.stdout.close()
-        return first, answered
+        return (deltas[0] if deltas else None), answered, deltas
 
-    def via_proxy(self, p, prompt, stream, tools=None):
-        conn = p.connect()
+    def via_proxy(self, port, dialect, body):
+        """(first token s, whole answer s, the times of its text deltas) through the proxy."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         begun = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(dict({
-            "model": "sonnet", "stream": stream,
-            "messages": [{"role": "user", "content": prompt}]}, **(
-                {"tools": tools} if tools else {}))),
-            headers={"Content-Type": "application/json"})
+        conn.request("POST", DIALECT_PATHS[dialect], body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
         response = conn.getresponse()
-        first = None
-        if stream:
+        deltas = []
+        if body.get("stream"):
             while True:
                 line = response.readline()
-                if first is None and b'"content": "' in line and b'"content": ""' not in line:
-                    first = time.perf_counter() - begun
-                if not line or line.startswith(b"data: [DONE]"):
+                if not line:
                     break
+                if self.DELTA[dialect] in line and b'"content": ""' not in line:
+                    deltas.append(time.perf_counter() - begun)
         response.read()
         total = time.perf_counter() - begun
         self.assertEqual(response.status, 200)
         conn.close()
-        return first, total
+        return (deltas[0] if deltas else None), total, deltas
 
-    def report(self, label, claude, prompt, env=None):
-        p = self.start_proxy(claude_bin=claude)
-        rows = {"direct": [], "proxy": [], "proxy-stream": []}
-        for _ in range(self.ROUNDS):  # interleaved, so drift hits all three alike
-            rows["direct"].append(self.direct(claude, prompt, env))
-            rows["proxy"].append(self.via_proxy(p, prompt, False))
-            rows["proxy-stream"].append(self.via_proxy(p, prompt, True))
-        base = statistics.median(t for _, t in rows["direct"])
-        base_first = statistics.median(f for f, _ in rows["direct"])
-        print("\n%s, %d rounds, medians:" % (label, self.ROUNDS))
+    def proxies(self, **overrides):
+        """A proxy without warm processes and one with them."""
+        return (self.start_proxy(claude_bin=self.claude, timeout=300.0, warm=0, **overrides),
+                self.start_proxy(claude_bin=self.claude, timeout=300.0, warm=2, **overrides))
+
+    def paired(self, title, dialect, body, first):
+        """ROUNDS rounds of: the CLI directly, the proxy without warm processes, the proxy
+        with them (once its warm CLI is waiting, as while a user reads the answer before)."""
+        cold, warm = self.proxies()
+        launch = proxy.Launch(self.claude, proxy.DIALECTS[
+            [d.path for d in proxy.DIALECTS].index(DIALECT_PATHS[dialect][3:])]().parse(body))
+        index = 0 if first else 1
+        for p in (cold, warm):  # learn the preamble; give the warm proxy its shape
+            self.via_proxy(p.port, dialect, body)
+        rows = {"direct": [], "proxy": [], "proxy, warm": []}
+        for _ in range(self.ROUNDS):
+            rows["direct"].append(self.direct(launch)[index])
+            rows["proxy"].append(self.via_proxy(cold.port, dialect, body)[index])
+            wait_until(warm.server.warm.settled, timeout=60, what="the warm CLI")
+            rows["proxy, warm"].append(self.via_proxy(warm.port, dialect, body)[index])
+        hits = warm.server.warm.hits
+        base = statistics.median(rows["direct"])
+        print("\n%s (%s), %d rounds:" % (title, self.what, self.ROUNDS))
         for name, values in rows.items():
-            total = statistics.median(t for _, t in values)
-            firsts = [f for f, _ in values if f is not None]
-            first = statistics.median(firsts) if firsts else None
-            print("  %-13s total %7.1f ms (x%.3f, %+6.1f ms)%s" % (
-                name, total * 1000, total / base, (total - base) * 1000,
-                "" if first is None else "  first token %7.1f ms (x%.3f)" % (
-                    first * 1000, first / base_first)))
+            ratios = [v / d for v, d in zip(values, rows["direct"])]
+            added = [v - d for v, d in zip(values, rows["direct"])]
+            print("  %-12s median %7.1f ms   per pair: x%.3f, %+7.1f ms (medians)" % (
+                name, statistics.median(values) * 1000, statistics.median(ratios),
+                statistics.median(added) * 1000))
+        print("  (direct median %.1f ms; the warm proxy took a waiting CLI %d times of %d)" % (
+            base * 1000, hits, self.ROUNDS))
+        return {name: statistics.median([v / d for v, d in zip(values, rows["direct"])])
+                for name, values in rows.items()}, {
+            name: statistics.median([v - d for v, d in zip(values, rows["direct"])])
+            for name, values in rows.items()}
 
-    def report_tools(self, claude, env):
+    def relay(self, deltas=2000, rounds=5):
+        """A long answer streamed: the time from its first delta to its last, the CLI directly
+        and through the proxy, and the largest gap between two deltas."""
+        p = self.start_proxy(claude_bin=self.claude, timeout=300.0, warm=0)
+        body = {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "bench " + self.words % deltas}]}
+        launch = proxy.Launch(self.claude, proxy.parse_chat_request(body))
+        per_delta, spans, gaps = [], {"direct": [], "proxy": []}, {"direct": [], "proxy": []}
+        for _ in range(rounds):
+            for name, times in (("direct", self.direct(launch)[2]),
+                                ("proxy", self.via_proxy(p.port, "chat", body)[2])):
+                self.assertGreaterEqual(len(times), deltas * 0.9, name)
+                spans[name].append(times[-1] - times[0])
+                gaps[name].append(max(b - a for a, b in zip(times, times[1:])))
+            per_delta.append((spans["proxy"][-1] - spans["direct"][-1]) / deltas)
+        print("\nrelay of a %d-delta answer (%s), %d rounds, medians:" % (
+            deltas, self.what, rounds))
+        for name in ("direct", "proxy"):
+            print("  %-7s first to last delta %7.1f ms, largest gap %6.2f ms" % (
+                name, statistics.median(spans[name]) * 1000,
+                statistics.median(gaps[name]) * 1000))
+        print("  the proxy adds %.4f ms per delta; %+.2f ms to the largest gap" % (
+            statistics.median(per_delta) * 1000,
+            (statistics.median(gaps["proxy"]) - statistics.median(gaps["direct"])) * 1000))
+        return statistics.median(per_delta)
+
+    def concurrent(self, streams=16):
+        """`streams` streamed requests at once through the daemon as a process of its own
+        (--max-concurrency `streams`): all answer; time to first token; the daemon's peak
+        RSS, its CLIs not counted."""
+        daemon, port = start_daemon(self, "--max-concurrency", str(streams), "--warm", "2",
+                                    claude_bin=self.claude, env=dict(os.environ))
+        body = {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "bench " + self.words % 50}]}
+        self.via_proxy(port, "chat", body)  # the preamble
+        start = daemon_figures(daemon.pid)
+        results = []
+        self.assertEqual(in_parallel(lambda _: results.append(self.via_proxy(
+            port, "chat", body)), range(streams), timeout=600), [])
+        firsts = sorted(first for first, _, _ in results)
+        self.assertEqual(len(results), streams)
+        peak = daemon_figures(daemon.pid)
+        print("\n%d concurrent streams (%s): all %d answered; first token p50 %.0f ms, "
+              "p95 %.0f ms; the daemon's RSS %.1f MB before, peak %.1f MB (its CLIs not "
+              "counted)" % (streams, self.what, len(results), statistics.median(firsts) * 1000,
+                            firsts[int(0.95 * (len(firsts) - 1) + 0.5)] * 1000,
+                            start[0] / 1024, peak[1] / 1024))
+        return peak[1] / 1024
+
+    def conversation(self, turns=10):
+        """A conversation of `turns` streamed requests, warm processes off and on: time to
+        first token and the share of the previous prompt read from the (simulated) cache."""
+        for warm in (0, 2):
+            p = self.start_proxy(claude_bin=self.claude, timeout=300.0, warm=warm)
+            messages = []
+            rows = []
+            for n in range(1, turns + 1):
+                messages.append({"role": "user", "content": "bench turn %d %s" % (
+                    n, self.words % 50)})
+                if warm:
+                    wait_until(p.server.warm.settled, timeout=60, what="the warm CLI")
+                conn = p.connect(timeout=300)
+                begun = time.perf_counter()
+                conn.request("POST", "/v1/chat/completions", body=json.dumps({
+                    "model": "sonnet", "stream": True, "messages": messages,
+                    "stream_options": {"include_usage": True}}),
+                    headers={"Content-Type": "application/json"})
+                events = []
+                first = None
+                response = conn.getresponse()
+                while True:
+                    line = response.readline()
+                    if not line:
+                        break
+                    if first is None and self.DELTA["chat"] in line:
+                        first = time.perf_counter() - begun
+                    if line.startswith(b"data: {"):
+                        events.append(json.loads(line[6:]))
+                conn.close()
+                text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                               if e["choices"])
+                usage = events[-1]["usage"]
+                rows.append((first, usage["prompt_tokens"],
+                             usage["prompt_tokens_details"]["cached_tokens"]))
+                messages.append({"role": "assistant", "content": text})
+            print("\na %d-turn conversation, streamed, warm processes %s (%s):" % (
+                turns, "on" if warm else "off", self.what))
+            print("  turn  first token  prompt  cache read of the previous prompt")
+            for n, (first, prompt, read) in enumerate(rows, 1):
+                print("  %4d  %8.1f ms  %6d  %s" % (n, first * 1000, prompt, "%5.1f%%" % (
+                    100.0 * read / rows[n - 2][1]) if n > 1 else "     -"))
+            print("  turns 2-%d: first token median %.1f ms; the proxy took a waiting CLI %d "
+                  "times" % (turns, statistics.median(r[0] for r in rows[1:]) * 1000,
+                             p.server.warm.hits))
+
+    def report_tools(self):
         """What offering tools costs (the bridge starts with the CLI), and a tool call through
         the proxy against the same call made by the CLI directly."""
-        p = self.start_proxy(claude_bin=claude)
-        call = 'bench [[api:call:get_weather:{"city": "Paris"}]]'
+        cold, _ = self.proxies()
+        call = 'bench [[api:call:get_weather:{"city": "Paris"}]]' if self.real else \
+            'bench [[fake:call:get_weather:{"city": "Paris"}]]'
+        body = {"model": "sonnet", "messages": [{"role": "user", "content": call}],
+                "tools": self.WEATHER}
         rows = {"direct, no tools": [], "direct, bridge + call": [], "proxy, call": []}
         for _ in range(self.ROUNDS):
-            rows["direct, no tools"].append(self.direct(claude, "hi", env)[1])
-            rows["direct, bridge + call"].append(self.direct(claude, call, env, self.WEATHER)[1])
-            rows["proxy, call"].append(self.via_proxy(p, call, False, self.WEATHER)[1])
+            rows["direct, no tools"].append(self.direct(launch_for(
+                "hi", self.claude, model="sonnet"))[1])
+            rows["direct, bridge + call"].append(self.direct(launch_for(
+                call, self.claude, model="sonnet", tools=self.WEATHER))[1])
+            rows["proxy, call"].append(self.via_proxy(cold.port, "chat", body)[1])
         base = statistics.median(rows["direct, bridge + call"])
-        print("\nfunction calling (real claude 2.1.331), %d rounds, medians:" % self.ROUNDS)
+        print("\nfunction calling (%s), %d rounds, medians:" % (self.what, self.ROUNDS))
         for name, values in rows.items():
             print("  %-22s %7.1f ms (x%.3f of the direct call)" % (
                 name, statistics.median(values) * 1000, statistics.median(values) / base))
 
-    def report_conversations(self, claude):
+    def report_conversations(self):
         """A ten-request conversation with a tool call, each dialect, as real turns, and
         Chat's as one transcript each time, for comparison: the share of each request's prompt
         read from the (simulated) prompt cache."""
         for history in ("turns", "transcript"):
-            p = self.start_proxy(claude_bin=claude, history=history)
+            p = self.start_proxy(claude_bin=self.claude, history=history)
             self.assertEqual(p.chat("bench warm-up", model="sonnet")[0], 200)  # the preamble
             for dialect in ("chat", "messages", "responses") if history == "turns" else ("chat",):
                 figures = converse(p, dialect, 10, "bench-%s-%s" % (history, dialect),
                                    words=200)
-                print("\n" + cache_table("conversation as %s, %s (real claude 2.1.331):" % (
-                    history, dialect), figures))
+                print("\n" + cache_table("conversation as %s, %s (%s):" % (
+                    history, dialect, self.what), figures))
                 read = sum(r for _, r, _ in figures[1:])
                 print("  requests 2-10: %.1f%% of their prompt tokens read from the cache" % (
                     100.0 * read / sum(t for t, _, _ in figures[1:])))
 
-    def test_fake_cli(self):
-        self.report("fake claude (Python), 5 deltas", self.fake_path, "hi")
-        self.report("fake claude (Python), 2000 deltas", self.fake_path, "[[fake:words:2000]]")
-
-    def test_real_cli(self):
-        claude = find_real_claude()
-        if not claude:
-            self.skipTest("the real claude CLI is not installed")
-        api = FakeAnthropicAPI()
-        threading.Thread(target=api.serve_forever, daemon=True).start()
-        home = tempfile.mkdtemp(prefix="proxy-bench-home-")
-        env = {"HOME": home, "ANTHROPIC_BASE_URL": api.url(), "ANTHROPIC_API_KEY": "sk-ant-dummy",
-               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-               "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}
-        try:
-            with mock.patch.dict(os.environ, env):
-                self.report("real claude 2.1.331 + fake Messages API", claude, "hi",
-                            dict(os.environ))
-                self.report_tools(claude, dict(os.environ))
-                self.report_conversations(claude)
-        finally:
-            api.shutdown()
-            api.server_close()
-            shutil.rmtree(home, ignore_errors=True)
+    def test_benchmark(self):
+        first = {}
+        for dialect in ("chat", "messages", "responses"):
+            first[dialect] = self.paired("time to first token, %s, streamed" % dialect, dialect,
+                                         dict(dialect_body(dialect, "bench hi"), stream=True),
+                                         first=True)
+        whole = self.paired("a short answer, chat, not streamed", "chat",
+                            dialect_body("chat", "bench hi"), first=False)
+        per_delta = self.relay()
+        rss = self.concurrent()
+        self.conversation()
+        self.report_tools()
+        if self.real:
+            self.report_conversations()
+        print("\ntargets (%s):" % self.what)
+        for dialect, (ratios, added) in first.items():
+            print("  %-9s warm first token x%.3f of direct (target <= 0.5); without warm "
+                  "%+.1f ms (target <= +10 ms)" % (dialect, ratios["proxy, warm"],
+                                                   added["proxy"] * 1000))
+        print("  short answer, not streamed: warm x%.3f, without %+.1f ms" % (
+            whole[0]["proxy, warm"], whole[1]["proxy"] * 1000))
+        print("  relay %.4f ms per delta (target <= 1); daemon peak RSS with 16 streams "
+              "%.1f MB (target < 40)" % (per_delta * 1000, rss))
 
 
 ##############################################################################
