@@ -38,6 +38,9 @@ What it guards:
 * Load is bounded: a few CLI processes at once (``--max-concurrency``), a fair queue behind them,
   capped bodies and connections, and deadlines for slow clients. On SIGTERM it lets answers in
   flight finish, then ends every CLI it started.
+* A request does not wait for a CLI to start: a few are started ahead and wait on stdin
+  (``--warm``, WarmPool), for the request shapes in use and a conversation's next turn; they
+  give way to any request that needs their slot and never grow stale.
 * Logs name methods, paths, statuses, models, durations and token counts, never prompts or answers.
 
 See README.md for configuration, the launchd agent, and the exact translation rules.
@@ -46,7 +49,8 @@ The map. One request goes down this pipeline; each step is one section below, in
 
     HTTP request --StrictHTTPHandler--> JSON body --ProxyHandler: who may ask, route-->
     Dialect.parse --> Request (neutral) --> Launch (argv, environment, stdin)
-    --ClaudeRun: a slot, a ClaudeProcess--> stream-json lines --AnswerFold--> events
+    --ClaudeRun: a slot, a ClaudeProcess (fresh, or a warm one)--> stream-json lines
+    --AnswerFold--> events
     (Start, Text, Thinking, ToolCall, ToolInput, Revised, Finish) --the dialect's Answer-->
     SSE bytes or one body
 
@@ -56,7 +60,8 @@ Sections: Settings; Errors; The neutral request (tools and output schemas includ
 Completions' parsing); The CLI launch (and the MCP bridge);
 CLI events -> completion events (AnswerFold); Dialects (an Answer and a Dialect class each for
 Chat Completions, Anthropic Messages, OpenAI Responses, and the DIALECTS registry the router
-reads); Who may use it; The CLI process (ClaudeCLI, ClaudeProcess, ProcessSlots, ClaudeRun);
+reads); Who may use it; The CLI process (ClaudeCLI, ClaudeProcess, ProcessSlots, WarmPool,
+ClaudeRun);
 HTTP (ProxyServer, StrictHTTPHandler, ProxyHandler); Command line; Running at login (the
 `service` commands: launchd or systemd); main().
 
@@ -3671,16 +3676,18 @@ class Wanted(NamedTuple):
 
 class WarmPool:
     """CLI processes started ahead of requests, waiting on stdin (a fresh CLI gives its first
-    token ~0.7 s after it is started, one that waits ~0.15 s after its line: measured with
-    2.1.331): one for each of the `size` request shapes (warm_key) used last.
+    token ~0.75 s after it is started, one that waits ~0.15 s after its line: measured with
+    2.1.331 here): one for each of the `size` request shapes (warm_key) used last.
 
     A request of a shape that has one takes it, its slot included, and a new one is started
     for the next request of that shape; a conversation's answer has one started for the turn
-    that follows it (predict). The pool's thread starts them, a slot permitting (ProcessSlots;
-    an idle one is ended for any request that needs its slot), and ends them when they have
-    waited `idle_limit` seconds (a shape still in use gets a new one), when the CLI binary
-    changed, or when their shape is no longer among the last `size`. A dead one is never handed
-    out."""
+    that follows it (predict), once a conversation went on here lately. A new shape takes the
+    place of the least recently used one of its kind (a next turn's, or a repeatable shape's),
+    so that one-off questions and conversations do not crowd each other out. The pool's thread
+    starts them, a free slot permitting (ProcessSlots: never while requests wait, and an idle
+    one is ended for any request that needs its slot), and ends them when they have waited
+    `idle_limit` seconds (a shape used within WARM_KEY_KEPT gets a new one), when the CLI
+    binary changed, or when their shape is no longer wanted. A dead one is never handed out."""
 
     def __init__(self, server: "ProxyServer", size: int, idle_limit: float):
         self.server, self.size, self.idle_limit = server, size, idle_limit
@@ -3727,8 +3734,9 @@ class WarmPool:
         with self._changed:
             if self._closed:
                 return None
-            if launch.resumed is None:
-                self._want(key, Wanted(launch, time.monotonic(), True))
+            if launch.resumed is None:  # kept without its prompt, which goes on stdin
+                bare = launch._replace(request=launch.request._replace(turns=[]), session=None)
+                self._want(key, Wanted(bare, time.monotonic(), True))
             else:  # a conversation's turn: wanted once, if predicted
                 self._wanted.pop(key, None)
                 self._conversing = time.monotonic()
@@ -4003,6 +4011,9 @@ class ClaudeRun:
         if self.process is not None:
             self.note["cli_exit"] = self.server.end_process(self.process, self.finished)
             self.process = None
+        if self.warm is not None:  # taken, and never given the request
+            self.server.end_process(self.warm, False)
+            self.warm = None
 
 
 def parse_cli_line(line: Union[bytes, bytearray]) -> Optional[Dict[str, Any]]:
@@ -5207,9 +5218,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGINT, stop)
     host, port = str(server.server_address[0]), server.server_address[1]
     url = "http://%s:%d/v1" % ("[%s]" % host if ":" in host else host, port)
-    access = "%s, browser origins: %s, up to %d CLI processes at once" % (
+    access = "%s, browser origins: %s, up to %d CLI processes at once, %d of them warm" % (
         "%d API key(s) required" % len(args.api_keys) if args.api_keys else "no API key",
-        ", ".join(args.cors_origins) or "none", args.max_concurrency)
+        ", ".join(args.cors_origins) or "none", args.max_concurrency, server.warm.size)
     path, version, problem = server.claude.status()
     if path:
         log.info("claude-max-proxy %s serving %s with %s (%s); %s", __version__, url, path,

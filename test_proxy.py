@@ -1864,6 +1864,123 @@ def text(value):
     return [{"type": "text", "text": value}]
 
 
+class WarmKeyTest(unittest.TestCase):
+    """What a warm CLI is bound to (warm_key) and what is set on its stdin (stdin_controls)."""
+
+    def launch(self, content="hi", resumed=None, learn=False, **fields):
+        launch = launch_for(content, "/bin/claude", **fields)
+        if resumed is not None or learn:
+            history = proxy.conversation_history(launch.request.turns, {}, False)
+            launch = launch._replace(session=proxy.SessionPlan(
+                None if learn else history, [{"type": "attachment"}], "k", "2.1.331",
+                learn=learn))
+        return launch
+
+    def test_the_prompt_model_and_system_prompt_are_not_bound_at_spawn(self):
+        base = proxy.warm_key(self.launch())
+        self.assertIsNotNone(base)
+        system = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "x"}]
+        for fields in ({"content": "another prompt"}, {"model": "sonnet"}, {"model": "haiku"},
+                       {"messages": system}):
+            self.assertEqual(proxy.warm_key(self.launch(**fields)), base, fields)
+        self.assertNotEqual(proxy.warm_key(self.launch(model="sonnet"), strict=True),
+                            proxy.warm_key(self.launch(), strict=True))
+        self.assertNotEqual(proxy.warm_key(self.launch(messages=system), strict=True),
+                            proxy.warm_key(self.launch(), strict=True))
+
+    def test_what_is_fixed_at_spawn_is_a_shape_of_its_own(self):
+        keys = {proxy.warm_key(self.launch(**fields)) for fields in (
+            {}, {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            {"tools": [{"type": "function", "function": {"name": "g"}}]}, {"max_tokens": 50},
+            {"max_tokens": 51}, {"reasoning_effort": "low"},
+            {"response_format": {"type": "json_object"}})}
+        keys.add(proxy.warm_key(self.launch()._replace(user_settings=True)))
+        keys.add(proxy.warm_key(self.launch()._replace(claude="/other/claude")))
+        self.assertEqual(len(keys), 9)
+
+    def test_a_conversation_is_bound_to_its_rows_and_a_learning_run_never_waits(self):
+        def turn(*texts):
+            roles = ["user", "assistant"] * len(texts)
+            return self.launch(messages=[{"role": r, "content": t}
+                                         for r, t in zip(roles, texts)], resumed=True)
+        first = proxy.warm_key(turn("a", "b", "c"))
+        self.assertEqual(proxy.warm_key(turn("a", "b", "another last message")), first,
+                         "the last user turn goes on stdin")
+        self.assertNotEqual(proxy.warm_key(turn("a", "B", "c")), first)
+        self.assertNotEqual(proxy.warm_key(turn("a", "b", "c")._replace(request=turn(
+            "a", "b", "c").request._replace(cli_model="sonnet"))), first,
+            "a session holds its model")
+        self.assertIsNone(proxy.warm_key(self.launch(learn=True)))
+        days = []
+        for day in ("2026-12-01", "2026-12-02"):  # the environment note holds the date
+            with mock.patch.object(time, "strftime", return_value=day):
+                days.append(proxy.warm_key(self.launch()))
+        self.assertNotEqual(days[0], days[1])
+
+    def test_the_flags(self):
+        with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_WARM": "",
+                                          "CLAUDE_MAX_API_WARM_IDLE": ""}):
+            args = proxy.parse_args([])
+            self.assertEqual((args.warm, args.warm_idle), (2, 300.0))
+            self.assertEqual(proxy.parse_args(["--warm", "0"]).warm, 0)
+        with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_WARM": "3",
+                                          "CLAUDE_MAX_API_WARM_IDLE": "60"}):
+            args = proxy.parse_args([])
+            self.assertEqual((args.warm, args.warm_idle), (3, 60.0))
+
+    def test_stdin_controls_set_what_differs(self):
+        system = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "x"}]
+        plain, terse = self.launch(), self.launch(messages=system)
+        self.assertEqual(proxy.stdin_controls(plain, plain), [])
+        self.assertEqual(proxy.stdin_controls(terse, plain), [
+            {"subtype": "initialize", "appendSystemPrompt": "Be terse."}])
+        self.assertEqual(proxy.stdin_controls(plain, terse), [
+            {"subtype": "initialize", "appendSystemPrompt": ""}])
+        self.assertEqual(proxy.stdin_controls(self.launch(model="haiku"), plain), [
+            {"subtype": "set_model", "model": "haiku"}])
+
+
+class SlotReclaimTest(unittest.TestCase):
+    """ProcessSlots with warm processes: they take only a free slot nobody waits for, and a
+    request takes the slot of an idle one instead of waiting."""
+
+    def test_a_warm_process_takes_only_a_free_slot_nobody_waits_for(self):
+        slots = proxy.ProcessSlots(1, 4)
+        self.assertTrue(slots.try_acquire())
+        self.assertFalse(slots.try_acquire())
+        slots.release()
+        slots.acquire(1.0)
+        waiter = threading.Thread(target=lambda: (slots.acquire(5.0), slots.release()))
+        waiter.start()
+        wait_until(lambda: slots.waiting == 1, what="a request to wait")
+        slots.release()
+        waiter.join()
+        self.assertTrue(slots.try_acquire())
+        slots.close()
+        slots.release()
+        self.assertFalse(slots.try_acquire(), "none once closed")
+
+    def test_a_request_gets_an_idle_warm_process_slot_at_once(self):
+        slots = proxy.ProcessSlots(1, 4)
+        self.assertTrue(slots.try_acquire())  # the warm process's
+        idle = [True]
+
+        def reclaim():
+            had, idle[0] = idle[0], False
+            return had
+
+        slots.reclaim = reclaim
+        self.assertEqual(slots.acquire(0.5), 0.0)
+        self.assertEqual(slots.running, 1, "its slot passed on, not a second one")
+        with self.assertRaises(proxy.APIError) as caught:
+            slots.acquire(0.3)  # nothing left to reclaim: a 429 after the wait
+        self.assertEqual(caught.exception.status, 429)
+        released = []
+        slots.released = lambda: released.append(1)
+        slots.release()
+        self.assertEqual((slots.running, released), (0, [1]))
+
+
 class HistoryTest(unittest.TestCase):
     """A conversation as the rows of a session file (conversation_history, session_lines)
     and what the CLI makes of them (the fake's api_messages, which follows 2.1.331)."""
@@ -4244,6 +4361,8 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         _, fresh = self.ask(p, "one")  # the shape's first request misses; one is started
         waiting = self.settle(p)
         self.assertEqual(len(waiting), 1)
+        self.assertEqual([w.launch.request.turns for w in p.server.warm._wanted.values()], [[]],
+                         "the shape is kept without the prompt (which may be megabytes)")
         wait_until(lambda: p.request("GET", "/health")[2]["requests_in_flight"] == 0,
                    what="only the warm CLI to be left, which is not a request in flight")
         body, warm = self.ask(p, "two")
@@ -4426,6 +4545,40 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
             _, run = self.ask(p, "five", model="sonnet")
             self.assertNotEqual(run["pid"], waiting[0], "another model: another shape")
         self.assertEqual(len([r for r in logs.records if "warm" in r.getMessage()]), 1)
+
+    def test_faults_and_clients_that_leave_leak_nothing_with_warm_clis(self):
+        p = self.start_proxy(warm=2, idle_timeout=0.5)
+        self.ask(p, "learn")
+        self.ask(p, "one")
+        self.ask(p, "tools", tools=[{"type": "function", "function": {"name": "f"}}])
+        seen = set(self.settle(p))
+        fds, threads = open_fds(), threading.active_count()
+        # (what the model is asked, the status): each taken by a waiting CLI
+        for content, status in (("[[fake:exit:7]]", 502), ("[[fake:diemid]]", 502),
+                                ("[[fake:hang]]", 504), ("[[fake:silent]]", 504), ("hi", 200)):
+            got, _, body = p.chat(content)
+            self.assertEqual(got, status, (content, body))
+            seen.update(self.settle(p))
+        # A client that leaves while a waiting CLI answers it, and one that leaves at once.
+        for content in ("[[fake:drip:0.01]]", "hi"):
+            asked = p.server.warm.hits + p.server.warm.misses
+            sock = send_chat(p.port, chat_body(content, stream=True, model="claude-sonnet-4"))
+            if "drip" in content:
+                self.assertEqual(sock.recv(12), b"HTTP/1.1 200")
+            sock.close()
+            wait_until(lambda: p.server.warm.hits + p.server.warm.misses > asked and
+                       p.server.chats == 0, what="the request to be taken, and to end")
+            seen.update(self.settle(p))
+        self.assertGreaterEqual(p.server.warm.hits, 7)
+        runs = self.runs()
+        self.assertEqual(len(seen), len(set(seen)))
+        wait_until(lambda: open_fds() <= fds, what="descriptors to return to %d" % fds)
+        self.assertLessEqual(threading.active_count(), threads)
+        p.close()
+        for pid in seen | {run["pid"] for run in runs}:
+            self.assertFalse(alive(pid), pid)
+        self.assert_no_cli_left(p, runs)
+        self.assertEqual(session_files(self.home), [])
 
     def test_shutdown_ends_the_waiting_clis_and_warm_zero_starts_none(self):
         p = self.start_proxy(warm=2)
@@ -5093,14 +5246,16 @@ class MainTest(FakeClaudeMixin, unittest.TestCase):
                      "--log-level", "CLAUDE_MAX_API_PORT", "CLAUDE_BIN", "--api-key",
                      "CLAUDE_MAX_API_KEY", "--api-key-file", "--cors-origin", "--allowed-host",
                      "--max-concurrency", "--max-queue", "--queue-timeout", "--max-body",
-                     "--client-timeout", "--shutdown-grace"):
+                     "--client-timeout", "--shutdown-grace", "--warm", "CLAUDE_MAX_API_WARM",
+                     "--warm-idle"):
             self.assertIn(flag, out.stdout)
 
     def test_bad_flags_are_one_line_and_nonzero(self):
         for args in (["--port", "x"], ["--timeout", "-1"], ["--nope"], ["--port", "70000"],
                      ["--log-level", "LOUD"], ["--max-concurrency", "0"], ["--max-queue", "x"],
                      ["--max-body", "12q"], ["--queue-timeout", "0"], ["--client-timeout", "-5"],
-                     ["--api-key-file", "/nonexistent/keys"]):
+                     ["--api-key-file", "/nonexistent/keys"], ["--warm", "-1"],
+                     ["--warm", "two"], ["--warm-idle", "0"]):
             out = self.run_main(*args)
             self.assertEqual(out.returncode, 2, args)
             self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
@@ -7366,8 +7521,26 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
     def test_soak(self):
         import concurrent.futures
         import random
-        daemon, port = start_daemon(self, "--api-key", "soak", "--max-concurrency", "4")
+        daemon, port = start_daemon(self, "--api-key", "soak", "--max-concurrency", "4",
+                                    "--warm", "2")
+
+        def health():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/health")
+            try:
+                return json.loads(conn.getresponse().read())["warm"]
+            finally:
+                conn.close()
+
+        def warm():
+            """The CLIs waiting for a request, and the daemon's descriptors without theirs
+            (three pipes each)."""
+            ready = health()["ready"]
+            figures = daemon_figures(daemon.pid)
+            return ready, None if figures[3] is None else figures[3] - 3 * ready
+
         start = daemon_figures(daemon.pid)
+        start_fds = warm()[1]
         peak = [start]
         done = threading.Event()
 
@@ -7384,10 +7557,11 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
         with concurrent.futures.ThreadPoolExecutor(self.CLIENTS) as pool:
             outcomes = list(pool.map(lambda kind: (kind, self.one(port, kind)), kinds))
         seconds = time.monotonic() - begun
-        wait_until(lambda: not children_of(daemon.pid), timeout=30, what="every CLI to end")
+        wait_until(lambda: len(children_of(daemon.pid)) == warm()[0], timeout=30,
+                   what="every CLI to end but those waiting for a request")
         if start[3] is not None:
-            wait_until(lambda: daemon_figures(daemon.pid)[3] <= start[3], timeout=30,
-                       what="the daemon's descriptors to return to %d" % start[3])
+            wait_until(lambda: warm()[1] <= start_fds, timeout=30,
+                       what="the daemon's descriptors to return to %d" % start_fds)
             wait_until(lambda: daemon_figures(daemon.pid)[2] <= start[2], timeout=30,
                        what="the daemon's threads to return to %d" % start[2])
         end = daemon_figures(daemon.pid)
@@ -7397,8 +7571,9 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
         statuses = collections.Counter(got for _, got in outcomes)
         runs = len(self.runs())
         print("\nsoak: %d requests by %d clients in %.1f s (%.0f/s), %d CLI runs, "
-              "--max-concurrency 4" % (len(outcomes), self.CLIENTS, seconds,
-                                       len(outcomes) / seconds, runs))
+              "--max-concurrency 4, --warm 2 (%s)" % (
+                  len(outcomes), self.CLIENTS, seconds, len(outcomes) / seconds, runs, ", ".join(
+                      "%s %s" % item for item in sorted(health().items()))))
         print("soak: answers %s" % ", ".join("%s: %d" % (k, v) for k, v in sorted(
             statuses.items(), key=str)))
         print("soak: wrong answers %d, served %d, refused or failed on purpose %d, clients "
@@ -7456,6 +7631,10 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
         patch = mock.patch.dict(os.environ, extra)
         patch.start()
         self.addCleanup(patch.stop)
+        self.cwd = tempfile.mkdtemp(prefix="proxy-bench-cwd-")
+        self.files = tempfile.mkdtemp(prefix="proxy-bench-files-")
+        for path in (self.cwd, self.files):
+            self.addCleanup(shutil.rmtree, path, True)
         self.what = "real claude 2.1.331 + fake Messages API" if self.real else \
             "fake claude, %s s start-up" % self.START_DELAY
         self.words = "[[api:words:%d]]" if self.real else "[[fake:words:%d]]"
@@ -7464,11 +7643,10 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
         """Run the CLI as the proxy does, without the proxy: (first token s, answered s, the
         times of its text deltas); `answered`: its result line, or with tools the end of the
         model's turn that called."""
-        cwd = tempfile.mkdtemp(prefix="proxy-bench-")  # as the proxy does: not in a git repo
-        self.addCleanup(shutil.rmtree, cwd, True)
+        cwd = self.cwd  # one directory for every run, as the proxy has (and not a git repo)
         paths = {}
         for name, text in launch.files().items():
-            paths[name] = os.path.join(cwd, name)
+            paths[name] = os.path.join(self.files, name)
             with open(paths[name], "w") as f:
                 f.write(text)
         begun = time.perf_counter()
@@ -7594,16 +7772,21 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
                             start[0] / 1024, peak[1] / 1024))
         return peak[1] / 1024
 
+    THINK = 2.0  # seconds a user takes to read an answer and write the next message
+
     def conversation(self, turns=10):
-        """A conversation of `turns` streamed requests, warm processes off and on: time to
-        first token and the share of the previous prompt read from the (simulated) cache."""
+        """A conversation of `turns` streamed requests, warm processes off and on, the user
+        taking THINK seconds between them: time to first token and the share of the previous
+        prompt read from the (simulated) cache."""
         for warm in (0, 2):
             p = self.start_proxy(claude_bin=self.claude, timeout=300.0, warm=warm)
             messages = []
             rows = []
             for n in range(1, turns + 1):
-                messages.append({"role": "user", "content": "bench turn %d %s" % (
-                    n, self.words % 50)})
+                messages.append({"role": "user", "content": "bench %s turn %d %s" % (
+                    "warm" if warm else "cold", n, self.words % 50)})
+                if n > 1:
+                    time.sleep(self.THINK)
                 if warm:
                     wait_until(p.server.warm.settled, timeout=60, what="the warm CLI")
                 conn = p.connect(timeout=300)
@@ -7630,8 +7813,8 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
                 rows.append((first, usage["prompt_tokens"],
                              usage["prompt_tokens_details"]["cached_tokens"]))
                 messages.append({"role": "assistant", "content": text})
-            print("\na %d-turn conversation, streamed, warm processes %s (%s):" % (
-                turns, "on" if warm else "off", self.what))
+            print("\na %d-turn conversation, streamed, warm processes %s, %g s between turns "
+                  "(%s):" % (turns, "on" if warm else "off", self.THINK, self.what))
             print("  turn  first token  prompt  cache read of the previous prompt")
             for n, (first, prompt, read) in enumerate(rows, 1):
                 print("  %4d  %8.1f ms  %6d  %s" % (n, first * 1000, prompt, "%5.1f%%" % (
