@@ -4329,6 +4329,41 @@ def answer_text(dialect, answer):
                    for part in item["content"])
 
 
+def warm_or_cold(test, cold, warm, dialect, steps, observe, settle):
+    """Each step (dialect_body's fields; `turn`: the next turn of one conversation, each
+    proxy's with its own answers) sent to the proxy without warm CLIs, then to the one with
+    them: asserts that the answers (ids and times aside) and `observe(send)` (what the CLI got,
+    or sent the API, when `send()` made the request) are the same. Returns the steps the warm
+    proxy answered with a waiting CLI."""
+    conversation, took = {cold: [], warm: []}, []
+    for step in steps:
+        hits = warm.server.warm.hits
+        got = []
+        for p in (cold, warm):
+            settle(p)
+            fields = {k: v for k, v in step.items() if k != "turn"}
+            history = conversation[p] if step.get("turn") else []
+            answers = []
+
+            def send():
+                status, _, answer = p.request("POST", DIALECT_PATHS[dialect], dialect_body(
+                    dialect, history=history, **fields))
+                test.assertEqual(status, 200, answer)
+                answers.append(answer)
+
+            seen = observe(send)
+            got.append((normalized(answers[0]), seen))
+            if step.get("turn"):
+                conversation[p] = history + [
+                    {"role": "user", "content": fields["say"]},
+                    {"role": "assistant", "content": answer_text(dialect, answers[0])}]
+        test.assertEqual(got[0], got[1], (dialect, step))
+        if warm.server.warm.hits > hits:
+            took.append(step["say"].split(" ")[0] if not step.get("turn") else
+                        " ".join(step["say"].split(" ")[:2]))
+    return took
+
+
 class WarmTest(FakeClaudeMixin, unittest.TestCase):
     """CLI processes started ahead of requests (WarmPool), with the fake CLI (which, as
     2.1.331, loads a resumed session and its MCP servers before it reads stdin, and answers
@@ -4412,26 +4447,8 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
                      dict(say="e"), dict(say="f [[fake:words:30]]", tools=True),
                      dict(say="g", tools=True)] + [dict(say="turn %d" % n, turn=True)
                                                    for n in range(4)]
-            conversation = {cold: [], warm: []}
-            took = []  # the steps the warm proxy answered with a waiting CLI
-            for step in steps:
-                hits = warm.server.warm.hits
-                got = []
-                for p in (cold, warm):
-                    self.settle(p)
-                    fields = {k: v for k, v in step.items() if k != "turn"}
-                    history = conversation[p] if step.get("turn") else []
-                    status, _, answer = p.request("POST", DIALECT_PATHS[dialect], dialect_body(
-                        dialect, history=history, **fields))
-                    self.assertEqual(status, 200, answer)
-                    got.append((normalized(answer), what_the_cli_got(self.runs()[-1])))
-                    if step.get("turn"):
-                        conversation[p] = history + [
-                            {"role": "user", "content": step["say"]},
-                            {"role": "assistant", "content": answer_text(dialect, answer)}]
-                self.assertEqual(got[0], got[1], (dialect, step))
-                if warm.server.warm.hits > hits:
-                    took.append(step["say"].split(" [[")[0])
+            took = warm_or_cold(self, cold, warm, dialect, steps, lambda send: (
+                send(), what_the_cli_got(self.runs()[-1]))[1], self.settle)
             # The model and system prompt set on stdin (c, d, e), the same shape (b), tools (g),
             # a conversation's turns started when the answer before them came (2, 3).
             self.assertLessEqual({"b", "c", "d", "e", "g", "turn 2", "turn 3"}, set(took),
@@ -6701,34 +6718,22 @@ class EndToEndTest(unittest.TestCase):
                 dict(say="e"), dict(say="f", tools=True), dict(say="g", tools=True)]
         short = [dict(say="a"), dict(say="b"), dict(say="c", model="opus"),
                  dict(say="d", system="Answer tersely.")]
+        def api_request(send):
+            """The one API request `send()` made the CLI send, without its session id."""
+            sent = len(self.api.requests)
+            with self.api.lock:
+                self.api.prefixes.clear()  # each answer's usage as if it came alone
+            send()
+            self.assertEqual(len(self.api.requests), sent + 1, "nothing else reached the API")
+            return {k: v for k, v in self.api.requests[-1].items() if k != "metadata"}
+
+        def settle(p):
+            wait_until(p.server.warm.settled, timeout=30, what="warm CLIs to start")
+
         for dialect, steps in (("chat", full), ("messages", short), ("responses", short)):
-            conversation = {cold: [], warm: []}
-            took = []
-            for step in steps + [dict(say="turn %d" % n, turn=True) for n in range(4)]:
-                hits = warm.server.warm.hits
-                got = []
-                for p in (cold, warm):
-                    wait_until(p.server.warm.settled, timeout=30, what="warm CLIs to start")
-                    fields = {k: v for k, v in step.items() if k != "turn"}
-                    fields["say"] = "%s e2e-warm-%s" % (fields["say"], dialect)
-                    history = conversation[p] if step.get("turn") else []
-                    sent = len(self.api.requests)
-                    with self.api.lock:
-                        self.api.prefixes.clear()  # each answer's usage as if it came alone
-                    status, _, answer = p.request("POST", DIALECT_PATHS[dialect], dialect_body(
-                        dialect, history=history, **fields))
-                    self.assertEqual(status, 200, answer)
-                    self.assertEqual(len(self.api.requests), sent + 1)
-                    body = dict(self.api.requests[-1])
-                    del body["metadata"]
-                    got.append((normalized(answer), body))
-                    if step.get("turn"):
-                        conversation[p] = history + [
-                            {"role": "user", "content": fields["say"]},
-                            {"role": "assistant", "content": answer_text(dialect, answer)}]
-                self.assertEqual(got[0], got[1], (dialect, step))
-                if warm.server.warm.hits > hits:
-                    took.append(step["say"])
+            steps = [dict(step, say="%s e2e-warm-%s" % (step["say"], dialect)) for step in
+                     steps + [dict(say="turn %d" % n, turn=True) for n in range(4)]]
+            took = warm_or_cold(self, cold, warm, dialect, steps, api_request, settle)
             expected = {"b", "c", "d", "turn 2", "turn 3"} | (
                 {"e", "g"} if dialect == "chat" else set())
             self.assertLessEqual(expected, set(took), dialect)
@@ -7603,6 +7608,7 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
     real one's (FAKE_CLAUDE_START_DELAY), or with PROXY_BENCH_FAKE=1."""
 
     ROUNDS = int(os.environ.get("PROXY_BENCH_ROUNDS", "15"))
+    THINK = 2.0  # seconds a user takes to read an answer and write the next message
     START_DELAY = "0.5"  # the fake's, in seconds: the real CLI's spawn-to-first-token here
 
     WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -7694,7 +7700,8 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
 
     def paired(self, title, dialect, body, first):
         """ROUNDS rounds of: the CLI directly, the proxy without warm processes, the proxy
-        with them (once its warm CLI is waiting, as while a user reads the answer before)."""
+        with them; then THINK seconds, as a user reading the answer, in which the warm proxy's
+        next CLI starts (so that it does not slow the next round's other two down)."""
         cold, warm = self.proxies()
         launch = proxy.Launch(self.claude, proxy.DIALECTS[
             [d.path for d in proxy.DIALECTS].index(DIALECT_PATHS[dialect][3:])]().parse(body))
@@ -7707,6 +7714,7 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
             rows["proxy"].append(self.via_proxy(cold.port, dialect, body)[index])
             wait_until(warm.server.warm.settled, timeout=60, what="the warm CLI")
             rows["proxy, warm"].append(self.via_proxy(warm.port, dialect, body)[index])
+            time.sleep(self.THINK)
         hits = warm.server.warm.hits
         base = statistics.median(rows["direct"])
         print("\n%s (%s), %d rounds:" % (title, self.what, self.ROUNDS))
@@ -7771,8 +7779,6 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
                             firsts[int(0.95 * (len(firsts) - 1) + 0.5)] * 1000,
                             start[0] / 1024, peak[1] / 1024))
         return peak[1] / 1024
-
-    THINK = 2.0  # seconds a user takes to read an answer and write the next message
 
     def conversation(self, turns=10):
         """A conversation of `turns` streamed requests, warm processes off and on, the user
