@@ -6567,8 +6567,13 @@ class EndToEndTest(unittest.TestCase):
         prompt = 'e2e-tools [[api:call:get_weather:{"city": "Paris", "unit": "C"}]]'
         body = {"model": "sonnet", "messages": [{"role": "user", "content": prompt}],
                 "tools": [weather]}
-        status, _, answer = self.proxy.request("POST", "/v1/chat/completions", body)
+        with self.assertLogs("claude_max_proxy", "INFO") as logs:
+            status, _, answer = self.proxy.request("POST", "/v1/chat/completions", body)
+            wait_until(lambda: "cli_exit=" in "".join(logs.output), what="the request's log")
         self.assertEqual(status, 200, answer)
+        # Ended at the call by SIGTERM, in time: a CLI whose output pipes were closed under it
+        # took 2 s to exit and was killed (-9).
+        self.assertNotIn("cli_exit=-9", "".join(logs.output))
         message = answer["choices"][0]["message"]
         self.assertEqual(answer["choices"][0]["finish_reason"], "tool_calls")
         self.assertEqual(message["content"], "Let me check.")
@@ -7716,6 +7721,8 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
             rows["proxy, warm"].append(self.via_proxy(warm.port, dialect, body)[index])
             time.sleep(self.THINK)
         hits = warm.server.warm.hits
+        for p in (cold, warm):  # their idle CLIs would load the next figures
+            p.close()
         base = statistics.median(rows["direct"])
         print("\n%s (%s), %d rounds:" % (title, self.what, self.ROUNDS))
         for name, values in rows.items():
@@ -7828,6 +7835,7 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
             print("  turns 2-%d: first token median %.1f ms; the proxy took a waiting CLI %d "
                   "times" % (turns, statistics.median(r[0] for r in rows[1:]) * 1000,
                              p.server.warm.hits))
+            p.close()
 
     def report_tools(self):
         """What offering tools costs (the bridge starts with the CLI), and a tool call through
