@@ -860,6 +860,7 @@ def parse_chat_request(body: Any) -> Request:
 # - Consecutive user rows become one message (the CLI adds "\n" to the first one's text).
 RESUME_TURN_ENV = "CLAUDE_CODE_RESUME_INTERRUPTED_TURN"
 CONTINUE_TEXT = "Continue from where you left off."
+SESSION_OPEN_TRIES = 5  # a session file's folder may be removed by another run as it is made
 SESSION_VERSION = "2.1.331"  # written into the rows when the CLI's own version is unknown
 WIRE_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")  # what the Messages API takes as a call id
 PREAMBLE_KEYS = ("type", "attachment", "rendered", "renderedRole")
@@ -3199,12 +3200,12 @@ class Sessions:
             text = session_lines(launch.resumed, plan.preamble, session_id, self.cwd,
                                  plan.version.split()[0], launch.request.cli_model, time.time())
             try:
-                for _ in range(3):
-                    os.makedirs(directory, 0o700, exist_ok=True)
+                for _ in range(SESSION_OPEN_TRIES):
                     try:
+                        os.makedirs(directory, 0o700, exist_ok=True)
                         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    except FileNotFoundError:  # emptied and removed by another run just now
-                        continue
+                    except FileNotFoundError:  # it (or its parent) was emptied and removed
+                        continue  # by another run's end just now
                     with open(fd, "w", encoding="utf-8") as f:
                         f.write(text)
                     break
@@ -3956,21 +3957,23 @@ class ClaudeRun:
         An authentication failure while other CLI processes were starting is retried once with
         a fresh CLI: when several start together, one may be refreshing the subscription's
         login token while another reads the old one. A CLI that does not take the session it
-        is given (it prints nothing and exits) gets the conversation as a transcript.
+        is given (it prints nothing and exits) gets the conversation as a transcript. A warm
+        CLI that ends before it printed anything, or does not answer its control requests,
+        leaves the request to a fresh one.
         """
         settings, request = self.server.settings, self.launch.request
         retried = refused = ""
         refused_launch = self.launch
         while True:
-            process, self.warm = self.warm, None
-            if process is None:
-                process = self.server.start_process(self.launch)
+            self.process, self.warm = self.warm, None
+            if self.process is None:
+                self.process = self.server.start_process(self.launch)
             else:
-                process.begin(self.launch.stdin(), stdin_controls(self.launch, process.launch)
-                              if process.launch else [])
-                self.server.begun(process, self.launch)
-                self.note["warm"] = "%.1fs" % (process.started - process.spawned)
-            self.process = process
+                self.process.begin(self.launch.stdin(), stdin_controls(
+                    self.launch, self.process.launch) if self.process.launch else [])
+                self.server.begun(self.process, self.launch)
+                self.note["warm"] = "%.1fs" % (self.process.started - self.process.spawned)
+            process = self.process
             answered = False
             try:
                 for event in completion_events(

@@ -4194,6 +4194,22 @@ class ConversationTest(FakeClaudeMixin, unittest.TestCase):
         self.assertNotIn("Hello there.", json.dumps(record["messages"]))
         self.assertEqual(session_files(p=p), [])
 
+    def test_a_session_folder_removed_by_another_run_as_it_is_made_is_made_again(self):
+        p = self.start_proxy()
+        messages, _ = self.converse(p, 1)  # the preamble, learnt
+        real, raced = os.makedirs, []
+
+        def makedirs(path, *args, **kwargs):
+            if not raced:  # the parent went with another run's end, just as this one began
+                raced.append(path)
+                raise FileNotFoundError(2, "No such file or directory", path)
+            return real(path, *args, **kwargs)
+
+        with mock.patch.object(proxy.os, "makedirs", makedirs):
+            self.ask(p, messages)
+        self.assertEqual(len(raced), 1)
+        self.assertIsNotNone(self.runs()[-1]["session"], "resumed all the same")
+
     def test_conversations_in_parallel_never_mix(self):
         p = self.start_proxy(max_concurrency=4)
         self.ask(p, [{"role": "user", "content": "warm up"}])  # learns the preamble
