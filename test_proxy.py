@@ -5283,6 +5283,26 @@ class MainTest(FakeClaudeMixin, unittest.TestCase):
                      "--warm-idle"):
             self.assertIn(flag, out.stdout)
 
+    def test_run_as_a_script_it_runs_itself_by_runpy_in_the_same_process(self):
+        """Else Python would keep the file's whole syntax tree (~12 MB) for the daemon's life."""
+        daemon, port = start_daemon(self)
+        if not os.path.isdir("/proc"):
+            self.skipTest("no /proc to read the command line from")
+        def argv():
+            with open("/proc/%d/cmdline" % daemon.pid) as f:
+                words = f.read().split("\0")
+            return proxy.RUNPY_START in words and words
+
+        argv = wait_until(argv, what="the runpy start")
+        self.assertEqual(argv[argv.index(proxy.RUNPY_START) + 1:][:3],
+                         [os.path.join(HERE, "claude_max_proxy.py"), "--port", "0"])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(30), 0, "the process that was started ends, and well")
+
     def test_bad_flags_are_one_line_and_nonzero(self):
         for args in (["--port", "x"], ["--timeout", "-1"], ["--nope"], ["--port", "70000"],
                      ["--log-level", "LOUD"], ["--max-concurrency", "0"], ["--max-queue", "x"],
@@ -7609,6 +7629,9 @@ class SoakTest(FakeClaudeMixin, unittest.TestCase):
         print("soak: daemon RSS %d kB at start, %d kB peak, %d kB at end; fds %s -> %s; "
               "threads %s -> %s" % (start[0], max(p[1] for p in peak + [end]), end[0],
                                     start[3], end[3], start[2], end[2]))
+        print("soak: daemon RSS after each fifth of the run: %s kB (growth that goes on is a "
+              "leak; a level that settles is the allocator's)" % ", ".join(
+                  str(peak[min(len(peak) - 1, len(peak) * n // 5)][0]) for n in range(1, 6)))
         self.assertEqual(wrong, [])
         daemon.send_signal(signal.SIGTERM)
         self.assertEqual(daemon.wait(30), 0)
