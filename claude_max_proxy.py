@@ -149,6 +149,12 @@ WARM_KEY_KEPT = 1800.0
 CONTROL_TIMEOUT = 5.0
 # Seconds a request waits for a warm process of its shape that is being started at that moment.
 WARM_START_WAIT = 2.0
+# Seconds between the pool's checks that its waiting CLIs are alive (a waitid each, no wake-up of
+# the CLIs): one killed meanwhile (the OOM killer, a crash, an upgrade) is replaced this soon.
+WARM_CHECK_INTERVAL = 2.0
+# Warm CLIs of one shape that may die in a row, unused, before the pool stops replacing them
+# (until a request of that shape comes again): a CLI that dies at every start is no loop.
+WARM_DEATHS = 2
 
 MAX_CONNECTIONS = 256  # open client connections; past it new ones get a 503 and are closed
 QUEUE_RETRY_AFTER = 5  # Retry-After (seconds) on a 429 from a full or slow queue
@@ -3356,7 +3362,11 @@ class ClaudeProcess:
                            type="server_error", code="claude_unavailable") from None
         self.pid = self.proc.pid
         self._closed = False
-        self.lines = 0  # stdout lines read
+        self.stopped_by: Optional[int] = None  # the strongest signal the daemon ended it with
+        # Whether it printed its `system/init` line or any non-system line: it took its request.
+        # (A CLI prints other system lines before it reads stdin: 2.1.331 `ui_invalidate`.)
+        self.took_request = False
+        self.gave_result = False  # it printed its result (an error's too): it exits by itself
         self.session: Optional[str] = None  # set by the server: the session id the run uses
         self.launch: Optional[Launch] = None  # set by the server: what it runs
         self.sequence = 0  # set by the server: its count of CLI processes started, with this one
@@ -3465,7 +3475,10 @@ class ClaudeProcess:
                                                          "stdin")
                                             writing = True
                                     continue
-                                self.lines += 1
+                                self.took_request = self.took_request or event.get(
+                                    "type") != "system" or event.get("subtype") == "init"
+                                self.gave_result = self.gave_result or event.get(
+                                    "type") == "result"
                                 yield event
                         if len(buffer) > MAX_CLI_LINE_BYTES:
                             raise APIError(502, "Claude Code printed a line longer than %d bytes."
@@ -3502,7 +3515,7 @@ class ClaudeProcess:
         self._stdin_data = self._stdin_data[written:]
         return not self._stdin_data
 
-    def _exited(self) -> bool:
+    def exited(self) -> bool:
         """Whether the group leader has exited, without reaping it: while it is an unreaped
         zombie its pid, the group's id, cannot be reused, so signalling the group stays safe."""
         try:
@@ -3520,7 +3533,7 @@ class ClaudeProcess:
                 if stream and not stream.closed:
                     os.set_blocking(stream.fileno(), False)
                     sel.register(stream, selectors.EVENT_READ)
-            while not self._exited():
+            while not self.exited():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -3540,6 +3553,8 @@ class ClaudeProcess:
         """Signal the whole process group (safe from any thread until close() has reaped it)."""
         if self.proc.returncode is not None:
             return
+        if not self.exited():  # the daemon ends it, rather than what is left of its group
+            self.stopped_by = max(self.stopped_by or 0, sig)
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -3548,8 +3563,9 @@ class ClaudeProcess:
     def close(self, finished: bool = False) -> Optional[int]:
         """End the whole process group and reap the CLI; returns its exit code. Idempotent.
 
-        `finished`: the CLI gave its result and is exiting by itself, so it gets EXIT_GRACE
-        before being signalled; otherwise (client gone, timeout, stop sequence) it is ended now.
+        `finished`: the answer is complete and the CLI is exiting by itself, so it gets
+        EXIT_GRACE before being signalled, as does a CLI that printed its result (an error's);
+        otherwise (client gone, timeout, stop sequence, a tool call) it is ended now.
         """
         if self._closed:
             return self.proc.returncode
@@ -3557,7 +3573,7 @@ class ClaudeProcess:
         if self.proc.stdin:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-        if not (finished and self._wait_exit(EXIT_GRACE)):
+        if not ((finished or self.gave_result) and self._wait_exit(EXIT_GRACE)):
             self.signal(signal.SIGTERM)
             self._wait_exit(KILL_GRACE)
         # Anything left in the group (children the CLI started) goes too, leader included.
@@ -3569,6 +3585,22 @@ class ClaudeProcess:
                     stream.close()
         self._remove_files()
         return code
+
+    def outcome(self) -> str:
+        """How the CLI ended, for the log, once close() has reaped it: `finished` (exit code 0
+        by itself), `stopped` (ended by the daemon: after a tool call or a stop sequence, for a
+        client that left, at a timeout or shutdown), `killed` (the same, but it had to be
+        SIGKILLed), `signal:NAME` (killed by someone else), `exit:N` (an exit code of its own)."""
+        code = self.proc.returncode
+        if self.stopped_by is not None:
+            return "killed" if self.stopped_by == signal.SIGKILL else "stopped"
+        if code == 0:
+            return "finished"
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                return "signal:" + signal.Signals(-code).name
+            return "signal:%d" % -code
+        return "exit:%s" % code
 
     def _remove_files(self) -> None:
         for path in self._files.values():
@@ -3707,7 +3739,9 @@ class WarmPool:
     starts them, a free slot permitting (ProcessSlots: never while requests wait, and an idle
     one is ended for any request that needs its slot), and ends them when they have waited
     `idle_limit` seconds (a shape used within WARM_KEY_KEPT gets a new one), when the CLI
-    binary changed, or when their shape is no longer wanted. A dead one is never handed out."""
+    binary changed, or when their shape is no longer wanted. One that died while it waited is
+    replaced within WARM_CHECK_INTERVAL and never handed out; one that dies just as it is
+    handed out leaves its request to a fresh CLI (ClaudeRun)."""
 
     def __init__(self, server: "ProxyServer", size: int, idle_limit: float):
         self.server, self.size, self.idle_limit = server, size, idle_limit
@@ -3720,6 +3754,7 @@ class WarmPool:
         self._conversing = -WARM_KEY_KEPT  # when a conversation last went on (monotonic)
         self._no_slot = False  # the last start found no free slot: wait for one to be given back
         self.strict = False  # set when the CLI took no control request: model etc. in the key
+        self._deaths: Dict[str, int] = {}  # warm CLIs of a shape that died unused, in a row
         self.hits = self.misses = 0
         self._thread: Optional[threading.Thread] = None
         if size:
@@ -3765,6 +3800,9 @@ class WarmPool:
             process = self._ready.pop(key, None)
             self._changed.notify_all()
         if process is not None and not self._usable(process):
+            if process.exited():
+                with self._changed:
+                    self._died(key, process)
             self._finish(process, True)
             process = None
         with self._changed:
@@ -3772,6 +3810,7 @@ class WarmPool:
                 self.misses += 1
             else:
                 self.hits += 1
+                self._deaths.pop(key, None)
         return process
 
     def predict(self, launch: Launch, answer: "Answer") -> None:
@@ -3830,8 +3869,20 @@ class WarmPool:
                 self._ending.append((self._ready.pop(old), True))
         self._wanted[key] = wanted
 
+    def _died(self, key: str, process: "ClaudeProcess") -> None:
+        """(Under the lock.) The waiting CLI of `key` died unused (killed, crashed): it is
+        replaced, unless that happened WARM_DEATHS times in a row; then it waits for a request
+        of the shape."""
+        deaths = self._deaths[key] = self._deaths.get(key, 0) + 1
+        given_up = deaths >= WARM_DEATHS
+        if given_up:
+            self._wanted.pop(key, None)
+        log.warning("a warm Claude Code (pid %d) died while it waited for a request; %s",
+                    process.pid, "none is started again until a request needs one" if given_up
+                    else "another is started")
+
     def _usable(self, process: "ClaudeProcess") -> bool:
-        return not process._exited() and process.identity == file_identity(process.argv[0]) \
+        return not process.exited() and process.identity == file_identity(process.argv[0]) \
             and time.monotonic() - process.spawned < self.idle_limit
 
     def _reclaim(self) -> bool:
@@ -3868,14 +3919,17 @@ class WarmPool:
                         del self._ready[key]
                         self._ending.append((process, True))
                         wanted = self._wanted.get(key)
-                        if wanted and not (wanted.again and now - wanted.used < WARM_KEY_KEPT):
+                        if process.exited():
+                            self._died(key, process)
+                        elif wanted and not (wanted.again and now - wanted.used < WARM_KEY_KEPT):
                             del self._wanted[key]
                 ending, self._ending = self._ending, []
                 missing = [(k, w) for k, w in reversed(self._wanted.items())
                            if k not in self._ready]
                 if not ending and (not missing or self._no_slot) and not self._closed:
-                    soonest = min((p.spawned + self.idle_limit for p in self._ready.values()),
-                                  default=now + self.idle_limit)
+                    soonest = min([p.spawned + self.idle_limit for p in self._ready.values()]
+                                  + [now + WARM_CHECK_INTERVAL if self._ready else
+                                     now + self.idle_limit])
                     self._changed.wait(max(0.01, soonest - now))
                     continue
                 if self._closed:
@@ -3925,7 +3979,7 @@ class ClaudeRun:
 
     Entering takes a warm CLI of the request's shape (WarmPool), its slot with it, or waits
     for a slot (ProcessSlots); leaving ends and reaps the CLI, then frees the slot. `note`
-    collects what the request's log line tells (warm, queued, retried, cli_exit)."""
+    collects what the request's log line tells (warm, queued, retried, how the CLI ended)."""
 
     def __init__(self, server: "ProxyServer", launch: Launch, client: socket.socket,
                  note: Dict[str, Any]):
@@ -4004,14 +4058,14 @@ class ClaudeRun:
                     raise APIError(503, "claude-max-proxy is shutting down; the request was "
                                    "ended.", type="server_error", code="shutting_down") from None
                 tail = process.stderr_tail()
-                if process.handed and not process.lines:
+                if process.handed and not process.took_request:
                     # The warm CLI ended before it took the request: a fresh one takes it.
                     log.debug("a warm Claude Code ended unused (exit code %s): %s", code,
                               tail[-300:])
                     self.note["warm"] = "ended"
                     self._end()
                     continue
-                if process.session and not process.lines:
+                if process.session and not process.took_request:
                     # It refused the session it was given or asked for (a CLI whose format
                     # changed): the conversation goes as a transcript instead.
                     refused, refused_launch = tail or "exit code %s" % code, self.launch
@@ -4031,7 +4085,8 @@ class ClaudeRun:
 
     def _end(self) -> None:
         if self.process is not None:
-            self.note["cli_exit"] = self.server.end_process(self.process, self.finished)
+            self.server.end_process(self.process, self.finished)
+            self.note["cli"] = self.process.outcome()
             self.process = None
         if self.warm is not None:  # taken, and never given the request
             self.server.end_process(self.warm, False)
@@ -4297,6 +4352,7 @@ class Route(NamedTuple):
     methods: Tuple[str, ...]
     handler: Callable[[], None]
     dialect: Optional[Dialect] = None  # whose error shape the path's errors take
+    public: bool = False  # answered without the API key too (/health, which then says less)
 
 
 class StrictHTTPHandler(BaseHTTPRequestHandler):
@@ -4498,7 +4554,7 @@ class ProxyHandler(StrictHTTPHandler):
 
     # -- who may ask ---------------------------------------------------------
 
-    def _check_access(self, path: str) -> None:
+    def _check_access(self, public: bool) -> None:
         """Refuse browsers from other sites, unknown Host names, and callers without a key.
 
         A web page can make a browser send requests to 127.0.0.1; it always sends an Origin (or
@@ -4526,7 +4582,7 @@ class ProxyHandler(StrictHTTPHandler):
         self._authorized = not server.key_digests or key_accepted(
             presented_key(self.headers.get("Authorization"), self.headers.get("x-api-key")),
             server.key_digests)
-        if not self._authorized and self.command != "OPTIONS" and path != "/health":
+        if not self._authorized and self.command != "OPTIONS" and not public:
             given = self.headers.get("Authorization") or self.headers.get("x-api-key")
             raise APIError(401, "Incorrect API key provided." if given else
                            "This proxy needs an API key: send `Authorization: Bearer KEY`.",
@@ -4543,15 +4599,13 @@ class ProxyHandler(StrictHTTPHandler):
         self._body_read = False
         self._authorized = False
         begun = time.monotonic()
-        path = self.path.split("?", 1)[0]
-        if path.startswith("/v1/"):
-            path = path[3:]
-        route = self._route(path)
+        path = self.path.split("?", 1)[0]  # as the client sent it: what the log and errors quote
+        route = self._route(path[3:] if path.startswith("/v1/") else path)
         self._dialect = route.dialect if route else None  # errors come in its shape
         self._request_id = (self._dialect.id_prefix if self._dialect else "req_") + hex_id
         try:
             try:
-                self._check_access(path)
+                self._check_access(route is not None and route.public)
                 if route is None:
                     raise APIError(404, "Unknown path %r. This proxy serves %s, /v1/models and "
                                    "/health." % (path[:200], ", ".join(
@@ -4589,7 +4643,7 @@ class ProxyHandler(StrictHTTPHandler):
         read = ("GET", "HEAD")
         dialects = self.server.dialects
         if path == "/health":
-            return Route(read, self._health)
+            return Route(read, self._health, public=True)
         if path == "/models":
             return Route(read, self._models)
         if path.startswith("/models/"):
