@@ -84,6 +84,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import operator
 import os
 import plistlib
 import re
@@ -1401,7 +1402,9 @@ class StopSequences:
 
 # Content block kinds whose text reaches the client, and where a block keeps its text. A tool
 # call's text is its input as JSON: "tool_use" is a call of a client's tool, "structured" the
-# CLI's StructuredOutput call, "hidden" any block the client is not shown.
+# CLI's StructuredOutput call, "withheld" the text of an answer that must be JSON (shown at
+# the end only if it is that JSON: AnswerFold._finish_json), "hidden" any other block the client
+# is not shown.
 BLOCK_TEXT = {"text": "text", "thinking": "thinking", "tool_use": "input"}
 TOOL_KINDS = ("tool_use", "structured", "hidden")
 DELTA_KINDS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
@@ -1495,11 +1498,13 @@ class AnswerFold:
 
     def __init__(self, stop: Iterable[str] = (), max_tokens_ends: bool = False,
                  now: Optional[float] = None, tools: Mapping[str, Tool] = {},
-                 schema: bool = False, single_call: bool = False):
-        """`tools`: the client's tools by the name the model sees; `schema`: the answer is the
-        CLI's structured output (other text is not shown); `single_call`: at most one call."""
+                 schema: Optional[Dict[str, Any]] = None, single_call: bool = False):
+        """`tools`: the client's tools by the name the model sees; `schema`: the answer is JSON
+        of it, the CLI's structured output or a text answer that is such JSON (other text is not
+        shown); `single_call`: at most one call."""
         self.tools = dict(tools)
-        self.schema = schema
+        self.output_schema = schema
+        self.schema = schema is not None
         self.single_call = single_call
         self.calls: Dict[int, ToolCall] = {}  # the call of each tool_use block of `sent`
         self.announced: "set[int]" = set()  # the blocks whose ToolCall went out
@@ -1571,7 +1576,7 @@ class AnswerFold:
             if not isinstance(index, int) or index < 0 or not isinstance(delta.get(key), str):
                 return
             known = message.blocks[index][0] if index < len(message.blocks) else None
-            if known in ("hidden", "structured") or block_kind == "text" and self.schema:
+            if known in ("hidden", "structured", "withheld") or block_kind == "text" and self.schema:
                 return  # not shown (a structured answer is its result's)
             if block_kind == "tool_use" and known != "tool_use":
                 return  # the input of a call that never began
@@ -1632,8 +1637,9 @@ class AnswerFold:
         if self._called() and subtype in ("success", "error_max_turns"):
             self._finish("tool_use")  # calls that came whole: --max-turns 1 ended the run
             return
-        if subtype == "error_max_turns" and self.schema:
-            raise no_structured_output()
+        if subtype == "error_max_turns" and self.schema:  # tools offered too: one turn
+            self._finish_json(result)
+            return
         if subtype == "error_max_turns" and self.settled_any:
             self._finish(self.last_stop)  # the model called a tool it does not have
             return
@@ -1645,14 +1651,30 @@ class AnswerFold:
             if not self.schema:
                 self._emit("text", result.get("result") or "")
         if self.schema:
-            value = result.get("structured_output")
-            if value is None:
-                raise no_structured_output()
-            said = result.get("result")
-            self._emit("text", input_text(said if isinstance(said, str) else "", value))
-            self._finish("end_turn")
+            self._finish_json(result)
             return
         self._finish(result.get("stop_reason") or self.last_stop)
+
+    def _finish_json(self, result: Dict[str, Any]) -> None:
+        """The answer of a request for JSON: the CLI's structured output, or else the first
+        text the model wrote that is such JSON (models often answer in plain text, fenced or
+        not, and the API would return that): the result's, then the turns' from the last."""
+        said = result.get("result")
+        said = said if isinstance(said, str) else ""
+        value = result.get("structured_output")
+        if value is not None:
+            self._emit("text", input_text(said, value))
+        else:
+            texts = [said] + [text for kind, text, _ in reversed(self.answer)
+                              if kind == "withheld"]
+            for text in texts:
+                found = json_in_text(text)
+                if found is not None and schema_error(found[0], self.output_schema or {}) is None:
+                    self._emit("text", found[1])
+                    break
+            else:
+                raise no_structured_output()
+        self._finish("end_turn")
 
     # -- the ledger --------------------------------------------------------
 
@@ -1675,7 +1697,7 @@ class AnswerFold:
         """A content block begins: of which kind it is for the client (see BLOCK_TEXT)."""
         kind = str(block.get("type"))
         if kind == "text" and self.schema:
-            kind = "hidden"  # the answer is the structured output
+            kind = "withheld"  # the answer is JSON: the structured output, or this if it is
         elif kind == "tool_use":
             tool = self.tools.get(str(block.get("name")))
             earlier = any(k == "tool_use" for k, _, _ in self.answer[:message.base]) or any(
@@ -1835,6 +1857,105 @@ class AnswerFold:
         self.finished = True
 
 
+FENCED_JSON = re.compile(r"\A\s*```(?:json)?[ \t]*\n(.*?)\n?```\s*\Z", re.S | re.I)
+
+
+def json_in_text(text: str) -> Optional[Tuple[Any, str]]:
+    """(the value, its JSON text) when `text` is one JSON value, bare or in a ``` fence."""
+    fenced = FENCED_JSON.match(text)
+    text = (fenced.group(1) if fenced else text).strip()
+    if not text[:1] in ("{", "["):
+        return None
+    try:
+        return json.loads(text, parse_constant=_reject_constant), text
+    except (ValueError, RecursionError):
+        return None
+
+
+def json_types(value: Any) -> "set[str]":
+    """The JSON Schema types `value` is of (1.0 is an integer and a number, True only a bool)."""
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int) or isinstance(value, float) and value.is_integer():
+        return {"integer", "number"}
+    names = {float: "number", str: "string", list: "array", dict: "object", type(None): "null"}
+    return {names[type(value)]} if type(value) in names else set()
+
+
+def schema_error(value: Any, schema: Any, where: str = "$",
+                 root: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Where `value` breaks `schema`, or None. JSON Schema's common words (what OpenAI's
+    structured outputs and pydantic use): type, enum, const, properties, required,
+    additionalProperties, items, prefixItems, anyOf, oneOf, allOf, $ref within the document,
+    the bounds of strings, numbers and arrays. Others (format, pattern...) are not checked."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict):
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+        if target is not None and target is not schema:
+            error = schema_error(value, target, where, root)
+            if error:
+                return error
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else None
+    if kinds is not None and not json_types(value) & set(map(str, kinds)):
+        return "%s is not of type %s" % (where, " or ".join(map(str, kinds)))
+    if "enum" in schema and isinstance(schema["enum"], list) and value not in schema["enum"]:
+        return "%s is not one of the values allowed" % where
+    if "const" in schema and value != schema["const"]:
+        return "%s is not the value required" % where
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for word, holds in (("minimum", operator.ge), ("maximum", operator.le),
+                        ("exclusiveMinimum", operator.gt), ("exclusiveMaximum", operator.lt)):
+        bound = schema.get(word)
+        if number and isinstance(bound, (int, float)) and not holds(value, bound):
+            return "%s is out of range (%s %s)" % (where, word, bound)
+    for word, kind, holds in (("minLength", str, operator.ge), ("maxLength", str, operator.le),
+                              ("minItems", list, operator.ge), ("maxItems", list, operator.le)):
+        bound = schema.get(word)
+        if isinstance(bound, int) and isinstance(value, kind) and not holds(len(value), bound):
+            return "%s has the wrong length (%s %d)" % (where, word, bound)
+    for word in ("allOf", "anyOf", "oneOf"):
+        options = schema.get(word)
+        if isinstance(options, list) and options:
+            errors = [schema_error(value, option, where, root) for option in options]
+            passed = sum(error is None for error in errors)
+            if (word == "allOf" and passed < len(options)) or (word == "anyOf" and not passed) \
+                    or (word == "oneOf" and passed != 1):
+                return next((e for e in errors if e), "%s matches none of %s" % (where, word))
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        for name in required if isinstance(required, list) else ():
+            if name not in value:
+                return "%s lacks the property %r" % (where, name)
+        extra = schema.get("additionalProperties", True)
+        for name, item in value.items():
+            if name in properties:
+                error = schema_error(item, properties[name], "%s.%s" % (where, name), root)
+            elif extra is False:
+                error = "%s has a property that is not allowed: %r" % (where, name)
+            else:
+                error = schema_error(item, extra, "%s.%s" % (where, name), root)
+            if error:
+                return error
+    if isinstance(value, list):
+        first = schema.get("prefixItems")
+        first = first if isinstance(first, list) else []
+        for index, item in enumerate(value):
+            error = schema_error(item, first[index] if index < len(first) else
+                                 schema.get("items"), "%s[%d]" % (where, index), root)
+            if error:
+                return error
+    return None
+
+
 def no_structured_output() -> APIError:
     return APIError(502, "The model did not answer in the requested JSON format: Claude Code "
                     "gave no structured output. Ask again.", type="server_error",
@@ -1843,7 +1964,8 @@ def no_structured_output() -> APIError:
 
 def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] = (),
                       max_tokens_ends: bool = False, now: Optional[float] = None,
-                      tools: Mapping[str, Tool] = {}, schema: bool = False,
+                      tools: Mapping[str, Tool] = {},
+                      schema: Optional[Dict[str, Any]] = None,
                       single_call: bool = False) -> Iterator[Event]:
     """Fold the CLI's stream-json events into Start, Text, Thinking, ToolCall and ToolInput
     pieces, and one Finish (a Revised among them when a retried answer contradicts what was
@@ -1853,8 +1975,9 @@ def completion_events(cli_events: Iterable[Dict[str, Any]], stop: Iterable[str] 
     a call of one is a ToolCall and its input, and the end of the model's turn that made calls
     ends the answer with stop_reason tool_use, every call of the turn in it (the CLI would
     deny them and ask the model again). With `single_call` only the first call is kept. With
-    `schema` the answer is the result's `structured_output` as one Text (the model's other
-    text is not shown); none is a 502.
+    `schema` (a JSON schema) the answer is the result's `structured_output` as one Text, or,
+    when the model wrote its JSON as text instead of through the CLI's tool, that text if it is
+    JSON of the schema (other text is not shown); no JSON at all is a 502.
 
     When a message stops at its output limit, the CLI asks the model to go on ("Output token
     limit hit. Resume directly...") up to three times, then gives up with an error result
@@ -4035,7 +4158,7 @@ class ClaudeRun:
                                        watch=self.client),
                         request.stop, max_tokens_ends=request.max_tokens is not None,
                         tools=self.launch.model_tools(),
-                        schema=request.output_schema is not None,
+                        schema=request.output_schema,
                         single_call=not request.parallel_tools):
                     if isinstance(event, Finish):
                         self.finished = not event.cut_short

@@ -2206,16 +2206,60 @@ class ToolFoldTest(unittest.TestCase):
 
     def test_structured_output_is_the_answer(self):
         _, events = tool_fold('[[fake:reply:Thinking aloud.]][[fake:structured:{"a": [1]}]]',
-                              {"--json-schema": "{}"}, schema=True)
+                              {"--json-schema": "{}"}, schema={"type": "object"})
         texts = [e.text for e in events if isinstance(e, proxy.Text)]
         self.assertEqual(texts, ['{"a":[1]}'], "only the JSON, as the CLI gives it")
         self.assertEqual(events[-1].stop_reason, "end_turn")
         with self.assertRaises(proxy.APIError) as caught:
-            tool_fold("no json", {"--json-schema": "{}"}, schema=True)
+            tool_fold("no json", {"--json-schema": "{}"}, schema={"type": "object"})
         self.assertEqual((caught.exception.status, caught.exception.code),
                          (502, "invalid_structured_output"))
         with self.assertRaises(proxy.APIError):
-            tool_fold("no json", {"--json-schema": "{}", "--max-turns": "1"}, schema=True)
+            tool_fold("no json", {"--json-schema": "{}", "--max-turns": "1"},
+                      schema={"type": "object"})
+
+    def test_json_the_model_wrote_as_text_is_the_answer_when_it_fits_the_schema(self):
+        """Models often answer a request for JSON in plain text instead of through the CLI's
+        StructuredOutput tool (the CLI nudges once, then gives up): JSON that fits is what the
+        API would have returned, bare or fenced, also when tools ended the run at one turn."""
+        schema = {"type": "object", "properties": {"name": {"type": "string"}},
+                  "required": ["name"], "additionalProperties": False}
+        for said, opts in (('{"name": "Ada"}', {}), ('```json\n{"name": "Ada"}\n```', {}),
+                           ('{"name": "Ada"}', {"--max-turns": "1"})):
+            _, events = tool_fold("[[fake:reply:%s]]" % said, dict(opts, **{
+                "--json-schema": json.dumps(schema)}), schema=schema)
+            texts = [e.text for e in events if isinstance(e, proxy.Text)]
+            self.assertEqual([json.loads(t) for t in texts], [{"name": "Ada"}], (said, opts))
+            self.assertEqual(events[-1].stop_reason, "end_turn")
+        for said in ('{"nom": "Ada"}', '{"name": 7}', '["Ada"]', 'Ada', '{"name": "Ada"'):
+            with self.assertRaises(proxy.APIError, msg=said) as caught:
+                tool_fold("[[fake:reply:%s]]" % said, {"--json-schema": "{}"}, schema=schema)
+            self.assertEqual(caught.exception.code, "invalid_structured_output")
+
+    def test_the_schema_check(self):
+        pet = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}},
+               "required": ["kind"]}
+        schema = {"type": "object", "$defs": {"Pet": pet}, "required": ["name"],
+                  "additionalProperties": False, "properties": {
+                      "name": {"type": "string", "minLength": 1},
+                      "age": {"type": ["integer", "null"], "minimum": 0},
+                      "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
+                      "pet": {"$ref": "#/$defs/Pet"},
+                      "either": {"anyOf": [{"type": "string"}, {"type": "number"}]}}}
+        good = [{"name": "a"}, {"name": "a", "age": 3}, {"name": "a", "age": 3.0},
+                {"name": "a", "age": None}, {"name": "a", "tags": ["x"]},
+                {"name": "a", "pet": {"kind": "cat"}}, {"name": "a", "either": 1.5}]
+        bad = [{}, {"name": 1}, {"name": ""}, {"name": "a", "age": -1},
+               {"name": "a", "age": 1.5}, {"name": "a", "age": True}, {"name": "a", "x": 1},
+               {"name": "a", "tags": ["x", 2]}, {"name": "a", "tags": ["x"] * 3},
+               {"name": "a", "pet": {"kind": "cow"}}, {"name": "a", "pet": {}},
+               {"name": "a", "either": []}, [], "a", None]
+        for value in good:
+            self.assertIsNone(proxy.schema_error(value, schema), value)
+        for value in bad:
+            self.assertIsNotNone(proxy.schema_error(value, schema), value)
+        self.assertEqual(proxy.schema_error({"name": "a", "tags": [1]}, schema),
+                         "$.tags[0] is not of type string")
 
     def test_a_call_restreamed_after_a_broken_stream_is_relayed_once(self):
         """The API stream breaks inside a call's input; the CLI streams the turn again: the
@@ -3591,11 +3635,22 @@ class DialectContract(FakeClaudeMixin):
                          schema)
         text, _, finish, error = self.client.streamed(self.post_stream(body))
         self.assertEqual((json.loads(text), finish, error), ({"name": "Ada"}, "stop", None))
-        body = self.client.with_tools(self.client.body("Who? No JSON here."), [], schema=schema)
-        del body["tools"]
-        status, _, answer = self.p.request("POST", self.client.path, body)
-        self.assertEqual(status, 502)
-        self.assertIn("requested JSON format", self.client.error(answer))
+        # The model wrote its JSON as text, not through the CLI's tool: that is the answer.
+        for said in ('{"name": "Bo"}', '```json\n{"name": "Bo"}\n```'):
+            body = self.client.with_tools(self.client.body("Who? [[fake:reply:%s]]" % said),
+                                          [], schema=schema)
+            del body["tools"]
+            text, _, finish = self.client.answer(self.post(body))
+            self.assertEqual((json.loads(text), finish), ({"name": "Bo"}, "stop"))
+            text, _, finish, error = self.client.streamed(self.post_stream(body))
+            self.assertEqual((json.loads(text), finish, error), ({"name": "Bo"}, "stop", None))
+        for said in ("No JSON here.", '{"nom": "Bo"}'):  # not JSON, or not of the schema
+            body = self.client.with_tools(self.client.body("Who? [[fake:reply:%s]]" % said),
+                                          [], schema=schema)
+            del body["tools"]
+            status, _, answer = self.p.request("POST", self.client.path, body)
+            self.assertEqual(status, 502, said)
+            self.assertIn("requested JSON format", self.client.error(answer))
         self.assert_no_cli_left(self.p)
 
     def test_bad_bodies_are_400_in_the_dialects_shape(self):
@@ -6174,6 +6229,12 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         letter = "v" if "[[api:differ]]" in text and call > 1 else "w"
         pieces = ["%s%s%d" % (" " if i else "", letter, i) for i in range(int(words.group(1)))] \
             if words else ["Hello", " from", " the", " fake", " API."]
+        # [[api:reply:TEXT]] in the conversation's first message: the model answers TEXT.
+        first = body["messages"][0]["content"]
+        reply = re.search(r"\[\[api:reply:(.*?)\]\]", first if isinstance(first, str) else
+                          " ".join(b.get("text", "") for b in first if isinstance(b, dict)), re.S)
+        if reply:
+            pieces = [w for w in re.split(r"(?=\s)", reply.group(1)) if w]
         blocks = [("text", pieces)]
         # [[api:call:NAME:JSON]] (repeatable) calls the offered tool NAME (or mcp__*__NAME)
         # with the JSON as its input, after a short text: the answer stops with tool_use.
@@ -6772,6 +6833,38 @@ class EndToEndTest(unittest.TestCase):
         structured = [t for t in sent["tools"] if t["name"] == "StructuredOutput"]
         self.assertEqual(structured[0]["input_schema"], schema)
         self.assertEqual(len(self.api.requests), 1)
+
+    def test_json_the_model_writes_as_text_is_the_answer_in_every_dialect(self):
+        """The model answers in plain text rather than through StructuredOutput (the real CLI
+        nudges it once, then ends with the text as its result): valid JSON is the answer
+        (instructor's Mode.JSON, DSPy's JSONAdapter); text that is no JSON is still a 502."""
+        schema = {"type": "object", "properties": {"name": {"type": "string"}},
+                  "required": ["name"]}
+        prompt = 'e2e-json-text [[api:reply:{"name": "Ada"}]]'
+        bodies = {
+            "/v1/chat/completions": {"model": "sonnet", "messages": [
+                {"role": "system", "content": "Answer as JSON with a name."},
+                {"role": "user", "content": prompt}], "response_format": {"type": "json_object"}},
+            "/v1/messages": {"model": "sonnet", "max_tokens": 100, "messages": [
+                {"role": "user", "content": prompt}], "output_format": {
+                    "type": "json_schema", "schema": schema}},
+            "/v1/responses": {"model": "sonnet", "input": prompt, "text": {"format": {
+                "type": "json_schema", "name": "person", "schema": schema}}}}
+        for path, body in bodies.items():
+            for stream in (False, True):
+                status, _, answer = self.proxy.request("POST", path, dict(body, stream=stream))
+                self.assertEqual(status, 200, (path, answer))
+                if stream:  # the JSON text, quoted in a JSON event
+                    self.assertIn(json.dumps('{"name": "Ada"}')[1:-1], answer.decode(), path)
+                    continue
+                text = answer["choices"][0]["message"]["content"] if "choices" in answer else \
+                    answer["content"][0]["text"] if "content" in answer else \
+                    answer["output"][-1]["content"][0]["text"]
+                self.assertEqual(json.loads(text), {"name": "Ada"}, path)
+        status, _, answer = self.proxy.request("POST", "/v1/chat/completions", {
+            "model": "sonnet", "messages": [{"role": "user", "content": "e2e-json-none"}],
+            "response_format": {"type": "json_object"}})
+        self.assertEqual((status, answer["error"]["code"]), (502, "invalid_structured_output"))
 
     def test_the_subscription_login_still_authenticates(self):
         """OAuth credentials are not settings: --safe-mode --setting-sources "" keeps them."""
