@@ -3462,7 +3462,7 @@ class ClaudeProcess:
                           encoding="utf-8") as f:
                     self._files[name] = path
                     f.write(text)
-        except OSError:
+        except BaseException:  # a full disk, say: nothing of this run stays behind
             self._remove_files()
             raise
         self.argv: List[str] = argv_for(dict(self._files))
@@ -4237,23 +4237,57 @@ def _reject_constant(name: str) -> Any:
     raise ValueError("%s is not valid JSON" % name)
 
 
-# A \uD800-\uDFFF escape: only valid in a high-low pair, which has to be checked.
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A surrogate code point, raw (UTF-8 bytes ED A0 80 to ED BF BF, decoded with surrogatepass) or
+# as a \uD800-\uDFFF escape: valid only as an escaped high-low pair, which json joins.
+SURROGATE = re.compile(r"[\ud800-\udfff]|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def parse_json_body(raw: Union[bytes, bytearray]) -> Any:
+    """A request body as JSON: UTF-8 only (RFC 8259, section 8.1; a UTF-8 byte order mark is
+    ignored), no NaN or Infinity, and no unpaired surrogate, which no text can hold (the CLI's
+    stdin and files are UTF-8): the field that holds one is named."""
+    if raw[:3] == b"\xef\xbb\xbf":
+        raw = raw[3:]
+    if json.detect_encoding(raw) != "utf-8":  # by its byte order mark or its zero bytes
+        raise invalid("", "The request body must be JSON encoded as UTF-8 (RFC 8259, section "
+                          "8.1), not UTF-16 or UTF-32.")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-        if SURROGATE_ESCAPE.search(raw):
-            json.dumps(body, ensure_ascii=False).encode("utf-8")  # unpaired ones cannot be sent on
+        text = raw.decode("utf-8", "surrogatepass")  # raw surrogates: named below, by field
+        body = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise invalid("", "The request body is nested too deeply.") from None
     except UnicodeError:
-        raise invalid("", "The request body is not valid UTF-8 or holds an unpaired surrogate "
-                          "(\\uD800-\\uDFFF).") from None
+        raise invalid("", "The request body is not valid UTF-8.") from None
     except ValueError as e:
         raise invalid("", "The request body is not valid JSON: %s" % e) from None
+    if SURROGATE.search(text):
+        field = surrogate_field(body, "")
+        if field is not None:
+            raise invalid(field, "%s holds an unpaired surrogate (U+D800 to U+DFFF, raw or as a "
+                          "\\u escape), which is not text: send valid UTF-8."
+                          % ("`%s`" % field if field else "The request body"))
     return body
+
+
+def surrogate_field(value: Any, where: str) -> Optional[str]:
+    """The path of the first string (or key) in `value` with an unpaired surrogate, or None."""
+    stack = [(value, where)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if LONE_SURROGATE.search(value):
+                return where
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                field = "%s.%s" % (where, key) if where else key
+                if LONE_SURROGATE.search(key):
+                    return field.encode("utf-8", "backslashreplace").decode("ascii")
+                stack.append((item, field))
+        elif isinstance(value, list):
+            stack.extend(("%s[%d]" % (where, i), item)[::-1] for i, item in
+                         reversed(list(enumerate(value))))
+    return None
 
 
 class ProxyServer(ThreadingHTTPServer):
@@ -4751,6 +4785,16 @@ class ProxyHandler(StrictHTTPHandler):
         except (ConnectionError, TimeoutError, socket.timeout):
             self.close_connection = True  # the client hung up while we wrote: not our fault
             self._status = self._status or 499
+        except Exception:  # a bug: its traceback goes to the log, and the client still hears
+            log.exception("error while serving %s %s", self.command,
+                          path.translate(self._control_table)[:200])
+            self.close_connection = True
+            if not self._status:  # nothing was sent yet
+                with contextlib.suppress(OSError):
+                    self._send_error(APIError(500, "claude-max-proxy failed on this request; "
+                                              "its log has the details.", type="server_error",
+                                              code="internal_error"))
+            self._status = self._status or 500
         finally:
             note = "".join(" %s=%s" % item for item in self._note.items())
             log.info("%s %s %s %.2fs%s id=%s", self.command, path.translate(

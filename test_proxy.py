@@ -5021,6 +5021,133 @@ class MalformedInputTest(FakeClaudeMixin, unittest.TestCase):
         wait_until(lambda: threading.active_count() <= threads, what="threads to end")
 
 
+class BodyEncodingTest(FakeClaudeMixin, unittest.TestCase):
+    """Bodies must be UTF-8 text: every endpoint answers what is not with a 400 that says why,
+    and no request is left without an answer."""
+
+    BAD = "x\ud800y"  # a lone surrogate: no UTF-8 text can hold it
+    BODIES = {  # path -> (body, the field of the prompt, the field of the system prompt)
+        "/v1/chat/completions": (lambda prompt, system: {"model": "sonnet", "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": prompt}]},
+            "messages[1].content", "messages[0].content"),
+        "/v1/messages": (lambda prompt, system: {"model": "sonnet", "max_tokens": 10,
+                                                 "system": system, "messages": [
+                                                     {"role": "user", "content": prompt}]},
+                         "messages[0].content", "system"),
+        "/v1/responses": (lambda prompt, system: {"model": "sonnet", "instructions": system,
+                                                  "input": prompt}, "input", "instructions")}
+
+    def error_text(self, body):
+        return body["error"]["message"]
+
+    def test_lone_surrogates_raw_or_escaped_are_a_400_naming_the_field(self):
+        p = self.start_proxy()
+        for path, (make, prompt_field, system_field) in self.BODIES.items():
+            for field, body in ((prompt_field, make(self.BAD, "Be terse.")),
+                                (system_field, make("hi", self.BAD))):
+                # Raw: the UTF-8 encoding of the surrogate (ED A0 80); escaped: \ud800.
+                for how, raw in (("raw", json.dumps(body, ensure_ascii=False).encode(
+                        "utf-8", "surrogatepass")), ("escaped", json.dumps(body).encode())):
+                    with self.subTest(path=path, field=field, how=how):
+                        status, response, answer = p.request("POST", path, raw=raw)
+                        self.assertEqual(status, 400, answer)
+                        self.assertEqual(answer["error"]["type"], "invalid_request_error")
+                        self.assertIn("`%s`" % field, self.error_text(answer))
+                        self.assertIn("unpaired surrogate", self.error_text(answer))
+        # A pair is a character: it goes through.
+        status, _, answer = p.request("POST", "/v1/chat/completions",
+                                      raw=json.dumps(chat_body("\U0001f600")).encode())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.only_run()["stdin"][0]["message"]["content"], "\U0001f600")
+        self.assertEqual([n for n in os.listdir(p.server.workdir) if n.endswith(".txt")], [],
+                         "no run's file (system-*.txt) left behind")
+
+    def test_utf16_and_utf32_bodies_are_refused_a_utf8_byte_order_mark_is_not(self):
+        p = self.start_proxy()
+        text = json.dumps(chat_body("hi"))
+        for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
+            status, _, answer = p.request("POST", "/v1/chat/completions",
+                                          raw=text.encode(encoding))
+            self.assertEqual(status, 400, encoding)
+            self.assertIn("must be JSON encoded as UTF-8", self.error_text(answer), encoding)
+        self.assertEqual(self.runs(), [])
+        status, _, answer = p.request("POST", "/v1/chat/completions",
+                                      raw=b"\xef\xbb\xbf" + text.encode())
+        self.assertEqual(status, 200, answer)
+
+    def test_a_request_that_fails_inside_the_daemon_still_gets_an_answer(self):
+        """A bug (here made by a mock) is a 500 in the dialect's shape with its traceback in
+        the log, not a connection closed without a word; a run's files go on every path."""
+        p = self.start_proxy()
+        with mock.patch.object(proxy.Messages, "parse", side_effect=RuntimeError("a bug")), \
+                self.assertLogs("claude_max_proxy", "ERROR") as logs:
+            status, _, answer = p.request("POST", "/v1/messages", {"model": "sonnet"})
+        self.assertEqual((status, answer["type"], answer["error"]["type"]),
+                         (500, "error", "api_error"))
+        self.assertIn("RuntimeError: a bug", "\n".join(logs.output))
+        with mock.patch.object(proxy.ClaudeProcess, "__init__",
+                               side_effect=UnicodeEncodeError("utf-8", "", 0, 1, "a bug")), \
+                self.assertLogs("claude_max_proxy", "ERROR"):
+            status, _, answer = p.request("POST", "/v1/chat/completions", chat_body("hi"))
+        self.assertEqual((status, answer["error"]["code"]), (500, "internal_error"))
+        self.assertEqual(p.request("GET", "/health")[0], 200)
+        # A run whose file cannot be written leaves none: the files go with the error.
+        with mock.patch.object(proxy.Launch, "files", lambda launch: {
+                "system": "fine", "other": "x\ud800"}):
+            with self.assertLogs("claude_max_proxy", "ERROR"):
+                status, _, _ = p.request("POST", "/v1/chat/completions", chat_body("hi"))
+        self.assertEqual(status, 500)
+        self.assertEqual([n for n in os.listdir(p.server.workdir) if n.endswith(".txt")], [])
+
+
+class RequestLogTest(FakeClaudeMixin, unittest.TestCase):
+    """The daemon's log line per request says what happened, in the client's terms."""
+
+    def logged(self, p, send, count=1):
+        """The log lines of the requests `send()` makes (each is written after its answer)."""
+        with self.assertLogs("claude_max_proxy", "INFO") as logs:
+            send()
+            wait_until(lambda: len([line for line in logs.output if " id=" in line]) >= count,
+                       what="the request's log line")
+        return [line for line in logs.output if " id=" in line]
+
+    def test_the_path_is_the_one_the_client_sent(self):
+        p = self.start_proxy()
+        line, = self.logged(p, lambda: p.chat("hi"))
+        self.assertIn("POST /v1/chat/completions 200 ", line)
+        lines = self.logged(p, lambda: (p.request("GET", "/health"), p.request("GET", "/models")),
+                            2)
+        self.assertIn("GET /health 200 ", lines[0])
+        self.assertIn("GET /models 200 ", lines[1])
+        for path in ("/v1/nope", "/nope", "/v1/v1/models"):
+            status, _, body = p.request("GET", path)
+            self.assertEqual(status, 404)
+            self.assertIn("Unknown path %r" % path, body["error"]["message"])
+        status, _, body = p.request("GET", "/v1/chat/completions")
+        self.assertEqual(status, 405)
+        self.assertIn("GET is not allowed on /v1/chat/completions", body["error"]["message"])
+
+    def test_how_the_cli_ended_in_words(self):
+        """Not `cli_exit=143` for every run the daemon ended itself (SIGTERM after a tool call,
+        a stop sequence): finished, stopped by the daemon, killed by a signal, an exit code."""
+        p = self.start_proxy(warm=0)
+        weather = [{"type": "function", "function": {"name": "get_weather"}}]
+        cases = [("hi", {}, 200, "cli=finished"),
+                 ('[[fake:call:get_weather:{"city": "Oslo"}]]', {"tools": weather}, 200,
+                  "cli=stopped"),
+                 ("one two [[fake:reply:one two three]]", {"stop": ["two"]}, 200, "cli=stopped"),
+                 ("[[fake:exit:7]]", {}, 502, "cli=exit:7"),
+                 ("[[fake:err529]]", {}, 503, "cli=exit:1")]
+        for content, fields, status, word in cases:
+            line, = self.logged(p, lambda: self.assertEqual(
+                p.chat(content, **fields)[0], status, content))
+            self.assertIn(" %s " % word, line, content)
+            self.assertNotIn("cli_exit", line)
+        open(os.path.join(self.log_dir, "die-on-line"), "w").close()  # killed by someone else
+        line, = self.logged(p, lambda: self.assertEqual(p.chat("hi")[0], 502))
+        self.assertIn(" cli=signal:SIGKILL ", line)
+
+
 class LoadTest(FakeClaudeMixin, unittest.TestCase):
     """What load it holds: CLI processes capped, a fair and bounded queue, bodies and clients."""
 
