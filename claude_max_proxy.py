@@ -41,6 +41,9 @@ What it guards:
 * A request does not wait for a CLI to start: a few are started ahead and wait on stdin
   (``--warm``, WarmPool), for the request shapes in use and a conversation's next turn; they
   give way to any request that needs their slot and never grow stale.
+* Your subscription stays yours: it knows where the five-hour and weekly windows stand
+  (``/v1/usage``, the API's rate-limit headers), can keep a share of them for you
+  (``--reserve``), and never lets requests run on paid extra usage unless told so.
 * Logs name methods, paths, statuses, models, durations and token counts, never prompts or answers.
 
 See README.md for configuration, the launchd agent, and the exact translation rules.
@@ -61,7 +64,8 @@ Completions' parsing); The CLI launch (and the MCP bridge);
 CLI events -> completion events (AnswerFold); Dialects (an Answer and a Dialect class each for
 Chat Completions, Anthropic Messages, OpenAI Responses, and the DIALECTS registry the router
 reads); Who may use it; The CLI process (ClaudeCLI, ClaudeProcess, ProcessSlots, WarmPool,
-ClaudeRun);
+ClaudeRun); The subscription (Subscription: its windows from the CLI's rate_limit_event lines,
+/v1/usage, the rate-limit headers, --reserve and extra usage; Login);
 HTTP (ProxyServer, StrictHTTPHandler, ProxyHandler); Command line; Running at login (the
 `service` commands: launchd or systemd); main().
 
@@ -80,6 +84,7 @@ import contextlib
 import email.errors
 import hashlib
 import hmac
+import html
 import http.client
 import ipaddress
 import json
@@ -264,6 +269,20 @@ PREAMBLES_KEPT = 32  # of today's: one per CLI, model and settings in use
 LEARN_WAIT = 1.0  # seconds an answer may wait for the CLI to write the session it learns from
 SESSION_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 MAX_SCHEMA_BYTES = 64 * 1024  # --json-schema goes on the command line (128 KiB per argument)
+
+# The subscription (see Subscription). What the CLI last reported of its windows, kept in
+# shared_dir() so that a restarted daemon knows it; `claude auth status` asked at most this often.
+USAGE_FILE = "subscription.json"
+LOGIN_CHECK_INTERVAL = 60.0
+DEFAULT_RESERVE = 0  # percent of each window kept for the user's own use (--reserve); 0: none
+REQUEST_LOG_SIZE = 50  # requests the status page lists (their figures only, no text)
+# Windows --reserve keeps a share of, and the header abbreviation the API uses for each (the
+# anthropic-ratelimit-unified-5h-* and -7d-* headers).
+RESERVED_WINDOWS = {"five_hour": "5h", "seven_day": "7d"}
+WINDOW_NAMES = {"five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
+                "seven_day_sonnet": "weekly Sonnet"}
+# A window in extra usage whose reset time the CLI did not say: refused this long at most.
+OVERAGE_FALLBACK_SECONDS = 5 * 3600
 
 # Anthropic stop_reason -> OpenAI finish_reason.
 FINISH_REASONS = {
@@ -2009,6 +2028,12 @@ def retry_after_seconds(text: str, rate_limit: Optional[Dict[str, Any]],
     return max(1, int(resets - now))
 
 
+# The API's refusal of a subscription request that only extra usage could pay for, by meaning:
+# "Third-party apps now draw from your extra usage, not your plan limits. ...", "Extra usage
+# is required for long context requests." (their wording changes).
+EXTRA_USAGE_REQUIRED = re.compile(r"\bextra usage\b", re.I)
+
+
 def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any]] = None,
                       now: Optional[float] = None) -> APIError:
     """A CLI `result` with is_error as the HTTP error a client should see."""
@@ -2028,6 +2053,14 @@ def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any
         return APIError(401, "Claude Code is not logged in or its credentials were refused: run "
                         "`claude` in a terminal and log in." + said,
                         type="authentication_error", code="claude_not_logged_in")
+    if status in (400, 403) and EXTRA_USAGE_REQUIRED.search(text):
+        return APIError(400, "Your Claude subscription would not count this request against "
+                        "your plan's limits: it can only run on extra usage (paid per use), "
+                        "which your account does not allow. The API said: %s To go on, turn on "
+                        "extra usage in your claude.ai settings (Settings > Usage); for a long "
+                        "context, send a shorter input or use a model without [1m]."
+                        % re.sub(r"^API Error: \d+\s*", "", text.strip()),
+                        code="extra_usage_required")
     if result.get("terminal_reason") == "prompt_too_long" or "prompt is too long" in lowered:
         return APIError(400, "The conversation is too long for the model's context window." + said,
                         code="context_length_exceeded", param="messages")
@@ -2997,12 +3030,22 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
-def presented_key(authorization: Optional[str], x_api_key: Optional[str]) -> Optional[str]:
-    """The key a client sent: `Authorization: Bearer KEY` (OpenAI SDKs) or `x-api-key: KEY`."""
+def presented_key(authorization: Optional[str], x_api_key: Optional[str],
+                  basic: bool = False) -> Optional[str]:
+    """The key a client sent: `Authorization: Bearer KEY` (OpenAI SDKs) or `x-api-key: KEY`;
+    with `basic` (the status page, for a browser) also HTTP Basic auth with the key as the
+    password, whatever the user name."""
     if authorization:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
+        if basic and scheme.lower() == "basic" and token.strip():
+            try:
+                decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            password = decoded.partition(":")[2]
+            return password or None
     if x_api_key and x_api_key.strip():
         return x_api_key.strip()
     return None
@@ -4154,14 +4197,15 @@ class ClaudeRun:
             answered = False
             try:
                 for event in completion_events(
-                        process.events(settings.timeout, settings.idle_timeout,
-                                       watch=self.client),
+                        self._watched(process.events(settings.timeout, settings.idle_timeout,
+                                                     watch=self.client)),
                         request.stop, max_tokens_ends=request.max_tokens is not None,
                         tools=self.launch.model_tools(),
                         schema=request.output_schema,
                         single_call=not request.parallel_tools):
                     if isinstance(event, Finish):
                         self.finished = not event.cut_short
+                        self.server.subscription.spent(event.usage)
                         if process.session and process.launch:
                             self.server.sessions.learn(process.launch, process.session,
                                                        wait=LEARN_WAIT)
@@ -4206,6 +4250,17 @@ class ClaudeRun:
                 self.note["retried"] = retried = "401"
                 self._end()
 
+    def _watched(self, lines: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        """The CLI's lines, as the subscription learns from them on their way."""
+        subscription = self.server.subscription
+        for line in lines:
+            kind = line.get("type")
+            if kind == "rate_limit_event":
+                subscription.learn(line.get("rate_limit_info"))
+            elif kind == "result":
+                subscription.cost(line)
+            yield line
+
     def _end(self) -> None:
         if self.process is not None:
             self.server.end_process(self.process, self.finished)
@@ -4227,6 +4282,535 @@ def parse_cli_line(line: Union[bytes, bytearray]) -> Optional[Dict[str, Any]]:
         log.debug("skipped a non-JSON line from the CLI (%d bytes)", len(line))
         return None
     return event if isinstance(event, dict) else None
+
+
+##############################################################################
+# The subscription: its windows as the CLI reports them, what was spent, the login
+##############################################################################
+
+# On a claude.ai login the CLI prints a `rate_limit_event` line for each API answer, built from
+# the API's anthropic-ratelimit-unified-* headers (2.1.331; none on an API key):
+#   {"type": "rate_limit_event", "rate_limit_info": {"status": "allowed_warning",
+#    "resetsAt": 1796520621, "rateLimitType": "five_hour", "utilization": 0.91,
+#    "overageStatus": "allowed", "isUsingOverage": false, "surpassedThreshold": 0.9,
+#    "unifiedWindows": {"five_hour": {"utilization": 0.91, "resetsAt": 1796520621,
+#    "status": "allowed_warning", "surpassedThreshold": 0.9}, "seven_day": {...}}}, ...}
+# "rejected" with isUsingOverage true is an answer that succeeded, billed as extra usage.
+
+def number_or_none(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
+def string_or_none(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and value else None
+
+
+def usage_window(value: Any) -> Optional[Dict[str, Any]]:
+    """One window of `unifiedWindows` as /v1/usage shows it; None when it holds nothing."""
+    if not isinstance(value, dict):
+        return None
+    window: Dict[str, Any] = {}
+    utilization, resets = number_or_none(value.get("utilization")), \
+        number_or_none(value.get("resetsAt"))
+    if utilization is not None:
+        window["utilization"] = utilization
+    if resets is not None:
+        window["resets_at"] = int(resets)
+    status, threshold = string_or_none(value.get("status")), \
+        number_or_none(value.get("surpassedThreshold"))
+    if status is not None:
+        window["status"] = status
+    if threshold is not None:
+        window["surpassed_threshold"] = threshold
+    return window or None
+
+
+def local_time(when: float, now: float) -> str:
+    """A reset time as a person reads it: 14:05 today, else Thu 09:00, with the time left."""
+    moment, today = time.localtime(when), time.localtime(now)
+    clock = time.strftime("%H:%M" if moment[:3] == today[:3] else "%a %H:%M", moment)
+    return "%s (in %s)" % (clock, duration_words(when - now))
+
+
+def duration_words(seconds: float) -> str:
+    minutes = max(1, int(seconds + 59) // 60)
+    if minutes < 60:
+        return "%dm" % minutes
+    if minutes < 48 * 60:
+        return "%dh %02dm" % (minutes // 60, minutes % 60)
+    return "%dd %dh" % (minutes // 1440, minutes % 1440 // 60)
+
+
+class Subscription:
+    """What the CLI reported of the subscription the proxy spends, and what it spent.
+
+    Every request's CLI lines pass by (learn, spent); /v1/usage and the rate-limit headers read
+    snapshots (status, headers); each new request asks refusal() first. The latest state is kept
+    in `path` with the time it was learnt, so a restarted daemon knows it. A window whose reset
+    time has passed counts as reset: its old utilization no longer applies.
+    """
+
+    def __init__(self, path: Optional[str], reserve: int, allow_extra_usage: bool):
+        self.path, self.reserve, self.allow_extra_usage = path, reserve, allow_extra_usage
+        self._lock = threading.Lock()
+        self.started = int(time.time())
+        self._state: Dict[str, Any] = {"windows": {}}  # as saved; see learn()
+        self._totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0,
+                        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        self._usd = 0.0
+        if path:
+            self._load(path)
+
+    # -- what comes in -------------------------------------------------------
+
+    def learn(self, info: Any, now: Optional[float] = None) -> None:
+        """A rate_limit_event's `rate_limit_info`: each window it names replaces what was known
+        of that window; the overall status, its type and the overage state are the latest."""
+        if not isinstance(info, dict):
+            return
+        now = time.time() if now is None else now
+        windows = info.get("unifiedWindows")
+        with self._lock:
+            state = dict(self._state, windows=dict(self._state["windows"]),
+                         updated_at=int(now), status=string_or_none(info.get("status")),
+                         claim=string_or_none(info.get("rateLimitType")),
+                         resets_at=number_or_none(info.get("resetsAt")),
+                         overage_status=string_or_none(info.get("overageStatus")) or
+                         self._state.get("overage_status"),
+                         overage_in_use=info.get("isUsingOverage") is True)
+            for name, value in (windows.items() if isinstance(windows, dict) else ()):
+                window = usage_window(value)
+                if window is not None and isinstance(name, str):
+                    state["windows"][name] = window
+            claim = state["claim"]
+            if claim and claim not in state["windows"] and usage_window(info):
+                state["windows"][claim] = usage_window(info)  # a CLI without unifiedWindows
+            newly_overage = state["overage_in_use"] and not self._in_overage(self._state, now)
+            changed = {k: v for k, v in state.items() if k != "updated_at"} != {
+                k: v for k, v in self._state.items() if k != "updated_at"}
+            self._state = state
+        if newly_overage:
+            log.warning("the Claude subscription's %s limit is used up: requests are now billed "
+                        "as extra usage; %s", WINDOW_NAMES.get(claim or "", claim or "plan"),
+                        "--allow-extra-usage lets them go on" if not self.allow_extra_usage else
+                        "they go on (--allow-extra-usage)")
+        if changed and self.path:
+            self._save(self.path, state)
+
+    def spent(self, usage: Mapping[str, Any]) -> None:
+        """An answered request: its tokens (the result's usage, as the client is told)."""
+        with self._lock:
+            self._totals["requests"] += 1
+            for key in self._totals:
+                value = usage.get(key)
+                if key != "requests" and isinstance(value, int) and not isinstance(value, bool):
+                    self._totals[key] += value
+
+    def cost(self, result: Mapping[str, Any]) -> None:
+        """A CLI result's total_cost_usd: what the same tokens would have cost on the API."""
+        usd = number_or_none(result.get("total_cost_usd"))
+        if usd is not None and usd > 0:
+            with self._lock:
+                self._usd += usd
+
+    # -- what goes out -------------------------------------------------------
+
+    def status(self, now: Optional[float] = None) -> Dict[str, Any]:
+        """The body of /v1/usage but for `object` and `auth` (see ProxyHandler._usage)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            state, totals, usd = self._state, dict(self._totals), self._usd
+        windows = {name: self._window_now(window, now)
+                   for name, window in state["windows"].items()}
+        claim = state.get("claim")
+        status = state.get("status")
+        if status and claim in windows and windows[claim].get("reset"):
+            status = "allowed"  # the window that set it has begun anew
+        return {"updated_at": state.get("updated_at"), "status": status,
+                "windows": windows,
+                "overage": {"status": state.get("overage_status"),
+                            "in_use": self._in_overage(state, now)},
+                "totals": dict(totals, since=self.started, api_equivalent_usd=round(usd, 6)),
+                "reserve_percent": self.reserve, "allow_extra_usage": self.allow_extra_usage}
+
+    def headers(self, now: Optional[float] = None) -> List[Tuple[str, str]]:
+        """The anthropic-ratelimit-unified-* headers the Anthropic API sends a subscription
+        login, from the latest state (none before any): fractions and epoch seconds."""
+        usage = self.status(now)
+        if usage["updated_at"] is None:
+            return []
+        prefix = "anthropic-ratelimit-unified-"
+        headers = [(prefix + "status", usage["status"])] if usage["status"] else []
+        for name, short in RESERVED_WINDOWS.items():
+            window = usage["windows"].get(name, {})
+            for key, header in (("utilization", "utilization"), ("resets_at", "reset"),
+                                ("status", "status")):
+                value = window.get(key)
+                if value is not None:
+                    headers.append(("%s%s-%s" % (prefix, short, header), str(
+                        round(value, 6) if key == "utilization" else value)))
+        if usage["overage"]["status"]:
+            headers.append((prefix + "overage-status", usage["overage"]["status"]))
+            headers.append((prefix + "overage-in-use", "true" if usage["overage"]["in_use"]
+                            else "false"))
+        return headers
+
+    def refusal(self, now: Optional[float] = None) -> Optional[APIError]:
+        """The 429 a new request gets at once, without a CLI: the subscription is in extra usage
+        (unless --allow-extra-usage), or a window is within the share --reserve keeps."""
+        now = time.time() if now is None else now
+        with self._lock:
+            state = self._state
+        if not self.allow_extra_usage and self._in_overage(state, now):
+            resets = self._overage_ends(state)
+            name = WINDOW_NAMES.get(state.get("claim") or "", "plan's")
+            return APIError(
+                429, "Your Claude subscription's %s limit is used up: further requests would be "
+                "billed as extra usage, so claude-max-proxy refuses them until it resets at %s. "
+                "Start the proxy with --allow-extra-usage (CLAUDE_MAX_API_ALLOW_EXTRA_USAGE=1) "
+                "to let them through." % (name, local_time(resets, now)),
+                type="rate_limit_error", code="extra_usage",
+                retry_after=max(1, int(resets - now + 0.999)))
+        if not self.reserve:
+            return None
+        for name in RESERVED_WINDOWS:
+            window = self._window_now(state["windows"].get(name, {}), now)
+            used, ends = window.get("utilization"), window.get("resets_at")
+            if used is not None and ends is not None and used * 100 >= 100 - self.reserve:
+                return APIError(
+                    429, "claude-max-proxy keeps %d%% of your Claude subscription's %s window "
+                    "for your own use (--reserve %d): it is at %d%% and resets at %s."
+                    % (self.reserve, WINDOW_NAMES[name], self.reserve, int(used * 100),
+                       local_time(ends, now)), type="rate_limit_error", code="usage_reserve",
+                    retry_after=max(1, int(ends - now + 0.999)))
+        return None
+
+    # -- the state -----------------------------------------------------------
+
+    @staticmethod
+    def _window_now(window: Dict[str, Any], now: float) -> Dict[str, Any]:
+        """A window as it stands now: once past its reset, begun anew (nothing used of it that
+        is known, and no reset time until the CLI reports one)."""
+        resets = window.get("resets_at")
+        if resets is not None and resets <= now:
+            return {"utilization": 0.0, "resets_at": None, "status": "allowed", "reset": True}
+        return dict(window)
+
+    @staticmethod
+    def _overage_ends(state: Dict[str, Any]) -> float:
+        claim = state.get("claim")
+        window = state["windows"].get(claim or "", {})
+        resets = window.get("resets_at") or state.get("resets_at")
+        return float(resets if resets is not None else
+                     (state.get("updated_at") or 0) + OVERAGE_FALLBACK_SECONDS)
+
+    def _in_overage(self, state: Dict[str, Any], now: float) -> bool:
+        """Whether the CLI's latest word is that answers go to extra usage, and the window
+        that ran out has not reset since."""
+        return bool(state.get("overage_in_use")) and self._overage_ends(state) > now
+
+    def _load(self, path: str) -> None:
+        """The state a daemon before this one saved; a damaged file is ignored."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("ignored %s: %s", path, e)
+            return
+        if not isinstance(saved, dict) or not isinstance(saved.get("windows"), dict):
+            return
+        windows = {name: usage_window({"utilization": w.get("utilization"),
+                                       "resetsAt": w.get("resets_at"), "status": w.get("status"),
+                                       "surpassedThreshold": w.get("surpassed_threshold")})
+                   for name, w in saved["windows"].items() if isinstance(w, dict)}
+        updated = number_or_none(saved.get("updated_at"))
+        self._state = {"windows": {k: v for k, v in windows.items() if v},
+                       "updated_at": int(updated) if updated is not None else None,
+                       "status": string_or_none(saved.get("status")),
+                       "claim": string_or_none(saved.get("claim")),
+                       "resets_at": number_or_none(saved.get("resets_at")),
+                       "overage_status": string_or_none(saved.get("overage_status")),
+                       "overage_in_use": saved.get("overage_in_use") is True}
+
+    @staticmethod
+    def _save(path: str, state: Dict[str, Any]) -> None:
+        try:
+            write_private(path, json.dumps(state, sort_keys=True) + "\n")
+        except OSError as e:
+            log.warning("could not keep the subscription's state in %s: %s", path, e)
+
+
+class Login:
+    """How the CLI is logged in, from `claude auth status --json`: asked at start and then at
+    most once every LOGIN_CHECK_INTERVAL, in the background, so /health never waits on it."""
+
+    def __init__(self, claude: ClaudeCLI):
+        self.claude = claude
+        self._lock = threading.Lock()
+        self._known: Optional[Dict[str, Any]] = None  # {"logged_in", "method"}
+        self._asked = -LOGIN_CHECK_INTERVAL  # monotonic time of the last check begun
+        self._checking = False
+
+    def status(self) -> Optional[Dict[str, Any]]:
+        """The last answer (None before the first), and a new check if it is due."""
+        with self._lock:
+            due = not self._checking and time.monotonic() - self._asked >= LOGIN_CHECK_INTERVAL
+            if due:
+                self._checking, self._asked = True, time.monotonic()
+            known = self._known
+        if due:
+            threading.Thread(target=self._check, name="login-check", daemon=True).start()
+        return known
+
+    def check(self) -> Optional[Dict[str, Any]]:
+        """Ask now, and wait for the answer (at start)."""
+        with self._lock:
+            self._checking, self._asked = True, time.monotonic()
+        self._check()
+        return self._known
+
+    def _check(self) -> None:
+        known = None
+        try:
+            path = self.claude.status(wait=False)[0]
+            if path:
+                known = self._ask(path)
+        finally:
+            with self._lock:
+                if known is not None or self._known is None:
+                    self._known = known
+                self._checking = False
+
+    @staticmethod
+    def _ask(path: str) -> Optional[Dict[str, Any]]:
+        env = dict(os.environ)
+        env.pop("CLAUDECODE", None)  # as for every run (Launch.environment)
+        try:
+            done = subprocess.run([path, "auth", "status", "--json"], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=VERSION_TIMEOUT, env=env)
+            answer = json.loads(done.stdout)
+        except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+            log.debug("claude auth status: %s", e)
+            return None
+        if not isinstance(answer, dict) or not isinstance(answer.get("loggedIn"), bool):
+            return None
+        method = answer.get("authMethod")
+        return {"logged_in": answer["loggedIn"],
+                "method": method if isinstance(method, str) else None}
+
+
+##############################################################################
+# What a person sees: the `status` command and the status page (pure functions)
+##############################################################################
+
+BAR_WIDTH = 20  # characters of a window's bar in `status`: a line stays within 80 columns
+STATUS_WORDS = {"allowed_warning": "warning", "rejected": "limit reached"}
+ANSI = {"green": "\x1b[32m", "yellow": "\x1b[33m", "red": "\x1b[31m", "dim": "\x1b[2m",
+        "bold": "\x1b[1m", "off": "\x1b[0m"}
+
+
+def whole_percent(fraction: float) -> str:
+    """0.91 -> "91%": whole numbers, never rounded up to a limit not reached."""
+    return "%d%%" % int(fraction * 100 + 1e-6)
+
+
+def token_count(count: int) -> str:
+    """412, 9.5k, 310k, 1.2M: how many tokens, as a person reads it."""
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            value = count / size
+            return ("%.1f%s" if value < 10 else "%d%s") % (value, unit)
+    return str(count)
+
+
+def usage_color(fraction: float) -> str:
+    return "green" if fraction < 0.7 else "yellow" if fraction < 0.9 else "red"
+
+
+def ordered_windows(windows: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+    """The 5-hour window, the weekly one, then any other the CLI reported, by name."""
+    known = [name for name in WINDOW_NAMES if name in windows]
+    return [(name, windows[name]) for name in known + sorted(set(windows) - set(known))]
+
+
+def login_words(claude: Mapping[str, Any]) -> str:
+    if claude.get("logged_in") is True:
+        return "logged in (%s)" % (claude.get("auth_method") or "unknown method")
+    if claude.get("logged_in") is False:
+        return "NOT logged in: run `claude auth login`"
+    return "login not checked yet"
+
+
+def unknown_usage_words(claude: Mapping[str, Any]) -> str:
+    """Why nothing is known of the windows, in words (never zeros)."""
+    if claude.get("auth_method") == "api_key":
+        return "not reported: Claude Code uses an API key (billed per token), not a subscription"
+    if claude.get("logged_in") is False:
+        return "not known: Claude Code is not logged in"
+    return "not known yet: no answer has reported it (a claude.ai login reports it with each)"
+
+
+def extra_usage_words(usage: Mapping[str, Any]) -> str:
+    overage = usage.get("overage") or {}
+    proxy_allows = usage.get("allow_extra_usage")
+    if overage.get("in_use"):
+        return "IN USE: the plan's limit is used up; %s" % (
+            "requests go on, billed as extra usage (--allow-extra-usage)" if proxy_allows else
+            "requests are refused until it resets (--allow-extra-usage would let them through)")
+    account = {"allowed": "allowed on the account", None: "not known for the account"}.get(
+        overage.get("status"), "%s on the account" % overage.get("status"))
+    return "%s; %s" % (account, "allowed by this proxy (--allow-extra-usage)" if proxy_allows
+                       else "refused by this proxy (--allow-extra-usage)")
+
+
+def totals_words(totals: Mapping[str, Any]) -> str:
+    requests = totals.get("requests") or 0
+    if not requests:
+        return "no requests yet"
+    read = totals.get("cache_read_input_tokens") or 0
+    prompt = (totals.get("input_tokens") or 0) + read + \
+        (totals.get("cache_creation_input_tokens") or 0)
+    return "%d request%s · %s in / %s out tokens · %s read from cache · API value $%.2f" % (
+        requests, "" if requests == 1 else "s", token_count(prompt),
+        token_count(totals.get("output_tokens") or 0),
+        whole_percent(read / prompt) if prompt else "0%", totals.get("api_equivalent_usd") or 0)
+
+
+def window_words(window: Mapping[str, Any], now: float) -> Tuple[Optional[float], str]:
+    """(the fraction used or None, the rest of its line: reset time and status)."""
+    used = window.get("utilization")
+    if window.get("reset"):
+        return used, "reset since: a new window, nothing reported of it yet"
+    resets = window.get("resets_at")
+    words = "resets %s" % local_time(resets, now) if resets is not None else ""
+    said = STATUS_WORDS.get(str(window.get("status")))
+    return used, "  ".join(w for w in (words, said) if w)
+
+
+def status_text(usage: Mapping[str, Any], health: Mapping[str, Any], where: str, now: float,
+                color: bool) -> str:
+    """What `status` prints: one screen, at most 80 columns; with `color` (a terminal without
+    NO_COLOR) bars of blocks in colour, else plain text with bars of # and -."""
+    def paint(text: str, name: str) -> str:
+        return "%s%s%s" % (ANSI[name], text, ANSI["off"]) if color else text
+
+    claude = health.get("claude") or {}
+    uptime = health.get("uptime_seconds")
+    head = ["claude-max-proxy on %s" % where, login_words(claude)]
+    if uptime is not None:
+        head.append("up %s" % duration_words(float(uptime)))
+    if health.get("status") not in ("ok", "not_logged_in", None):
+        head.append(str(health.get("status")))
+    lines = [" · ".join(head)]
+    windows = [(WINDOW_NAMES.get(name, name.replace("_", " ")), window)
+               for name, window in ordered_windows(usage.get("windows") or {})]
+    width = max([len(label) for label, _ in windows] + [6]) + 2
+    for label, window in windows:
+        used, rest = window_words(window, now)
+        if used is None:
+            lines.append("%s%s  %s" % (label.ljust(width), "not reported", rest))
+            continue
+        filled = min(BAR_WIDTH, int(round(used * BAR_WIDTH)))
+        bar = paint("█" * filled, usage_color(used)) + paint("░" * (BAR_WIDTH - filled), "dim") \
+            if color else "[%s%s]" % ("#" * filled, "-" * (BAR_WIDTH - filled))
+        lines.append("%s%s %4s  %s" % (label.ljust(width), bar, whole_percent(used), rest))
+    if not windows:
+        lines.append("usage  " + unknown_usage_words(claude))
+    lines.append("extra usage  " + extra_usage_words(usage))
+    if usage.get("reserve_percent"):
+        lines.append("reserve  %d%% of each window kept for you (--reserve)"
+                     % usage["reserve_percent"])
+    lines.append("since start  " + totals_words(usage.get("totals") or {}))
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def status_page(usage: Mapping[str, Any], health: Mapping[str, Any], requests:
+                List[Dict[str, Any]], where: str, now: float) -> str:
+    """The page at GET / for a browser: the same as `status`, and the last requests. One
+    document: inline CSS, no script, font, image or link, readable without JavaScript; it asks
+    to be reloaded every 30 s. Every value from outside is escaped."""
+    e = html.escape
+    claude = health.get("claude") or {}
+    rows = []
+    for name, window in ordered_windows(usage.get("windows") or {}):
+        used, rest = window_words(window, now)
+        width = 0 if used is None else max(0, min(100, int(round(used * 100))))
+        rows.append('<tr><th>%s</th><td><div class="bar"><div class="%s" style="width:%d%%">'
+                    '</div></div></td><td class="num">%s</td><td>%s</td></tr>' % (
+                        e(WINDOW_NAMES.get(name, name.replace("_", " "))),
+                        usage_color(used or 0), width,
+                        whole_percent(used) if used is not None else "?", e(rest)))
+    if not rows:
+        rows.append('<tr><th>usage</th><td colspan="3">%s</td></tr>'
+                    % e(unknown_usage_words(claude)))
+    rows.append('<tr><th>extra usage</th><td colspan="3">%s</td></tr>' % e(
+        extra_usage_words(usage)))
+    if usage.get("reserve_percent"):
+        rows.append('<tr><th>reserve</th><td colspan="3">%d%% of each window kept for you '
+                    '(--reserve)</td></tr>' % int(usage["reserve_percent"]))
+    rows.append('<tr><th>since start</th><td colspan="3">%s</td></tr>' % e(
+        totals_words(usage.get("totals") or {})))
+    log_rows = []
+    for r in reversed(requests):
+        log_rows.append(
+            "<tr><td>%s</td><td>%s</td><td>%s</td><td class=num>%.2f s</td><td class=num>%s</td>"
+            "<td class=num>%s</td><td class=num>%s</td><td>%s</td></tr>" % (
+                e(time.strftime("%H:%M:%S", time.localtime(r["at"]))), e(str(r["dialect"])),
+                e(str(r["model"] or "")), r["seconds"], e(token_count(r["input_tokens"])),
+                e(token_count(r["output_tokens"])), e(whole_percent(r["cache_read"])
+                                                     if r["cache_read"] is not None else ""),
+                e("%s %s" % (r["status"], r["error"] or "") if r["error"] else
+                  str(r["status"]))))
+    uptime = health.get("uptime_seconds")
+    return """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="30">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>claude-max-proxy</title>
+<style>
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:60em;
+padding:0 1em;color:#1d1d1f;background:#fff}
+h1{font-size:1.3em}h2{font-size:1.05em;margin-top:2em}p.head{color:#555}
+table{border-collapse:collapse;width:100%%}th,td{text-align:left;padding:.3em .6em;
+border-bottom:1px solid #e5e5e5;vertical-align:middle}th{white-space:nowrap;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.bar{background:#eee;border-radius:4px;height:.9em;width:14em}.bar div{height:100%%;border-radius:4px}
+.green{background:#34a853}.yellow{background:#f5b400}.red{background:#d93025}
+@media (prefers-color-scheme:dark){body{background:#111;color:#eee}th,td{border-color:#333}
+.bar{background:#333}p.head{color:#aaa}}
+</style></head><body>
+<h1>claude-max-proxy</h1>
+<p class="head">%s · %s%s · page of %s, reloaded every 30 s</p>
+<table class="usage">%s</table>
+<h2>Last requests</h2>
+<table class="requests"><tr><th>time</th><th>dialect</th><th>model</th><th>took</th>
+<th>in</th><th>out</th><th>cache read</th><th>status</th></tr>
+%s</table>
+</body></html>
+""" % (e(where), e(login_words(claude)),
+       " · up %s" % e(duration_words(float(uptime))) if uptime is not None else "",
+       e(time.strftime("%H:%M:%S", time.localtime(now))), "\n".join(rows),
+       "\n".join(log_rows) or '<tr><td colspan="8">none yet</td></tr>')
+
+
+class RequestLog:
+    """The last requests' figures for the status page: a bounded ring in memory, holding no
+    prompt or answer text."""
+
+    def __init__(self, size: int = 50):
+        self._lock = threading.Lock()
+        self._entries: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=size)
+
+    def add(self, entry: Dict[str, Any]) -> None:
+        with self._lock:
+            self._entries.append(entry)
+
+    def entries(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            return list(self._entries)
 
 
 ##############################################################################
@@ -4332,6 +4916,10 @@ class ProxyServer(ThreadingHTTPServer):
             shared, self.cwd = None, os.path.join(self.workdir, "cwd")
             os.mkdir(self.cwd, 0o700)
         self.sessions = Sessions(self.cwd, shared, self.workdir, settings.history == "turns")
+        self.subscription = Subscription(os.path.join(shared or self.workdir, USAGE_FILE),
+                                         settings.reserve, settings.allow_extra_usage)
+        self.login = Login(self.claude)
+        self.requests = RequestLog(REQUEST_LOG_SIZE)  # the status page's last requests
         self.warm = WarmPool(self, min(settings.warm, settings.max_concurrency),
                              settings.warm_idle)
 
@@ -4510,6 +5098,9 @@ class Route(NamedTuple):
     handler: Callable[[], None]
     dialect: Optional[Dialect] = None  # whose error shape the path's errors take
     public: bool = False  # answered without the API key too (/health, which then says less)
+    page: bool = False  # a page for a browser: its key may come by HTTP Basic auth
+    # Its answers carry the subscription's anthropic-ratelimit-unified-* headers.
+    rate_limits: bool = False
 
 
 class StrictHTTPHandler(BaseHTTPRequestHandler):
@@ -4708,10 +5299,17 @@ class ProxyHandler(StrictHTTPHandler):
     request with a CLI run, streamed or whole."""
 
     _dialect: Optional[Dialect] = None
+    _rate_limits = False  # the route's answers carry the subscription's headers
+
+    def end_headers(self) -> None:
+        if self._rate_limits and self._authorized:
+            for name, value in self.server.subscription.headers():
+                self.send_header(name, value)
+        super().end_headers()
 
     # -- who may ask ---------------------------------------------------------
 
-    def _check_access(self, public: bool) -> None:
+    def _check_access(self, public: bool, page: bool = False) -> None:
         """Refuse browsers from other sites, unknown Host names, and callers without a key.
 
         A web page can make a browser send requests to 127.0.0.1; it always sends an Origin (or
@@ -4737,14 +5335,16 @@ class ProxyHandler(StrictHTTPHandler):
             raise APIError(403, "Requests from web pages are refused.",
                            type="permission_error", code="origin_not_allowed")
         self._authorized = not server.key_digests or key_accepted(
-            presented_key(self.headers.get("Authorization"), self.headers.get("x-api-key")),
-            server.key_digests)
+            presented_key(self.headers.get("Authorization"), self.headers.get("x-api-key"),
+                          basic=page), server.key_digests)
         if not self._authorized and self.command != "OPTIONS" and not public:
             given = self.headers.get("Authorization") or self.headers.get("x-api-key")
             raise APIError(401, "Incorrect API key provided." if given else
-                           "This proxy needs an API key: send `Authorization: Bearer KEY`.",
-                           code="invalid_api_key",
-                           headers={"WWW-Authenticate": 'Bearer realm="claude-max-proxy"'})
+                           "This proxy needs an API key: send `Authorization: Bearer KEY`%s." % (
+                               " or log in with any user name and the key as the password"
+                               if page else ""), code="invalid_api_key",
+                           headers={"WWW-Authenticate": '%s realm="claude-max-proxy"' % (
+                               "Basic" if page else "Bearer")})
 
     # -- routing -------------------------------------------------------------
 
@@ -4752,6 +5352,9 @@ class ProxyHandler(StrictHTTPHandler):
         self._status = 0
         hex_id = uuid.uuid4().hex[:24]
         self._note: Dict[str, Any] = {}
+        self._usage_counts: Optional[Dict[str, Any]] = None  # the answer's, as OpenAI counts
+        self._error_code: Optional[str] = None
+        self._asked_model: Optional[str] = None
         self._cors_origin = None
         self._body_read = False
         self._authorized = False
@@ -4759,16 +5362,14 @@ class ProxyHandler(StrictHTTPHandler):
         path = self.path.split("?", 1)[0]  # as the client sent it: what the log and errors quote
         route = self._route(path[3:] if path.startswith("/v1/") else path)
         self._dialect = route.dialect if route else None  # errors come in its shape
+        self._rate_limits = route is not None and route.rate_limits
         self._request_id = (self._dialect.id_prefix if self._dialect else "req_") + hex_id
         try:
             try:
-                self._check_access(route is not None and route.public)
+                self._check_access(route is not None and route.public,
+                                   route is not None and route.page)
                 if route is None:
-                    raise APIError(404, "Unknown path %r. This proxy serves %s, /v1/models and "
-                                   "/health." % (path[:200], ", ".join(
-                                       "/v1%s (%s)" % (d.path, d.name)
-                                       for d in self.server.dialects.values())),
-                                   code="unknown_url")
+                    raise self._unknown(path)
                 if self.command == "OPTIONS":
                     self._options(route.methods)
                 elif self.command not in route.methods:
@@ -4796,10 +5397,30 @@ class ProxyHandler(StrictHTTPHandler):
                                               code="internal_error"))
             self._status = self._status or 500
         finally:
+            if route is not None and route.rate_limits and route.dialect is not None:
+                self.server.requests.add(self._log_entry(route.dialect, begun))
             note = "".join(" %s=%s" % item for item in self._note.items())
             log.info("%s %s %s %.2fs%s id=%s", self.command, path.translate(
                 self._control_table)[:200], self._status, time.monotonic() - begun, note,
                 self._request_id)
+
+    def _log_entry(self, dialect: Dialect, begun: float) -> Dict[str, Any]:
+        """A request's figures for the status page: no prompt or answer text."""
+        counts = self._usage_counts or {}
+        prompt = counts.get("prompt_tokens") or 0
+        cached = (counts.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return {"at": time.time(), "dialect": dialect.path.strip("/").split("/")[0],
+                "model": self._note.get("model") or self._asked_model,
+                "seconds": time.monotonic() - begun,
+                "input_tokens": prompt, "output_tokens": counts.get("completion_tokens") or 0,
+                "cache_read": cached / prompt if prompt else None,
+                "status": self._status or 499, "error": self._error_code}
+
+    def _unknown(self, path: str) -> APIError:
+        return APIError(404, "Unknown path %r. This proxy serves %s, /v1/models, /v1/usage and "
+                        "/health, and a status page at / for a browser." % (path[:200], ", ".join(
+                            "/v1%s (%s)" % (d.path, d.name)
+                            for d in self.server.dialects.values())), code="unknown_url")
 
     # The usual methods all go through _dispatch, so a wrong one gets a JSON 405 with Allow.
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
@@ -4809,16 +5430,21 @@ class ProxyHandler(StrictHTTPHandler):
         """The methods, handler and dialect of a path under /v1; None when there is none."""
         read = ("GET", "HEAD")
         dialects = self.server.dialects
+        if path == "/":
+            return Route(read, self._page, page=True)
         if path == "/health":
             return Route(read, self._health, public=True)
         if path == "/models":
             return Route(read, self._models)
+        if path == "/usage":
+            return Route(read, self._usage, rate_limits=True)
         if path.startswith("/models/"):
             return Route(read, lambda: self._model(path[len("/models/"):]))
         if path == "/messages/count_tokens":
             return Route(("POST",), self._count_tokens, dialects["/messages"])
         if path in dialects:
-            return Route(("POST",), lambda: self._answer(dialects[path]), dialects[path])
+            return Route(("POST",), lambda: self._answer(dialects[path]), dialects[path],
+                         rate_limits=True)
         return None
 
     def _options(self, allowed: Tuple[str, ...]) -> None:
@@ -4846,6 +5472,10 @@ class ProxyHandler(StrictHTTPHandler):
     def _health(self) -> None:
         """Never waits behind chat requests. Without a valid key (when keys are set) it leaves
         out where the CLI is installed, which names the user."""
+        body = self._health_body()
+        self._send_json(200 if body["status"] in ("ok", "not_logged_in") else 503, body)
+
+    def _health_body(self) -> Dict[str, Any]:
         server = self.server
         path, version, problem = server.claude.status(wait=False)
         healthy = bool(path) and not server.stopping.is_set()
@@ -4862,10 +5492,57 @@ class ProxyHandler(StrictHTTPHandler):
             "warm": server.warm.status()}
         if not path:
             body["reason"] = problem
+        login = server.login.status()
+        body["claude"].update(logged_in=login["logged_in"] if login else None,
+                              auth_method=login["method"] if login else None)
+        if healthy and login and not login["logged_in"]:
+            body["status"] = "not_logged_in"
+            body["reason"] = ("Claude Code is not logged in: run `claude auth login` (or `claude` "
+                              "and /login) as the user this daemon runs as.")
+        elif login and login["method"] == "api_key":
+            body["warning"] = ("Claude Code uses an API key (ANTHROPIC_API_KEY or an "
+                               "apiKeyHelper): requests are billed per token to that API "
+                               "account, not to your subscription.")
         if not self._authorized:
             del body["claude"]["path"]
             body.pop("reason", None)
-        self._send_json(200 if healthy else 503, body)
+        return body
+
+    def _usage(self) -> None:
+        """What the subscription's windows stand at, as the CLI last reported them, what the
+        proxy spent since it started, and the login (see Subscription)."""
+        self._send_json(200, self._usage_body())
+
+    def _usage_body(self) -> Dict[str, Any]:
+        login = self.server.login.status()
+        return {"object": "usage", "auth": {
+            "logged_in": login["logged_in"] if login else None,
+            "method": login["method"] if login else None}, **self.server.subscription.status()}
+
+    def _page(self) -> None:
+        """For a browser (it asks for text/html): the status page. Anyone else gets what they
+        got before there was one, a 404."""
+        accept = self.headers.get("Accept", "")
+        if "text/html" not in accept.lower():
+            raise self._unknown(self.path.split("?", 1)[0])
+        server = self.server
+        host, port = str(server.server_address[0]), server.server_address[1]
+        page = status_page(self._usage_body(), self._health_body(), server.requests.entries(),
+                           "%s:%d" % ("[%s]" % host if ":" in host else host, port),
+                           time.time()).encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.send_header("Cache-Control", "no-store")
+        # Nothing on the page may load or run anything, nor be framed by another site.
+        self.send_header("Content-Security-Policy", "default-src 'none'; style-src "
+                         "'unsafe-inline'; frame-ancestors 'none'; form-action 'none'")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("X-Request-Id", self._request_id)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(page)
 
     def _anthropic(self) -> bool:
         """Anthropic's SDKs and Claude Code send this header; OpenAI's do not."""
@@ -4885,8 +5562,14 @@ class ProxyHandler(StrictHTTPHandler):
 
     def _answer(self, dialect: Dialect) -> None:
         """Any dialect's request: parsed, answered by one CLI run, streamed or whole."""
-        request = dialect.parse(self._read_json())
+        body = self._read_json()
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            self._asked_model = body["model"][:200]  # for the status page, even if refused
+        request = dialect.parse(body)
         self._note["model"] = request.model
+        refusal = self.server.subscription.refusal()
+        if refusal is not None:  # nothing runs: the subscription is kept as the user asked
+            raise refusal
         launch = self.server.launch(request)
         answer = dialect.answer(request, self._request_id, request.stream)
         with self.server.serving():
@@ -4928,12 +5611,14 @@ class ProxyHandler(StrictHTTPHandler):
             if not started:
                 raise
             self._note["error"] = error.status
+            self._error_code = error.code or error.type
             self._write_chunk(answer.stream_error(error))
         self._note_usage(answer.finish.usage)
         self._write_chunk(b"")
 
     def _send_error(self, error: APIError) -> None:
         """In the shape of the dialect whose path was asked for (OpenAI's elsewhere)."""
+        self._error_code = error.code or error.type
         if self._dialect is None:
             super()._send_error(error)
             return
@@ -4942,7 +5627,7 @@ class ProxyHandler(StrictHTTPHandler):
 
     def _note_usage(self, usage: Dict[str, Any]) -> None:
         if usage:
-            counts = openai_usage(usage)
+            counts = self._usage_counts = openai_usage(usage)
             self._note["tokens"] = "%d/%d" % (counts["prompt_tokens"], counts["completion_tokens"])
 
 
@@ -4984,6 +5669,16 @@ def _count_or_none(value: str) -> int:
     return 0 if value.strip() == "0" else _count(value)
 
 
+def _percent(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % value) from None
+    if not 0 <= number <= 99:
+        raise argparse.ArgumentTypeError("must be from 0 to 99")
+    return number
+
+
 def _size(value: str) -> int:
     """A byte count: 1048576, 1024k, 32m or 1g (powers of 1024)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", value, re.IGNORECASE)
@@ -5004,8 +5699,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         prog="claude-max-api",
         description="OpenAI and Anthropic APIs on top of the Claude Code CLI and your Claude "
                     "subscription. Every flag can also be set by the environment variable named.",
-        epilog="To run it at login with these flags: claude-max-api service install [FLAGS] "
-               "(also: service uninstall, service status, service install --print).")
+        epilog="Where the subscription stands: claude-max-api status [--json] (with the same "
+               "--host, --port and key as the daemon). To run it at login with these flags: "
+               "claude-max-api service install [FLAGS] (also: service uninstall, service "
+               "status, service install --print).")
     add = parser.add_argument
 
     def number(flag: str, variable: str, default: float, check: Callable[[str], Any],
@@ -5057,6 +5754,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
            "used last (0: none); they count against --max-concurrency")
     number("--warm-idle", "CLAUDE_MAX_API_WARM_IDLE", DEFAULT_WARM_IDLE, _positive,
            "seconds a warm CLI waits for a request before a fresh one replaces it")
+    add("--reserve", type=_percent, default=_env_number(
+            "CLAUDE_MAX_API_RESERVE", DEFAULT_RESERVE, int), metavar="PERCENT",
+        help="keep this share of the subscription's 5-hour and weekly windows for your own use: "
+             "while either is used beyond 100-PERCENT %%, requests get a 429 at once "
+             "(CLAUDE_MAX_API_RESERVE; default %(default)s: off)")
+    add("--allow-extra-usage", action="store_true",
+        default=env("CLAUDE_MAX_API_ALLOW_EXTRA_USAGE", "").strip().lower() in ("1", "true",
+                                                                                  "yes"),
+        help="go on once the plan's limit is used up and requests are billed as extra usage; "
+             "by default they are refused until the limit resets "
+             "(CLAUDE_MAX_API_ALLOW_EXTRA_USAGE=1)")
     add("--user-settings", action="store_true",
         default=env("CLAUDE_MAX_API_USER_SETTINGS", "").strip().lower() in ("1", "true", "yes"),
         help="let the CLI read your own ~/.claude settings: their env block and apiKeyHelper, "
@@ -5079,6 +5787,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error("--%s must be at least 1" % name.replace("_", "-"))
     if args.warm < 0 or not args.warm_idle > 0:
         parser.error("--warm must be 0 or more and --warm-idle more than 0")
+    if not 0 <= args.reserve <= 99:  # from the environment, unchecked by _percent
+        parser.error("--reserve must be from 0 to 99")
     args.api_keys = split_list(args.api_key)
     if args.api_key_file:
         try:
@@ -5093,6 +5803,66 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.cors_origins = split_list(args.cors_origin)
     args.allowed_hosts = split_list(args.allowed_host)
     return args
+
+
+def status_main(argv: List[str]) -> int:
+    """`status [--json] [daemon flags]`: ask the running daemon (the host, port and key of its
+    flags and environment variables) and print one screen, or with --json its /v1/usage. What
+    goes wrong is one line on stderr and exit 1, never a traceback."""
+    as_json = "--json" in argv
+    settings = parse_args([a for a in argv if a != "--json"])
+    host = settings.host if listens_on_loopback_only(settings.host) else "127.0.0.1"
+    where = "%s:%d" % ("[%s]" % host if ":" in host else host, settings.port)
+    try:
+        usage = ask_daemon(host, settings.port, "/v1/usage", settings.api_keys)
+        health = {} if as_json else ask_daemon(host, settings.port, "/health",
+                                               settings.api_keys)
+    except ConnectionRefusedError:
+        print("claude-max-proxy: nothing listens on %s; start it with `python3 "
+              "claude_max_proxy.py` (or `claude-max-api service install` to run it at login)."
+              % where, file=sys.stderr)
+        return 1
+    except PermissionError as e:
+        print("claude-max-proxy on %s refused the key (%s): set CLAUDE_MAX_API_KEY, or pass "
+              "--api-key, to one of its keys." % (where, e), file=sys.stderr)
+        return 1
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        print("claude-max-proxy on %s: %s" % (where, " ".join(str(e).split()) or
+                                               type(e).__name__), file=sys.stderr)
+        return 1
+    try:
+        if as_json:
+            print(json.dumps(usage, indent=2))
+        else:
+            color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+            sys.stdout.write(status_text(usage, health, where, time.time(), color))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `status | head`: the reader left
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def ask_daemon(host: str, port: int, path: str, keys: List[str]) -> Dict[str, Any]:
+    """GET `path` of the daemon as JSON. Raises ConnectionRefusedError when nothing listens,
+    PermissionError when it refuses the key, OSError with its message for other errors."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": "Bearer %s" % keys[0]} if keys
+                     else {})
+        response = conn.getresponse()
+        body = json.loads(response.read())
+    finally:
+        conn.close()
+    if not isinstance(body, dict):
+        raise ValueError("%s answered %s, not an object" % (path, type(body).__name__))
+    if response.status == 401:
+        raise PermissionError((body.get("error") or {}).get("message") or "401")
+    if response.status != 200 and path != "/health":
+        error = body.get("error")
+        raise OSError("%s answered %d: %s" % (path, response.status, error.get("message")
+                                              if isinstance(error, dict) else body))
+    return body
 
 
 def listens_on_loopback_only(host: str) -> bool:
@@ -5384,7 +6154,8 @@ def service_install(service: Service, dry_run: bool, force: bool) -> int:
     claude = answer.get("claude") or {}
     if answer.get("status") != "ok":
         raise SystemExit("claude-max-api service: installed and running on %s, but %s. Log: %s"
-                         % (url, answer.get("reason") or "it is not healthy", service.log()))
+                         % (url, str(answer.get("reason") or "it is not healthy").rstrip("."),
+                            service.log()))
     print("claude-max-api runs at login (%s): serving %s with Claude Code %s (%s); log: %s.%s"
           % (service.kind, url, claude.get("version"), claude.get("path") or service.claude,
              service.log(), service.note()))
@@ -5446,6 +6217,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["service"]:
         return service_main(argv[1:])
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     if argv[:1] == ["mcp-bridge"]:  # the MCP server of a request with tools (BRIDGE_START)
         return bridge_main(argv[1:] + [__version__] if len(argv) == 2 else argv[1:])
     args = parse_args(argv)
@@ -5484,9 +6257,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         log.warning("claude-max-proxy %s serving %s, but %s; %s", __version__, url, problem,
                     access)
-    if os.environ.get("ANTHROPIC_API_KEY"):
-        log.warning("ANTHROPIC_API_KEY is set: Claude Code will use that API key (billed per "
-                    "token) instead of your subscription login")
+    login = server.login.check() if path else None
+    if login and not login["logged_in"]:
+        log.warning("Claude Code is not logged in: requests will fail until you run `claude auth "
+                    "login` as this user")
+    elif (login["method"] == "api_key") if login else bool(os.environ.get("ANTHROPIC_API_KEY")):
+        log.warning("Claude Code uses an API key (ANTHROPIC_API_KEY or an apiKeyHelper): "
+                    "requests are billed per token to that API account, not to your "
+                    "subscription")
+    if args.reserve or args.allow_extra_usage:
+        log.info("subscription: %s; %s", "%d%% of each window kept for you (--reserve)"
+                 % args.reserve if args.reserve else "no share kept (--reserve 0)",
+                 "extra usage allowed (--allow-extra-usage)" if args.allow_extra_usage else
+                 "no extra usage")
     if args.user_settings:
         log.warning("--user-settings: every API caller gets your ~/.claude setup (CLAUDE.md, "
                     "output style, agents, skills) and your hooks run for every request")

@@ -347,6 +347,42 @@ def message_events(model, blocks, stop_reason="end_turn", u=None, pause=0.0, for
     yield stream({"type": "message_stop"}, message_id)
 
 
+THIRD_PARTY = ("Third-party apps now draw from your extra usage, not your plan limits. Enable "
+               "extra usage in your account settings to keep going.")
+LONG_CONTEXT = "Extra usage is required for long context requests."
+
+
+def subscription_info():
+    """The rate_limit_info the CLI builds from the API's anthropic-ratelimit-unified-* headers
+    (the test writes it to $FAKE_CLAUDE_LOG/unified.info), on a subscription login only."""
+    path = os.path.join(os.environ.get("FAKE_CLAUDE_LOG", ""), "unified.info")
+    if os.environ.get("ANTHROPIC_API_KEY") or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def auth_status():
+    """`claude auth status --json`, as 2.1.331 answers it for each way of logging in."""
+    home = os.path.expanduser("~/.claude")
+    answer = {"loggedIn": True, "authMethod": "none", "apiProvider": "firstParty",
+              "analyticsDisabled": True, "projectsDirectory": os.path.join(home, "projects"),
+              "configDirectory": home, "loginExpiresAt": None,
+              "consoleProfileSignInOffered": True}
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        answer.update(authMethod="api_key", apiKeySource="ANTHROPIC_API_KEY")
+    elif os.environ.get("CLAUDE_CODE_OAUTH_TOKEN") or os.environ.get("ANTHROPIC_AUTH_TOKEN"):
+        answer["authMethod"] = "oauth_token"
+    elif os.path.exists(os.path.join(home, ".credentials.json")):
+        answer.update(authMethod="claude.ai", email=None, orgId=None, orgName=None,
+                      subscriptionType="max", storedClaudeAiLogin=True, planTier="max_other")
+    else:
+        answer["loggedIn"] = False
+    time.sleep(float(os.environ.get("FAKE_CLAUDE_AUTH_DELAY") or 0))
+    print(json.dumps(answer, indent=2))
+    return 0 if answer["loggedIn"] else 1
+
+
 def rate_limit_event(info):
     return {"type": "rate_limit_event", "rate_limit_info": info, "uuid": str(uuid.uuid4()),
             "session_id": SESSION}
@@ -415,7 +451,7 @@ def scenario(text, model, opts=None):
                       "retry_delay_ms": 606, "error_status": 529, "error": "overloaded",
                       "session_id": SESSION, "uuid": str(uuid.uuid4())})
     if any(k in d for k in ("err401", "err401once", "notloggedin", "err529", "err500", "toolong",
-                            "ratelimit", "connrefused")):
+                            "ratelimit", "connrefused", "third_party", "long_context")):
         lines.append(status())  # in stream-json input mode a status line comes first
     if "ratelimit" in d:  # with subscription (OAuth) credentials, before the error
         lines.append(rate_limit_event({"status": "rejected", "resetsAt": int(time.time()) + int(
@@ -441,6 +477,10 @@ def scenario(text, model, opts=None):
     if "ratelimit" in d:
         return lines + api_error("API Error: Request rejected (429) \u00b7 Rate limited", 429,
                                  "rate_limit", "rate_limit_error")
+    for name, refusal in (("third_party", THIRD_PARTY), ("long_context", LONG_CONTEXT)):
+        if name in d:  # what 2.1.331 prints for the API's 400 (EndToEndTest)
+            return lines + api_error("API Error: 400 " + refusal, 400, "unknown",
+                                     "invalid_request_error")
     if "connrefused" in d:
         return lines + api_error("API Error: Connection refused \u2014 a firewall or proxy may be "
                                  "blocking it (ECONNREFUSED)", None, "server_error",
@@ -484,6 +524,8 @@ def scenario(text, model, opts=None):
     lines.append(("MESSAGE", model, blocks, stop_reason, u))
     if "ratelimit_info" in d:  # with subscription (OAuth) credentials, before the result
         lines.append(rate_limit_event({"status": "allowed", "isUsingOverage": False}))
+    elif subscription_info() is not None:  # what the API's unified headers say, every answer
+        lines.append(rate_limit_event(subscription_info()))
     lines.append(result(model, "".join(reply), u, stop_reason=stop_reason))
     return lines
 
@@ -886,6 +928,8 @@ def main():
     if argv in (["--version"], ["-v"]):
         print(VERSION)
         return 0
+    if argv == ["auth", "status", "--json"]:
+        return auth_status()
     opts, prompt = parse(argv)
     if not (opts.get("-p") or opts.get("--print")):
         fail("fake claude: only print mode is faked")
@@ -1366,11 +1410,23 @@ class FakeClaudeMixin:
         os.chmod(cls.fake_path, 0o755)
         cls.env_patch = mock.patch.dict(os.environ, {
             "PATH": cls.bin_dir + os.pathsep + os.environ.get("PATH", ""),
-            "FAKE_CLAUDE_LOG": cls.log_dir, "HOME": cls.home})
+            "FAKE_CLAUDE_LOG": cls.log_dir, "HOME": cls.home,
+            # A subscription login, the proxy's case (the fake's `auth status` reads it).
+            "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-fake"})
         cls.env_patch.start()
+        for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
+            os.environ.pop(name, None)  # restored with the rest by env_patch.stop()
+        # A temp dir of the tests' own, for daemons in this process and the ones they start:
+        # the state daemons share there (the subscription's, the preambles) is not the user's.
+        cls.temp_dir = os.path.join(cls.tmp, "tmp")
+        os.mkdir(cls.temp_dir)
+        os.environ["TMPDIR"] = cls.temp_dir
+        cls.temp_patch = mock.patch.object(tempfile, "tempdir", cls.temp_dir)
+        cls.temp_patch.start()
 
     @classmethod
     def tearDownClass(cls):
+        cls.temp_patch.stop()
         cls.env_patch.stop()
         shutil.rmtree(cls.tmp, ignore_errors=True)
         super().tearDownClass()
@@ -1995,6 +2051,210 @@ class SlotReclaimTest(unittest.TestCase):
         slots.released = lambda: released.append(1)
         slots.release()
         self.assertEqual((slots.running, released), (0, [1]))
+
+
+# Two lines seen from 2.1.331 on a claude.ai login: a warning at 91% of the 5-hour window, and
+# an answer that succeeded once that window was used up, billed as extra usage.
+WARNING_EVENT = {"status": "allowed_warning", "resetsAt": 1796520621, "rateLimitType": "five_hour",
+                 "utilization": 0.91, "isUsingOverage": False, "surpassedThreshold": 0.9,
+                 "unifiedWindows": {"five_hour": {"utilization": 0.91, "resetsAt": 1796520621,
+                                                  "status": "allowed_warning",
+                                                  "surpassedThreshold": 0.9},
+                                    "seven_day": {"utilization": 0.4, "resetsAt": 1796603421,
+                                                  "status": "allowed"}}}
+OVERAGE_EVENT = {"status": "rejected", "rateLimitType": "five_hour", "overageStatus": "allowed",
+                 "isUsingOverage": True, "unifiedWindows": {
+                     "five_hour": {"utilization": 1, "resetsAt": 1796520617},
+                     "seven_day": {"utilization": 0.5, "resetsAt": 1796603417}}}
+WARNED_AT = 1796517021  # when the warning came: 3,600 s before the 5-hour window resets
+
+
+class SubscriptionTest(unittest.TestCase):
+    """What the CLI's rate_limit_event lines make of the subscription's state (pure: no
+    process, no socket; the time is given)."""
+
+    def subscription(self, reserve=0, allow=False, path=None):
+        return proxy.Subscription(path, reserve, allow)
+
+    def test_before_any_event_nothing_is_known(self):
+        usage = self.subscription().status(WARNED_AT)
+        self.assertEqual((usage["windows"], usage["status"], usage["updated_at"]), ({}, None, None))
+        self.assertEqual(usage["overage"], {"status": None, "in_use": False})
+        self.assertEqual(self.subscription().headers(WARNED_AT), [])
+        self.assertIsNone(self.subscription(reserve=50).refusal(WARNED_AT))
+
+    def test_the_state_of_each_window_as_reported(self):
+        sub = self.subscription()
+        sub.learn(WARNING_EVENT, WARNED_AT)
+        usage = sub.status(WARNED_AT)
+        self.assertEqual(usage["updated_at"], WARNED_AT)
+        self.assertEqual(usage["status"], "allowed_warning")
+        self.assertEqual(usage["windows"], {
+            "five_hour": {"utilization": 0.91, "resets_at": 1796520621, "status": "allowed_warning",
+                          "surpassed_threshold": 0.9},
+            "seven_day": {"utilization": 0.4, "resets_at": 1796603421, "status": "allowed"}})
+        self.assertEqual(usage["overage"], {"status": None, "in_use": False})
+        # A later event naming other windows, one unknown so far, with fields missing or wrong:
+        # each window it names is replaced; the others stay.
+        sub.learn({"status": "allowed", "overageStatus": "rejected", "unifiedWindows": {
+            "seven_day_opus": {"utilization": 0.2, "resetsAt": 1796603421},
+            "seven_day": {"utilization": "0.5", "resetsAt": None, "status": 3},
+            "odd": "not a window", 7: {"utilization": 1}}}, WARNED_AT + 10)
+        usage = sub.status(WARNED_AT + 10)
+        self.assertEqual(set(usage["windows"]), {"five_hour", "seven_day", "seven_day_opus"})
+        self.assertEqual(usage["windows"]["seven_day"]["utilization"], 0.4, "kept: the new one "
+                         "said nothing that reads as a window")
+        self.assertEqual(usage["windows"]["seven_day_opus"], {"utilization": 0.2,
+                                                              "resets_at": 1796603421})
+        self.assertEqual((usage["status"], usage["overage"]["status"]), ("allowed", "rejected"))
+        for junk in (None, [], "x", {"unifiedWindows": []}, {"status": 5}):
+            sub.learn(junk, WARNED_AT + 20)  # never an exception
+        self.assertIn("five_hour", sub.status(WARNED_AT + 20)["windows"])
+
+    def test_a_window_past_its_reset_is_reset(self):
+        sub = self.subscription(reserve=20)
+        with self.assertLogs("claude_max_proxy", "WARNING"):
+            sub.learn(OVERAGE_EVENT, WARNED_AT)
+        later = 1796520617 + 1  # the 5-hour window has reset, the weekly has not
+        usage = sub.status(later)
+        self.assertEqual(usage["windows"]["five_hour"], {"utilization": 0.0, "resets_at": None,
+                                                         "status": "allowed", "reset": True})
+        self.assertEqual(usage["windows"]["seven_day"]["utilization"], 0.5)
+        self.assertEqual(usage["status"], "allowed", "the window that was rejected began anew")
+        self.assertEqual(usage["overage"]["in_use"], False)
+        self.assertIsNone(sub.refusal(later))
+
+    def test_the_headers_the_api_sends_a_subscription_login(self):
+        sub = self.subscription()
+        sub.learn(dict(WARNING_EVENT, overageStatus="allowed"), WARNED_AT)
+        self.assertEqual(dict(sub.headers(WARNED_AT)), {
+            "anthropic-ratelimit-unified-status": "allowed_warning",
+            "anthropic-ratelimit-unified-5h-utilization": "0.91",
+            "anthropic-ratelimit-unified-5h-reset": "1796520621",
+            "anthropic-ratelimit-unified-5h-status": "allowed_warning",
+            "anthropic-ratelimit-unified-7d-utilization": "0.4",
+            "anthropic-ratelimit-unified-7d-reset": "1796603421",
+            "anthropic-ratelimit-unified-7d-status": "allowed",
+            "anthropic-ratelimit-unified-overage-status": "allowed",
+            "anthropic-ratelimit-unified-overage-in-use": "false"})
+
+    def test_the_reserve_refuses_at_once_until_the_window_resets(self):
+        sub = self.subscription(reserve=10)  # a window at 90% or more is the user's
+        sub.learn(WARNING_EVENT, WARNED_AT)
+        error = sub.refusal(WARNED_AT)
+        self.assertEqual((error.status, error.code, error.type),
+                         (429, "usage_reserve", "rate_limit_error"))
+        self.assertEqual(error.headers["Retry-After"], "3600")
+        self.assertIn("5-hour", error.message)
+        self.assertIn("91%", error.message)
+        self.assertIn(time.strftime("%H:%M", time.localtime(1796520621)), error.message)
+        self.assertIn("(in 1h 00m)", error.message)
+        under = self.subscription(reserve=8)  # 91% < 92%: served
+        under.learn(WARNING_EVENT, WARNED_AT)
+        self.assertIsNone(under.refusal(WARNED_AT))
+        self.assertIsNone(sub.refusal(1796520621), "reset: served again")
+        weekly = self.subscription(reserve=60)  # the weekly window at 40%: its share too
+        weekly.learn(WARNING_EVENT, WARNED_AT)
+        self.assertIn("5-hour", weekly.refusal(WARNED_AT).message)
+        self.assertIn("weekly", weekly.refusal(1796520621).message)
+        self.assertEqual(weekly.refusal(1796520621).retry_after, 1796603421 - 1796520621)
+
+    def test_extra_usage_is_refused_unless_allowed(self):
+        sub = self.subscription()
+        sub.learn(WARNING_EVENT, WARNED_AT)
+        self.assertIsNone(sub.refusal(WARNED_AT))
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            sub.learn(OVERAGE_EVENT, WARNED_AT + 1)
+            sub.learn(OVERAGE_EVENT, WARNED_AT + 2)
+        self.assertEqual(len(logs.output), 1, "warned once")
+        self.assertIn("extra usage", logs.output[0])
+        self.assertEqual(sub.status(WARNED_AT + 2)["overage"], {"status": "allowed",
+                                                                "in_use": True})
+        error = sub.refusal(WARNED_AT + 2)
+        self.assertEqual((error.status, error.code, error.retry_after),
+                         (429, "extra_usage", 1796520617 - WARNED_AT - 2))
+        self.assertIn("billed as extra usage", error.message)
+        self.assertIn("--allow-extra-usage", error.message)
+        self.assertIsNone(sub.refusal(1796520617), "the 5-hour window reset")
+        allowed = self.subscription(allow=True)
+        with self.assertLogs("claude_max_proxy", "WARNING"):
+            allowed.learn(OVERAGE_EVENT, WARNED_AT)
+        self.assertIsNone(allowed.refusal(WARNED_AT))
+        self.assertEqual(allowed.status(WARNED_AT)["allow_extra_usage"], True)
+
+    def test_the_state_survives_a_restart_in_a_private_file(self):
+        folder = tempfile.mkdtemp(prefix="proxy-usage-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "subscription.json")
+        first = self.subscription(path=path)
+        first.learn(WARNING_EVENT, WARNED_AT)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        again = self.subscription(path=path)
+        self.assertEqual({k: v for k, v in again.status(WARNED_AT).items() if k != "totals"},
+                         {k: v for k, v in first.status(WARNED_AT).items() if k != "totals"})
+        self.assertEqual(again.status(WARNED_AT)["updated_at"], WARNED_AT)
+        for damaged in ("{not json", "[]", '{"windows": 5}', ""):
+            with open(path, "w") as f:
+                f.write(damaged)
+            with self.assertLogs("claude_max_proxy", "WARNING") if damaged in ("", "{not json") \
+                    else contextlib.nullcontext():
+                self.assertEqual(self.subscription(path=path).status(WARNED_AT)["windows"], {})
+
+    def test_totals_count_answered_requests_and_their_api_value(self):
+        sub = self.subscription()
+        sub.spent({"input_tokens": 12, "output_tokens": 9, "cache_creation_input_tokens": 3,
+                   "cache_read_input_tokens": 5})
+        sub.spent({"input_tokens": 24, "output_tokens": 33, "junk": 7, "cache_read_input_tokens":
+                   True})
+        sub.cost({"total_cost_usd": 0.000228})
+        sub.cost({"total_cost_usd": 0.000288})
+        sub.cost({"total_cost_usd": "free"})
+        totals = sub.status(WARNED_AT)["totals"]
+        self.assertEqual({k: v for k, v in totals.items() if k != "since"}, {
+            "requests": 2, "input_tokens": 36, "output_tokens": 42,
+            "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
+            "api_equivalent_usd": 0.000516})
+
+    def test_the_flags_and_their_environment_variables(self):
+        clean = {k: "" for k in os.environ if k.startswith("CLAUDE_MAX_API")}
+        with mock.patch.dict(os.environ, clean):
+            args = proxy.parse_args([])
+            self.assertEqual((args.reserve, args.allow_extra_usage), (0, False))
+            args = proxy.parse_args(["--reserve", "20", "--allow-extra-usage"])
+            self.assertEqual((args.reserve, args.allow_extra_usage), (20, True))
+            with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_RESERVE": "15",
+                                              "CLAUDE_MAX_API_ALLOW_EXTRA_USAGE": "1"}):
+                args = proxy.parse_args([])
+                self.assertEqual((args.reserve, args.allow_extra_usage), (15, True))
+            for bad in (["--reserve", "100"], ["--reserve", "-1"], ["--reserve", "ten"]):
+                with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+                    proxy.parse_args(bad)
+            with mock.patch.dict(os.environ, {"CLAUDE_MAX_API_RESERVE": "150"}), \
+                    self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+                proxy.parse_args([])
+        with contextlib.redirect_stdout(io.StringIO()) as out, self.assertRaises(SystemExit):
+            proxy.parse_args(["--help"])
+        for words in ("--reserve PERCENT", "CLAUDE_MAX_API_RESERVE", "--allow-extra-usage",
+                      "CLAUDE_MAX_API_ALLOW_EXTRA_USAGE"):
+            self.assertIn(words, out.getvalue())
+
+    def test_the_api_s_subscription_refusals_are_clear_errors(self):
+        for text in ("API Error: 400 Third-party apps now draw from your extra usage, not your "
+                     "plan limits. Enable extra usage in your account settings.",
+                     "API Error: 400 Extra usage is required for long context requests.",
+                     "API Error: 400 This request requires extra usage to be enabled."):
+            error = proxy.error_from_result({"is_error": True, "subtype": "success",
+                                             "api_error_status": 400, "result": text})
+            self.assertEqual((error.status, error.code, error.type),
+                             (400, "extra_usage_required", "invalid_request_error"), text)
+            self.assertNotIn("API Error: 400", error.message)
+            self.assertIn(text[len("API Error: 400 "):], error.message)
+            self.assertIn("extra usage in your claude.ai settings", error.message)
+            self.assertEqual(proxy.anthropic_error(error)[1]["error"]["type"],
+                             "invalid_request_error")
+        other = proxy.error_from_result({"is_error": True, "api_error_status": 400,
+                                         "result": "API Error: 400 something else"})
+        self.assertNotEqual(other.code, "extra_usage_required")
 
 
 class HistoryTest(unittest.TestCase):
@@ -5100,6 +5360,199 @@ class BodyEncodingTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual([n for n in os.listdir(p.server.workdir) if n.endswith(".txt")], [])
 
 
+class SubscriptionServerTest(FakeClaudeMixin, unittest.TestCase):
+    """The subscription as the daemon sees it, serves it and keeps it, with the fake CLI
+    printing the rate_limit_event the real one prints on a claude.ai login."""
+
+    WEATHER = [{"type": "function", "function": {"name": "get_weather"}}]
+    DIALECTS = {"/v1/chat/completions": lambda content, **f: dict(chat_body(content), **f),
+                "/v1/messages": lambda content, **f: dict({
+                    "model": "sonnet", "max_tokens": 50,
+                    "messages": [{"role": "user", "content": content}]}, **f),
+                "/v1/responses": lambda content, **f: dict({"model": "sonnet", "input": content},
+                                                           **f)}
+
+    def setUp(self):
+        super().setUp()
+        self.tmp_root = tempfile.mkdtemp(prefix="proxy-usage-")  # its own state file
+        self.addCleanup(shutil.rmtree, self.tmp_root, True)
+        patch = mock.patch.object(tempfile, "tempdir", self.tmp_root)
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def report(self, **info):
+        """What the API's headers say from now on: the fake CLI's rate_limit_event."""
+        with open(os.path.join(self.log_dir, "unified.info"), "w") as f:
+            json.dump(info, f)
+
+    def warning(self, five_hour=0.91, resets_in=3600, **more):
+        now = int(time.time())
+        return dict({"status": "allowed_warning", "resetsAt": now + resets_in,
+                     "rateLimitType": "five_hour", "utilization": five_hour,
+                     "isUsingOverage": False, "unifiedWindows": {
+                         "five_hour": {"utilization": five_hour, "resetsAt": now + resets_in,
+                                       "status": "allowed_warning", "surpassedThreshold": 0.9},
+                         "seven_day": {"utilization": 0.4, "resetsAt": now + 86400,
+                                       "status": "allowed"}}}, **more)
+
+    def usage(self, p, path="/v1/usage"):
+        status, response, body = p.request("GET", path)
+        self.assertEqual(status, 200, body)
+        return body
+
+    @staticmethod
+    def unified(response):
+        return {k.lower(): v for k, v in response.getheaders()
+                if k.lower().startswith("anthropic-ratelimit-unified-")}
+
+    def test_usage_and_headers_in_every_dialect(self):
+        p = self.start_proxy()
+        p.server.login.check()
+        for path in ("/v1/usage", "/usage"):
+            body = self.usage(p, path)
+            self.assertEqual({k: body[k] for k in ("object", "auth", "updated_at", "status",
+                                                   "windows", "overage", "reserve_percent",
+                                                   "allow_extra_usage")},
+                             {"object": "usage", "auth": {"logged_in": True,
+                                                          "method": "oauth_token"},
+                              "updated_at": None, "status": None, "windows": {},
+                              "overage": {"status": None, "in_use": False},
+                              "reserve_percent": 0, "allow_extra_usage": False})
+            self.assertEqual(body["totals"]["requests"], 0)
+        status, response, _ = p.chat("before any report")
+        self.assertEqual((status, self.unified(response)), (200, {}), "nothing known: none")
+        self.report(**self.warning(overageStatus="allowed"))
+        for path, make in self.DIALECTS.items():
+            for stream in (False, True):
+                status, response, body = p.request("POST", path, make("hi", stream=stream))
+                self.assertEqual(status, 200, body)
+                headers = self.unified(response)
+                self.assertEqual((headers.get("anthropic-ratelimit-unified-status"),
+                                  headers.get("anthropic-ratelimit-unified-5h-utilization"),
+                                  headers.get("anthropic-ratelimit-unified-7d-utilization"),
+                                  headers.get("anthropic-ratelimit-unified-overage-status"),
+                                  headers.get("anthropic-ratelimit-unified-overage-in-use")),
+                                 ("allowed_warning", "0.91", "0.4", "allowed", "false"),
+                                 (path, stream))
+                self.assertTrue(int(headers["anthropic-ratelimit-unified-5h-reset"]) > time.time())
+        body = self.usage(p)
+        self.assertEqual(body["status"], "allowed_warning")
+        self.assertEqual(body["windows"]["five_hour"]["utilization"], 0.91)
+        self.assertEqual(body["windows"]["seven_day"]["status"], "allowed")
+        self.assertLessEqual(abs(body["updated_at"] - time.time()), 60)
+        self.assertEqual({k: v for k, v in body["totals"].items() if k != "since"}, {
+            "requests": 7, "input_tokens": 7 * 12, "output_tokens": 7 * 9,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+            "api_equivalent_usd": round(7 * 0.000228, 6)})
+        self.assertLessEqual(body["totals"]["since"], time.time())
+        # A tool call's turn counts as answered (its CLI is ended before it prints a result).
+        status, _, _ = p.chat('[[fake:call:get_weather:{"city": "Oslo"}]]', tools=self.WEATHER)
+        self.assertEqual((status, self.usage(p)["totals"]["requests"]), (200, 8))
+
+    def test_a_stream_s_headers_carry_what_was_known_when_it_began(self):
+        p = self.start_proxy()
+        self.report(**self.warning())
+        status, response, _ = p.stream("first")
+        self.assertEqual((status, self.unified(response)), (200, {}))
+        self.assertEqual(self.usage(p)["windows"]["five_hour"]["utilization"], 0.91,
+                         "learnt from its own event, after its headers went")
+        self.report(**self.warning(five_hour=0.95))
+        status, response, _ = p.stream("second")
+        self.assertEqual(self.unified(response)["anthropic-ratelimit-unified-5h-utilization"],
+                         "0.91")
+        self.assertEqual(self.usage(p)["windows"]["five_hour"]["utilization"], 0.95)
+
+    def test_the_reserve_refuses_at_once_and_serves_again_after_the_reset(self):
+        p = self.start_proxy(reserve=10)
+        self.report(**self.warning(resets_in=3))
+        self.assertEqual(p.chat("learns the state")[0], 200)
+        runs = len(self.runs())
+        for path, make in self.DIALECTS.items():
+            for stream in (False, True):
+                status, response, body = p.request("POST", path, make("hi", stream=stream))
+                self.assertEqual(status, 429, (path, stream))
+                self.assertTrue(1 <= int(response.getheader("Retry-After")) <= 3)
+                if path == "/v1/messages":
+                    self.assertEqual(body["error"]["type"], "rate_limit_error")
+                else:
+                    self.assertEqual(body["error"]["code"], "usage_reserve")
+                message = body["error"]["message"]
+                self.assertIn("5-hour", message)
+                self.assertIn("91%", message)
+                self.assertIn("--reserve 10", message)
+        self.assertEqual(len(self.runs()), runs, "no CLI ran for a refused request")
+        self.assertEqual(self.usage(p)["reserve_percent"], 10)
+        # The window resets (3 s): served again, whatever the old utilization said.
+        wait_until(lambda: p.chat("after the reset")[0] == 200, timeout=15,
+                   what="the window to reset")
+
+    def test_extra_usage_is_refused_unless_allowed_and_the_refusal_survives_a_restart(self):
+        p = self.start_proxy()
+        now = int(time.time())
+        self.report(status="rejected", rateLimitType="five_hour", overageStatus="allowed",
+                    isUsingOverage=True, unifiedWindows={
+                        "five_hour": {"utilization": 1, "resetsAt": now + 600},
+                        "seven_day": {"utilization": 0.5, "resetsAt": now + 86400}})
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            status, response, body = p.chat("billed as extra usage, and answered")
+        self.assertEqual(status, 200, body)
+        self.assertIn("extra usage", "\n".join(logs.output))
+        self.assertEqual(self.unified(response)["anthropic-ratelimit-unified-overage-in-use"],
+                         "true")
+        runs = len(self.runs())
+        for path, make in self.DIALECTS.items():
+            status, response, body = p.request("POST", path, make("hi"))
+            self.assertEqual(status, 429, path)
+            self.assertTrue(590 <= int(response.getheader("Retry-After")) <= 600)
+            self.assertIn("--allow-extra-usage", body["error"]["message"])
+            if path != "/v1/messages":
+                self.assertEqual(body["error"]["code"], "extra_usage")
+        self.assertEqual(len(self.runs()), runs)
+        self.assertEqual(self.usage(p)["overage"], {"status": "allowed", "in_use": True})
+        p.close()
+        again = self.start_proxy()  # the state was kept: still refused
+        self.assertEqual(again.chat("hi")[0], 429)
+        self.assertEqual(self.usage(again)["status"], "rejected")
+        allowed = self.start_proxy(allow_extra_usage=True)  # (it knew: no new warning)
+        self.assertEqual(allowed.chat("hi")[0], 200)
+
+    def test_the_api_s_subscription_refusals_are_400_extra_usage_required(self):
+        p = self.start_proxy()
+        for directive in ("[[fake:third_party]]", "[[fake:long_context]]"):
+            for path, make in self.DIALECTS.items():
+                status, _, body = p.request("POST", path, make(directive))
+                self.assertEqual(status, 400, (directive, path))
+                message = body["error"]["message"]
+                self.assertNotIn("API Error", message)
+                self.assertIn("extra usage", message)
+                self.assertIn("claude.ai settings", message)
+                if path == "/v1/messages":
+                    self.assertEqual(body["error"]["type"], "invalid_request_error")
+                else:
+                    self.assertEqual(body["error"]["code"], "extra_usage_required")
+
+    def test_health_tells_the_login_and_never_waits_for_it(self):
+        p = self.start_proxy()
+        cases = [({}, "ok", True, "oauth_token"),
+                 ({"ANTHROPIC_API_KEY": "sk-ant-x"}, "ok", True, "api_key"),
+                 ({"CLAUDE_CODE_OAUTH_TOKEN": ""}, "not_logged_in", False, "none")]
+        for env, status, logged_in, method in cases:
+            with mock.patch.dict(os.environ, env):
+                p.server.login.check()
+            code, _, body = p.request("GET", "/health")
+            self.assertEqual((code, body["status"], body["claude"]["logged_in"],
+                              body["claude"]["auth_method"]), (200, status, logged_in, method))
+            self.assertEqual("warning" in body, method == "api_key", body)
+            if not logged_in:
+                self.assertIn("claude auth login", body["reason"])
+        # A check that takes long: /health answers meanwhile, with what it last knew.
+        with mock.patch.dict(os.environ, {"FAKE_CLAUDE_AUTH_DELAY": "30"}):
+            p.server.login._asked -= proxy.LOGIN_CHECK_INTERVAL
+            self.assertEqual(p.request("GET", "/health")[2]["status"], "not_logged_in")
+            self.assertTrue(p.server.login._checking, "a check runs in the background")
+            self.assertEqual(p.request("GET", "/health")[2]["claude"]["auth_method"], "none")
+
+
 class RequestLogTest(FakeClaudeMixin, unittest.TestCase):
     """The daemon's log line per request says what happened, in the client's terms."""
 
@@ -5667,7 +6120,7 @@ class MainTest(FakeClaudeMixin, unittest.TestCase):
             first = daemon.stderr.readline()
             self.assertIn("WARNING", first)
             self.assertIn("not found", first)
-            self.assertIn("ANTHROPIC_API_KEY is set", daemon.stderr.readline())
+            self.assertIn("uses an API key (ANTHROPIC_API_KEY", daemon.stderr.readline())
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             conn.request("GET", "/health")
             self.assertEqual(conn.getresponse().status, 503)
@@ -5956,7 +6409,11 @@ class ServiceTest(FakeClaudeMixin, unittest.TestCase):
         root = tempfile.mkdtemp(prefix="proxy-service-")
         self.addCleanup(shutil.rmtree, root, True)
         self.home, self.standin = os.path.join(root, "home"), os.path.join(root, "standin")
-        os.makedirs(self.home)
+        os.makedirs(os.path.join(self.home, ".claude"))
+        # Logged in with claude.ai, as a user whose service starts at login is (the fake's
+        # `auth status` sees the file; the service's environment has no token).
+        with open(os.path.join(self.home, ".claude", ".credentials.json"), "w") as f:
+            f.write("{}")
         os.makedirs(os.path.join(self.standin, "bin"))
         for name in ("launchctl", "systemctl"):
             path = os.path.join(self.standin, "bin", name)
@@ -6105,7 +6562,7 @@ class ServiceTest(FakeClaudeMixin, unittest.TestCase):
             self.assertIn("the claude CLI found now: " + self.fake_path, said)
             self.assertIn("--api-key-file", said)
             self.assertNotIn("sk-print-secret", said)
-        self.assertEqual(os.listdir(self.home), [], "nothing written")
+        self.assertEqual(os.listdir(self.home), [".claude"], "nothing written but the login")
         questions = [["launchctl", "print"], ["systemctl", "--user", "is-active"]]
         self.assertEqual([c for c in self.calls() if c[:2] not in questions and
                           c[:3] not in questions], [], "only questions were asked")
@@ -6237,6 +6694,13 @@ def find_real_claude():
     return local if os.access(local, os.X_OK) else None
 
 
+# The two texts the API answers a subscription request with when only extra usage could pay
+# for it (a 400, invalid_request_error).
+THIRD_PARTY_REFUSAL = ("Third-party apps now draw from your extra usage, not your plan limits. "
+                       "Enable extra usage in your account settings to keep going.")
+LONG_CONTEXT_REFUSAL = "Extra usage is required for long context requests."
+
+
 class FakeAnthropicAPI(ThreadingHTTPServer):
     """Just enough of the Anthropic Messages API for the CLI: POST /v1/messages (streaming SSE)
     and HEAD /. The last user message chooses the answer: [[api:err401]], [[api:toolong]],
@@ -6252,6 +6716,9 @@ class FakeAnthropicAPI(ThreadingHTTPServer):
         self.calls = {}  # last user message -> how many API calls it had
         self.lock = threading.Lock()
         self.release = threading.Event()
+        # Headers every answer carries: a subscription's anthropic-ratelimit-unified-* ones,
+        # which the CLI reports as rate_limit_event lines on an OAuth login (name -> value).
+        self.unified = {}
         super().__init__(("127.0.0.1", 0), FakeAnthropicHandler)
 
     def handle_error(self, request, client_address):
@@ -6313,6 +6780,11 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.error(404, "not_found_error", "no such endpoint")
 
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        for name, value in dict(self.server.unified).items():
+            self.send_header(name, value)
+
     def error(self, status, kind, message, headers=()):
         data = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
         self.send_response(status)
@@ -6346,6 +6818,11 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
                 ("anthropic-ratelimit-unified-reset", str(int(time.time()) + 300))])
         if "[[api:err529]]" in text:
             return self.error(529, "overloaded_error", "Overloaded")
+        # The API's refusals of a subscription request that only extra usage could pay for.
+        if "[[api:third_party]]" in text:
+            return self.error(400, "invalid_request_error", THIRD_PARTY_REFUSAL)
+        if "[[api:long_context]]" in text:
+            return self.error(400, "invalid_request_error", LONG_CONTEXT_REFUSAL)
         model = body.get("model", "claude-test")
         # A prompt's calls are counted: [[api:differ]] answers other words after the first.
         # The first text block is the prompt: a resumed call adds a reminder after it.
@@ -7142,6 +7619,75 @@ class EndToEndTest(unittest.TestCase):
 
     # Credentials as a subscription login presents them: the CLI then reports rate limits.
     SUBSCRIPTION = {"ANTHROPIC_API_KEY": None, "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-dummy"}
+    SUBSCRIPTION_ENV = {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-dummy"}
+
+    def test_the_subscription_is_learnt_served_and_protected_on_a_claude_ai_login(self):
+        """The real CLI on a (dummy) OAuth token reports the API's unified rate-limit headers
+        as rate_limit_event lines: the daemon learns the windows, serves them, keeps the
+        reserve and refuses extra usage without sending anything to the API."""
+        now = int(time.time())
+        unified = {"status": "allowed_warning", "reset": now + 3600,
+                   "5h-utilization": "0.91", "5h-reset": now + 3600, "5h-status":
+                   "allowed_warning", "5h-surpassed-threshold": "0.9", "7d-utilization": "0.4",
+                   "7d-reset": now + 86400, "7d-status": "allowed", "overage-status": "allowed",
+                   "representative-claim": "five_hour"}
+        tmp = tempfile.mkdtemp(prefix="proxy-e2e-usage-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.addCleanup(self.api.unified.clear)
+        with mock.patch.dict(os.environ, self.SUBSCRIPTION_ENV), \
+                mock.patch.object(tempfile, "tempdir", tmp):
+            del os.environ["ANTHROPIC_API_KEY"]
+            p = Proxy(claude_bin=self.claude, timeout=120.0, idle_timeout=60.0, reserve=5)
+            self.addCleanup(p.close)
+            p.server.login.check()
+            health = p.request("GET", "/health")[2]
+            self.assertEqual((health["status"], health["claude"]["logged_in"],
+                              health["claude"]["auth_method"]), ("ok", True, "oauth_token"))
+            self.api.unified.update(("anthropic-ratelimit-unified-" + k, str(v))
+                                    for k, v in unified.items())
+            status, _, body = p.chat("e2e-usage-1")
+            self.assertEqual(status, 200, body)
+            usage = p.request("GET", "/v1/usage")[2]
+            self.assertEqual(usage["auth"], {"logged_in": True, "method": "oauth_token"})
+            self.assertEqual((usage["status"], usage["windows"]), ("allowed_warning", {
+                "five_hour": {"utilization": 0.91, "resets_at": now + 3600,
+                              "status": "allowed_warning", "surpassed_threshold": 0.9},
+                "seven_day": {"utilization": 0.4, "resets_at": now + 86400,
+                              "status": "allowed"}}))
+            self.assertEqual(usage["totals"]["requests"], 1)
+            self.assertGreater(usage["totals"]["api_equivalent_usd"], 0)
+            status, response, _ = p.request("POST", "/v1/messages", {
+                "model": "sonnet", "max_tokens": 20,
+                "messages": [{"role": "user", "content": "e2e-usage-2"}]})
+            self.assertEqual(response.getheader("anthropic-ratelimit-unified-5h-utilization"),
+                             "0.91")
+            # At 96% with 5% kept for the user: refused, and the API hears nothing of it.
+            self.api.unified["anthropic-ratelimit-unified-5h-utilization"] = "0.96"
+            self.assertEqual(p.chat("e2e-usage-3")[0], 200)
+            sent = len(self.api.requests)
+            status, response, body = p.chat("e2e-usage-4")
+            self.assertEqual((status, body["error"]["code"]), (429, "usage_reserve"))
+            self.assertTrue(3500 <= int(response.getheader("Retry-After")) <= 3600)
+            self.assertEqual(len(self.api.requests), sent, "nothing reached the API")
+            # The plan's limit reached and the account in extra usage: that answer is given,
+            # the next ones are refused.
+            self.api.unified.update({"anthropic-ratelimit-unified-status": "rejected",
+                                     "anthropic-ratelimit-unified-5h-utilization": "1"})
+            p.server.subscription.reserve = 0
+            with self.assertLogs("claude_max_proxy", "WARNING"):
+                self.assertEqual(p.chat("e2e-usage-5")[0], 200)
+            self.assertEqual(p.request("GET", "/v1/usage")[2]["overage"],
+                             {"status": "allowed", "in_use": True})
+            sent = len(self.api.requests)
+            status, _, body = p.chat("e2e-usage-6")
+            self.assertEqual((status, body["error"]["code"]), (429, "extra_usage"))
+            self.assertEqual(len(self.api.requests), sent)
+            # The API's own refusal of a request only extra usage could pay for.
+            p.server.subscription.allow_extra_usage = True
+            for marker in ("[[api:third_party]]", "[[api:long_context]]"):
+                status, _, body = p.chat("e2e-usage-7 " + marker)
+                self.assertEqual((status, body["error"]["code"]), (400, "extra_usage_required"))
+                self.assertNotIn("API Error", body["error"]["message"])
 
     def test_a_subscription_at_its_limit_is_429_with_retry_after(self):
         with mock.patch.dict(os.environ, {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-dummy"}):
@@ -7218,6 +7764,8 @@ class EndToEndTest(unittest.TestCase):
                  ("no key", "[[fake:notloggedin]]", {"ANTHROPIC_API_KEY": None}),
                  ("e2e hi", "[[fake:ratelimit_info]]", self.SUBSCRIPTION),
                  ("[[api:err429]]", "[[fake:ratelimit:300]]", self.SUBSCRIPTION),
+                 ("[[api:third_party]]", "[[fake:third_party]]", self.SUBSCRIPTION),
+                 ("[[api:long_context]]", "[[fake:long_context]]", {}),
                  ("[[api:thinking]]", "[[fake:thinking]]", {})]
         # The API stream breaks after 5 of 12 words: what the CLI does to recover.
         for api, ours, retries in self.BROKEN_STREAMS:
@@ -7982,16 +8530,26 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
             self.addCleanup(self.api.shutdown)
             home = tempfile.mkdtemp(prefix="proxy-bench-home-")
             self.addCleanup(shutil.rmtree, home, True)
+            # A subscription login, as the proxy's users have: each answer then carries the
+            # rate_limit_event the daemon learns from (the API's unified headers).
             extra = {"HOME": home, "ANTHROPIC_BASE_URL": self.api.url(),
-                     "ANTHROPIC_API_KEY": "sk-ant-dummy", "DISABLE_TELEMETRY": "1",
+                     "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-dummy", "DISABLE_TELEMETRY": "1",
                      "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
                      "CLAUDE_CODE_MAX_RETRIES": "0"}
+            now = int(time.time())
+            self.api.unified.update({
+                "anthropic-ratelimit-unified-status": "allowed",
+                "anthropic-ratelimit-unified-5h-utilization": "0.2",
+                "anthropic-ratelimit-unified-5h-reset": str(now + 18000),
+                "anthropic-ratelimit-unified-7d-utilization": "0.1",
+                "anthropic-ratelimit-unified-7d-reset": str(now + 604800)})
         else:
             self.claude = self.fake_path
             extra = {"FAKE_CLAUDE_START_DELAY": self.START_DELAY}
         patch = mock.patch.dict(os.environ, extra)
         patch.start()
         self.addCleanup(patch.stop)
+        os.environ.pop("ANTHROPIC_API_KEY", None)
         self.cwd = tempfile.mkdtemp(prefix="proxy-bench-cwd-")
         self.files = tempfile.mkdtemp(prefix="proxy-bench-files-")
         for path in (self.cwd, self.files):
