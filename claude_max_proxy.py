@@ -65,7 +65,8 @@ CLI events -> completion events (AnswerFold); Dialects (an Answer and a Dialect 
 Chat Completions, Anthropic Messages, OpenAI Responses, and the DIALECTS registry the router
 reads); Who may use it; The CLI process (ClaudeCLI, ClaudeProcess, ProcessSlots, WarmPool,
 ClaudeRun); The subscription (Subscription: its windows from the CLI's rate_limit_event lines,
-/v1/usage, the rate-limit headers, --reserve and extra usage; Login);
+/v1/usage, the rate-limit headers, --reserve and extra usage; Login); What a person sees (the
+`status` command's screen and the status page at /, RequestLog);
 HTTP (ProxyServer, StrictHTTPHandler, ProxyHandler); Command line; Running at login (the
 `service` commands: launchd or systemd); main().
 

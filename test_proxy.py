@@ -20,6 +20,7 @@ benchmark, which prints figures and asserts nothing about speed.
 """
 
 import argparse
+import base64
 import collections
 import contextlib
 import hashlib
@@ -2255,6 +2256,115 @@ class SubscriptionTest(unittest.TestCase):
         other = proxy.error_from_result({"is_error": True, "api_error_status": 400,
                                          "result": "API Error: 400 something else"})
         self.assertNotEqual(other.code, "extra_usage_required")
+
+
+class StatusViewTest(unittest.TestCase):
+    """What `status` prints and the page shows, from /v1/usage and /health (pure)."""
+
+    NOW = WARNED_AT
+    USAGE = {"updated_at": WARNED_AT, "status": "allowed_warning",
+             "windows": {"five_hour": {"utilization": 0.91, "resets_at": WARNED_AT + 6720,
+                                       "status": "allowed_warning", "surpassed_threshold": 0.9},
+                         "seven_day": {"utilization": 0.4, "resets_at": WARNED_AT + 3 * 86400,
+                                       "status": "allowed"}},
+             "overage": {"status": "allowed", "in_use": False},
+             "totals": {"since": WARNED_AT - 11520, "requests": 412, "input_tokens": 100000,
+                        "output_tokens": 310000, "cache_creation_input_tokens": 44000,
+                        "cache_read_input_tokens": 1056000, "api_equivalent_usd": 41.2},
+             "reserve_percent": 0, "allow_extra_usage": False}
+    HEALTH = {"status": "ok", "uptime_seconds": 11520,
+              "claude": {"logged_in": True, "auth_method": "oauth_token"}}
+
+    def text(self, usage=None, health=None, color=False):
+        return proxy.status_text(usage or self.USAGE, health or self.HEALTH, "127.0.0.1:3456",
+                                 self.NOW, color)
+
+    def test_one_screen_in_a_terminal_and_as_plain_text(self):
+        plain = self.text()
+        lines = plain.splitlines()
+        self.assertEqual(lines[0], "claude-max-proxy on 127.0.0.1:3456 · logged in "
+                                   "(oauth_token) · up 3h 12m")
+        five = time.strftime("%H:%M", time.localtime(self.NOW + 6720))
+        self.assertEqual(lines[1], "5-hour  [##################--]  91%%  resets %s (in 1h 52m)"
+                                   "  warning" % five)
+        self.assertTrue(lines[2].startswith("weekly  [########------------]  40%  resets "))
+        self.assertIn("(in 3d 0h)", lines[2])
+        self.assertEqual(lines[3], "extra usage  allowed on the account; refused by this proxy "
+                                   "(--allow-extra-usage)")
+        self.assertEqual(lines[4], "since start  412 requests · 1.2M in / 310k out tokens · 88% "
+                                   "read from cache · API value $41.20")
+        self.assertNotIn("\x1b[", plain)
+        self.assertNotIn("█", plain)
+        colored = self.text(color=True)
+        self.assertIn("\x1b[31m" + "█" * 18, colored, "91%: red")
+        self.assertIn("\x1b[32m" + "█" * 8, colored, "40%: green")
+        for text in (plain, colored):
+            for line in re.sub(r"\x1b\[\d+m", "", text).splitlines()[1:3]:
+                self.assertLessEqual(len(line), 80, line)
+
+    def test_unknown_state_is_said_in_words_not_zeros(self):
+        empty = {"windows": {}, "overage": {}, "totals": {}, "updated_at": None}
+        for claude, words in (
+                ({"logged_in": True, "auth_method": "api_key"}, "not reported: Claude Code "
+                 "uses an API key"),
+                ({"logged_in": True, "auth_method": "oauth_token"}, "not known yet: no answer"),
+                ({"logged_in": False, "auth_method": "none"}, "not known: Claude Code is not "
+                 "logged in")):
+            text = self.text(empty, dict(self.HEALTH, claude=claude))
+            self.assertIn("usage  " + words, text)
+            self.assertNotIn("0%", text)
+            self.assertIn("since start  no requests yet", text)
+            self.assertIn("extra usage  not known for the account", text)
+        self.assertIn("NOT logged in: run `claude auth login`", self.text(
+            empty, dict(self.HEALTH, claude={"logged_in": False})))
+        self.assertIn("login not checked yet", self.text(empty, dict(self.HEALTH, claude={})))
+        reset = dict(self.USAGE, windows={"five_hour": {"utilization": 0.0, "resets_at": None,
+                                                        "status": "allowed", "reset": True}})
+        self.assertIn("reset since: a new window", self.text(reset))
+
+    def test_extra_usage_and_the_reserve_in_words(self):
+        usage = dict(self.USAGE, reserve_percent=20,
+                     overage={"status": "allowed", "in_use": True})
+        text = self.text(usage)
+        self.assertIn("extra usage  IN USE: the plan's limit is used up; requests are refused",
+                      text)
+        self.assertIn("reserve  20% of each window kept for you (--reserve)", text)
+        self.assertIn("requests go on, billed as extra usage", self.text(
+            dict(usage, allow_extra_usage=True)))
+
+    def test_figures_as_a_person_reads_them(self):
+        self.assertEqual([proxy.whole_percent(f) for f in (0, 0.29, 0.91, 0.999, 1, 1.5)],
+                         ["0%", "29%", "91%", "99%", "100%", "150%"])
+        self.assertEqual([proxy.token_count(n) for n in (0, 412, 9500, 310000, 1234567)],
+                         ["0", "412", "9.5k", "310k", "1.2M"])
+        self.assertEqual([proxy.duration_words(s) for s in (1, 59, 60, 3600, 6720, 3 * 86400)],
+                         ["1m", "1m", "1m", "1h 00m", "1h 52m", "3d 0h"])
+        now = time.mktime((2026, 12, 7, 12, 0, 0, 0, 0, -1))  # a Monday, noon, local time
+        self.assertEqual(proxy.local_time(now + 7500, now), "14:05 (in 2h 05m)")
+        self.assertEqual(proxy.local_time(now + 3 * 86400 - 3 * 3600, now),
+                         "Thu 09:00 (in 2d 21h)")
+
+    def test_the_page_escapes_what_it_did_not_write_and_loads_nothing(self):
+        requests = [{"at": self.NOW, "dialect": "chat", "model": "<script>alert(1)</script>",
+                     "seconds": 1.25, "input_tokens": 1460, "output_tokens": 9,
+                     "cache_read": 0.9, "status": 200, "error": None},
+                    {"at": self.NOW, "dialect": "messages", "model": 'a"b&c', "seconds": 0.01,
+                     "input_tokens": 0, "output_tokens": 0, "cache_read": None, "status": 429,
+                     "error": "<usage_reserve>"}]
+        usage = dict(self.USAGE, windows=dict(self.USAGE["windows"], **{
+            "<b>odd</b>": {"utilization": 0.5}}))
+        page = proxy.status_page(usage, self.HEALTH, requests, "127.0.0.1:3456", self.NOW)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", page)
+        self.assertIn("a&quot;b&amp;c", page)
+        self.assertIn("429 &lt;usage_reserve&gt;", page)
+        self.assertIn("&lt;b&gt;odd&lt;/b&gt;", page)
+        for loads in ("<script", "<link", "<img", "src=", "@import", "url(", "http://",
+                      "https://"):
+            self.assertNotIn(loads, page.lower())
+        self.assertIn('<meta http-equiv="refresh" content="30">', page)
+        self.assertIn("91%", page)
+        self.assertIn("width:91%", page)
+        self.assertLess(page.index("messages"), page.index("&lt;script"), "newest first")
 
 
 class HistoryTest(unittest.TestCase):
@@ -5551,6 +5661,207 @@ class SubscriptionServerTest(FakeClaudeMixin, unittest.TestCase):
             self.assertEqual(p.request("GET", "/health")[2]["status"], "not_logged_in")
             self.assertTrue(p.server.login._checking, "a check runs in the background")
             self.assertEqual(p.request("GET", "/health")[2]["claude"]["auth_method"], "none")
+
+
+class StatusCommandTest(FakeClaudeMixin, unittest.TestCase):
+    """`python3 claude_max_proxy.py status`, run as a user runs it, against a live daemon."""
+
+    def setUp(self):
+        super().setUp()
+        self.p = self.start_proxy(api_keys=["status-key"])
+        self.p.server.login.check()
+        now = int(time.time())
+        with open(os.path.join(self.log_dir, "unified.info"), "w") as f:
+            json.dump({"status": "allowed_warning", "rateLimitType": "five_hour",
+                       "overageStatus": "allowed", "isUsingOverage": False, "unifiedWindows": {
+                           "five_hour": {"utilization": 0.91, "resetsAt": now + 6720,
+                                         "status": "allowed_warning"},
+                           "seven_day": {"utilization": 0.4, "resetsAt": now + 86400 * 3}}}, f)
+        status, _, body = self.p.request("POST", "/v1/chat/completions", chat_body("hi"),
+                                         headers={"Authorization": "Bearer status-key"})
+        self.assertEqual(status, 200, body)
+
+    def status(self, *args, key="status-key", port=None, terminal=False, **env):
+        """(exit code, stdout, stderr) of `status` as a subprocess; `terminal`: in a pty."""
+        command = [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "status",
+                   "--port", str(port or self.p.port)] + list(args)
+        environment = dict(os.environ, CLAUDE_MAX_API_KEY=key, **env)
+        if not terminal:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                                  env=environment)
+            return done.returncode, done.stdout, done.stderr
+        import pty
+        leader, follower = pty.openpty()
+        try:
+            done = subprocess.run(command, stdout=follower, stderr=subprocess.PIPE, timeout=30,
+                                  env=environment)
+            os.close(follower)
+            follower = None
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the writing side is closed and all was read
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        finally:
+            os.close(leader)
+            if follower is not None:
+                os.close(follower)
+        return done.returncode, output.decode().replace("\r\n", "\n"), done.stderr.decode()
+
+    def test_one_screen_plain_when_piped_in_colour_in_a_terminal(self):
+        code, out, err = self.status()
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertRegex(lines[0], r"^claude-max-proxy on 127\.0\.0\.1:\d+ · logged in "
+                                   r"\(oauth_token\) · up \d+m$")
+        self.assertRegex(lines[1], r"^5-hour  \[#{18}-{2}\]  91%  resets \d\d:\d\d \(in 1h 5\dm\)"
+                                   r"  warning$")
+        self.assertRegex(lines[2], r"^weekly  \[#{8}-{12}\]  40%  resets \w{3} \d\d:\d\d "
+                                   r"\(in (2d 23h|3d 0h)\)$")
+        self.assertIn("extra usage  allowed on the account; refused by this proxy", out)
+        self.assertIn("since start  1 request · 12 in / 9 out tokens", out)
+        self.assertNotIn("\x1b", out)
+        code, out, _ = self.status(terminal=True)
+        self.assertEqual(code, 0)
+        self.assertIn("\x1b[31m" + "█" * 18, out)
+        code, out, _ = self.status(terminal=True, NO_COLOR="1")
+        self.assertNotIn("\x1b", out)
+        self.assertIn("[##################--]  91%", out)
+
+    def test_json_is_the_daemon_s_usage_as_it_is(self):
+        code, out, err = self.status("--json")
+        self.assertEqual((code, err), (0, ""))
+        _, _, usage = self.p.request("GET", "/v1/usage",
+                                     headers={"Authorization": "Bearer status-key"})
+        self.assertEqual(json.loads(out), usage)
+
+    def test_no_daemon_or_a_refused_key_is_one_line_and_exit_1(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        for port, key, words in ((free, "status-key", "nothing listens on 127.0.0.1:%d" % free),
+                                 (None, "wrong", "refused the key"),
+                                 (None, "", "refused the key")):
+            code, out, err = self.status(port=port, key=key)
+            self.assertEqual((code, out), (1, ""), err)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertIn(words, err)
+            self.assertNotIn("Traceback", err)
+        self.assertIn("python3 claude_max_proxy.py", self.status(port=free)[2])
+        self.assertIn("CLAUDE_MAX_API_KEY", self.status(key="wrong")[2])
+
+
+class StatusPageTest(FakeClaudeMixin, unittest.TestCase):
+    """GET / for a browser: the same content as `status`, and the last requests."""
+
+    HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+
+    def test_a_browser_gets_the_page_a_client_asking_json_what_it_got_before(self):
+        p = self.start_proxy()
+        status, response, page = p.request("GET", "/", headers=self.HTML)
+        self.assertEqual(status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/html; charset=utf-8")
+        self.assertEqual(response.getheader("Cache-Control"), "no-store")
+        self.assertIn("default-src 'none'", response.getheader("Content-Security-Policy"))
+        self.assertTrue(page.startswith(b"<!DOCTYPE html>"))
+        for headers in ({}, {"Accept": "application/json"}):
+            status, response, body = p.request("GET", "/", headers=headers)
+            self.assertEqual((status, body["error"]["code"]), (404, "unknown_url"))
+        status, response, body = p.request("HEAD", "/", headers=self.HTML)
+        self.assertEqual((status, body), (200, b""))
+        # The same Host and Origin rules as the API.
+        self.assertEqual(p.request("GET", "/", headers=dict(self.HTML, Host="evil.example"))[0],
+                         403)
+        self.assertEqual(p.request("GET", "/", headers=dict(
+            self.HTML, Origin="https://evil.example"))[0], 403)
+        self.assertEqual(p.request("GET", "/", headers=dict(
+            self.HTML, **{"Sec-Fetch-Site": "cross-site"}))[0], 403)
+
+    def test_with_a_key_a_browser_logs_in_with_basic_auth(self):
+        p = self.start_proxy(api_keys=["page-key"])
+        status, response, _ = p.request("GET", "/", headers=self.HTML)
+        self.assertEqual((status, response.getheader("WWW-Authenticate")),
+                         (401, 'Basic realm="claude-max-proxy"'))
+        for authorization, expected in (
+                ("Basic " + base64.b64encode(b"anyone:page-key").decode(), 200),
+                ("Basic " + base64.b64encode(b":page-key").decode(), 200),
+                ("Bearer page-key", 200),
+                ("Basic " + base64.b64encode(b"page-key:wrong").decode(), 401),
+                ("Basic " + base64.b64encode(b"page-key").decode(), 401),
+                ("Basic !!notbase64", 401)):
+            status, _, page = p.request("GET", "/", headers=dict(
+                self.HTML, Authorization=authorization))
+            self.assertEqual(status, expected, authorization)
+            if status == 200:
+                self.assertNotIn(b"page-key", page, "the key is never in the page")
+        # Basic auth is for the page: the API still wants the key as such.
+        status, _, _ = p.request("POST", "/v1/chat/completions", chat_body("hi"), headers={
+            "Authorization": "Basic " + base64.b64encode(b"x:page-key").decode()})
+        self.assertEqual(status, 401)
+
+    def test_the_last_fifty_requests_without_their_text(self):
+        p = self.start_proxy(reserve=10)
+        for n in range(53):
+            self.assertEqual(p.chat("SECRET-PROMPT-%d" % n, model="<b>sonnet</b>" if n == 52
+                                    else "sonnet")[0], 404 if n == 52 else 200)
+        status, _, body = p.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 5,
+                                                             "messages": []})
+        self.assertEqual(status, 400)
+        page = p.request("GET", "/", headers=self.HTML)[2].decode()
+        rows = re.findall(r"<tr><td>\d\d:\d\d:\d\d</td>(.*?)</tr>", page)
+        self.assertEqual(len(rows), proxy.REQUEST_LOG_SIZE)
+        self.assertIn("<td>messages</td><td>sonnet</td>", rows[0], "newest first")
+        self.assertIn("400 invalid_value", rows[0])
+        self.assertIn("&lt;b&gt;sonnet&lt;/b&gt;", rows[1])
+        self.assertIn("404 model_not_found", rows[1])
+        self.assertIn("<td class=num>12</td><td class=num>9</td>", rows[2])
+        self.assertNotIn("SECRET-PROMPT", page)
+        self.assertNotIn("Hello from the fake API", page)
+        self.assertIn("reserve", page)
+
+
+@unittest.skipUnless(shutil.which("chromium") or REQUIRE_ALL, "Debian's chromium is not "
+                     "installed (apt-get install chromium)")
+class BrowserTest(FakeClaudeMixin, unittest.TestCase):
+    """The status page as a person sees it: rendered by a real headless Chromium."""
+
+    def dump_dom(self, url):
+        browser = shutil.which("chromium")
+        if not browser:
+            raise AssertionError("PROXY_REQUIRE_ALL=1 but chromium is not installed")
+        profile = tempfile.mkdtemp(prefix="proxy-chromium-")
+        self.addCleanup(shutil.rmtree, profile, True)
+        done = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--user-data-dir=" + profile, "--dump-dom", url],
+            capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        return done.stdout.decode()
+
+    def test_the_page_in_a_headless_browser(self):
+        p = self.start_proxy()
+        p.server.login.check()  # (as the daemon does at start)
+        now = int(time.time())
+        with open(os.path.join(self.log_dir, "unified.info"), "w") as f:
+            json.dump({"status": "allowed_warning", "isUsingOverage": False, "unifiedWindows": {
+                "five_hour": {"utilization": 0.91, "resetsAt": now + 6720},
+                "seven_day": {"utilization": 0.4, "resetsAt": now + 86400 * 3}}}, f)
+        self.assertEqual(p.chat("hi", model="opus")[0], 200)
+        self.assertEqual(p.request("POST", "/v1/responses", {"model": "haiku", "input": "hi"})[0],
+                         200)
+        dom = self.dump_dom("http://127.0.0.1:%d/" % p.port)
+        self.assertIn("<title>claude-max-proxy</title>", dom)
+        usage = re.findall(r"<th>(5-hour|weekly)</th>.*?<td class=\"num\">(\d+%)</td>", dom,
+                           re.S)
+        self.assertEqual(usage, [("5-hour", "91%"), ("weekly", "40%")])
+        rows = re.findall(r"<td>(chat|responses)</td><td>(\w+)</td>", dom)
+        self.assertEqual(rows, [("responses", "haiku"), ("chat", "opus")])
+        self.assertIn("logged in (oauth_token)", dom)
 
 
 class RequestLogTest(FakeClaudeMixin, unittest.TestCase):
