@@ -162,6 +162,14 @@ WARM_CHECK_INTERVAL = 2.0
 # Warm CLIs of one shape that may die in a row, unused, before the pool stops replacing them
 # (until a request of that shape comes again): a CLI that dies at every start is no loop.
 WARM_DEATHS = 2
+# A warm CLI starts only once no request has been answered for this long: its start (~0.9
+# CPU-seconds, measured) would otherwise slow the answers being streamed (2 cores: x1.9 the
+# first-to-last delta time of a 2,000-delta answer).
+WARM_QUIET = 0.1
+# A repeatable shape taken again within this many seconds is in steady use (an agent's loop, a
+# script): a second CLI is kept ready for it, so that a request that follows the previous one
+# at once finds one while the first one's replacement waits for a quiet moment.
+WARM_STEADY = 600.0
 
 MAX_CONNECTIONS = 256  # open client connections; past it new ones get a 503 and are closed
 QUEUE_RETRY_AFTER = 5  # Retry-After (seconds) on a 429 from a full or slow queue
@@ -3570,8 +3578,11 @@ class ClaudeProcess:
         return not self._awaiting
 
     def events(self, timeout: float, idle_timeout: float,
-               watch: Optional[socket.socket] = None) -> Iterator[Dict[str, Any]]:
-        """Parsed stdout lines, as they come. Feeds stdin and drains stderr meanwhile.
+               watch: Optional[socket.socket] = None,
+               on_wait: Optional[Callable[[], None]] = None) -> Iterator[Dict[str, Any]]:
+        """Parsed stdout lines, as they come. Feeds stdin and drains stderr meanwhile;
+        `on_wait()` is called each time all that was read has been given and it is about to
+        wait for the CLI (a stream's writer sends then what it gathered).
 
         Raises APIError(504) on the whole-request or idle deadline, and ClientDisconnected when
         `watch` (the client's socket) is closed by the other side.
@@ -3601,6 +3612,8 @@ class ClaudeProcess:
                                    type="server_error", code="timeout")
                 if self._awaiting and now >= control_deadline:
                     raise ControlRefused("no answer within %g s" % CONTROL_TIMEOUT)
+                if on_wait is not None:
+                    on_wait()
                 for key, _ in sel.select(min(deadline, idle_deadline, control_deadline
                                              if self._awaiting else deadline) - now):
                     name = key.data
@@ -3891,6 +3904,7 @@ class Wanted(NamedTuple):
     launch: Launch  # the latest request of that shape, as it was run
     used: float  # when a request of that shape last came (monotonic)
     again: bool  # whether another request of it is likely: not for a conversation's next turn
+    copies: int = 1  # how many to keep ready: 2 for the one shape in steady use (WARM_STEADY)
 
 
 class WarmPool:
@@ -3908,12 +3922,19 @@ class WarmPool:
     `idle_limit` seconds (a shape used within WARM_KEY_KEPT gets a new one), when the CLI
     binary changed, or when their shape is no longer wanted. One that died while it waited is
     replaced within WARM_CHECK_INTERVAL and never handed out; one that dies just as it is
-    handed out leaves its request to a fresh CLI (ClaudeRun)."""
+    handed out leaves its request to a fresh CLI (ClaudeRun).
+
+    Starting one costs ~0.9 CPU-seconds, so none starts while any request is being answered:
+    only once the daemon has been quiet for WARM_QUIET, one at a time. The one shape in steady
+    use keeps a second one ready (WARM_STEADY), for a request that follows the previous at once
+    (an agent's loop), as its replacement waits for the quiet moment."""
 
     def __init__(self, server: "ProxyServer", size: int, idle_limit: float):
         self.server, self.size, self.idle_limit = server, size, idle_limit
         self._changed = threading.Condition()
-        self._ready: "collections.OrderedDict[str, ClaudeProcess]" = collections.OrderedDict()
+        # Waiting processes by shape, least recently used shape first.
+        self._ready: "collections.OrderedDict[str, List[ClaudeProcess]]" = \
+            collections.OrderedDict()
         self._wanted: "collections.OrderedDict[str, Wanted]" = collections.OrderedDict()
         self._starting: "set[str]" = set()
         self._ending: List[Tuple[ClaudeProcess, bool]] = []  # (process, its slot to give back)
@@ -3931,19 +3952,30 @@ class WarmPool:
 
     @property
     def ready(self) -> int:
-        return len(self._ready)
+        return sum(len(processes) for processes in self._ready.values())
+
+    def waiting(self) -> List["ClaudeProcess"]:
+        """The processes waiting now, least recently used shape first (for tests)."""
+        with self._changed:
+            return [process for processes in self._ready.values() for process in processes]
 
     def settled(self) -> bool:
-        """Whether each shape wanted has its process waiting (for tests and the benchmark)."""
+        """Whether each shape wanted has its processes waiting (for tests and the benchmark)."""
         with self._changed:
-            return not self._starting and not self._ending and \
-                all(key in self._ready for key in self._wanted)
+            return not self._starting and not self._ending and all(
+                len(self._ready.get(key, ())) >= wanted.copies
+                for key, wanted in self._wanted.items())
+
+    def wake(self) -> None:
+        """The daemon's last request in flight ended: the quiet moment warm CLIs start in."""
+        with self._changed:
+            self._changed.notify_all()
 
     def status(self) -> Dict[str, Any]:
         """For /health: how many wait, and how often a request found one of its shape."""
         with self._changed:
             asked = self.hits + self.misses
-            return {"ready": len(self._ready), "size": self.size, "hits": self.hits,
+            return {"ready": self.ready, "size": self.size, "hits": self.hits,
                     "misses": self.misses,
                     "hit_rate": round(self.hits / asked, 3) if asked else None}
 
@@ -3958,13 +3990,16 @@ class WarmPool:
                 return None
             if launch.resumed is None:  # kept without its prompt, which goes on stdin
                 bare = launch._replace(request=launch.request._replace(turns=[]), session=None)
-                self._want(key, Wanted(bare, time.monotonic(), True))
+                now, before = time.monotonic(), self._wanted.get(key)
+                steady = before is not None and now - before.used < WARM_STEADY
+                self._want(key, Wanted(bare, now, True, 2 if steady else 1))
             else:  # a conversation's turn: wanted once, if predicted
                 self._wanted.pop(key, None)
                 self._conversing = time.monotonic()
             # One being started this moment (a conversation's next turn, say) is worth the wait.
-            self._changed.wait_for(lambda: key not in self._starting, timeout=WARM_START_WAIT)
-            process = self._ready.pop(key, None)
+            self._changed.wait_for(lambda: key not in self._starting or self._ready.get(key),
+                                   timeout=WARM_START_WAIT)
+            process = self._pop(key)
             self._changed.notify_all()
         if process is not None and not self._usable(process):
             if process.exited():
@@ -4008,7 +4043,8 @@ class WarmPool:
                 return
             self.strict = True
             self._wanted.clear()
-            self._ending += [(process, True) for process in self._ready.values()]
+            self._ending += [(process, True) for processes in self._ready.values()
+                             for process in processes]
             self._ready.clear()
             self._changed.notify_all()
         log.warning("a warm Claude Code did not take the model or system prompt on stdin (%s): "
@@ -4032,9 +4068,26 @@ class WarmPool:
             old = next((k for k, w in self._wanted.items() if w.again == wanted.again),
                        next(iter(self._wanted)))
             del self._wanted[old]
-            if old in self._ready:
-                self._ending.append((self._ready.pop(old), True))
+            self._ending += [(process, True) for process in self._ready.pop(old, [])]
+        if wanted.copies > 1:  # one shape in steady use at a time: the others keep one
+            for other, before in list(self._wanted.items()):
+                if before.copies > 1:
+                    self._wanted[other] = before._replace(copies=1)
+                    kept = self._ready.get(other)
+                    if kept:
+                        self._ending += [(process, True) for process in kept[1:]]
+                        del kept[1:]
         self._wanted[key] = wanted
+
+    def _pop(self, key: str) -> Optional["ClaudeProcess"]:
+        """(Under the lock.) The longest waiting process of `key`, taken out of the pool."""
+        processes = self._ready.get(key)
+        if not processes:
+            return None
+        process = processes.pop(0)
+        if not processes:
+            del self._ready[key]
+        return process
 
     def _died(self, key: str, process: "ClaudeProcess") -> None:
         """(Under the lock.) The waiting CLI of `key` died unused (killed, crashed): it is
@@ -4058,7 +4111,8 @@ class WarmPool:
         with self._changed:
             if not self._ready:
                 return False
-            _, process = self._ready.popitem(last=False)
+            process = self._pop(next(iter(self._ready)))
+            assert process is not None
             self._ending.append((process, False))
             self._changed.notify_all()
             return True
@@ -4081,26 +4135,37 @@ class WarmPool:
         while True:
             with self._changed:
                 now = time.monotonic()
-                for key, process in list(self._ready.items()):
-                    if not self._usable(process):  # waited too long, died, or an upgraded CLI
-                        del self._ready[key]
+                for key, processes in list(self._ready.items()):
+                    for process in [p for p in processes if not self._usable(p)]:
+                        # Waited too long, died, or an upgraded CLI.
+                        processes.remove(process)
                         self._ending.append((process, True))
                         wanted = self._wanted.get(key)
                         if process.exited():
                             self._died(key, process)
                         elif wanted and not (wanted.again and now - wanted.used < WARM_KEY_KEPT):
                             del self._wanted[key]
+                    if not processes:
+                        del self._ready[key]
                 ending, self._ending = self._ending, []
                 missing = [(k, w) for k, w in reversed(self._wanted.items())
-                           if k not in self._ready]
-                if not ending and (not missing or self._no_slot) and not self._closed:
-                    soonest = min([p.spawned + self.idle_limit for p in self._ready.values()]
-                                  + [now + WARM_CHECK_INTERVAL if self._ready else
-                                     now + self.idle_limit])
+                           if len(self._ready.get(k, ())) < w.copies]
+                # The first of a shape before a second of another; none while answers go out.
+                missing.sort(key=lambda item: item[0] in self._ready)
+                quiet = self.server.quiet_for()
+                if not ending and not self._closed and (
+                        not missing or self._no_slot or quiet is None or quiet < WARM_QUIET):
+                    waiting = [p for processes in self._ready.values() for p in processes]
+                    soonest = min([p.spawned + self.idle_limit for p in waiting]
+                                  + [now + WARM_CHECK_INTERVAL if waiting or missing else
+                                     now + self.idle_limit]
+                                  + ([now + WARM_QUIET - quiet] if missing and quiet is not None
+                                     and not self._no_slot else []))
                     self._changed.wait(max(0.01, soonest - now))
                     continue
                 if self._closed:
-                    ending += [(process, True) for process in self._ready.values()]
+                    ending += [(process, True) for processes in self._ready.values()
+                               for process in processes]
                     self._ready.clear()
                     missing = []
                 self._starting.update(k for k, _ in missing[:1])
@@ -4134,7 +4199,7 @@ class WarmPool:
                     if self._closed or key not in self._wanted:
                         self._ending.append((process, True))
                     else:
-                        self._ready[key] = process
+                        self._ready.setdefault(key, []).append(process)
                 self._changed.notify_all()
 
 
@@ -4149,8 +4214,11 @@ class ClaudeRun:
     collects what the request's log line tells (warm, queued, retried, how the CLI ended)."""
 
     def __init__(self, server: "ProxyServer", launch: Launch, client: socket.socket,
-                 note: Dict[str, Any]):
+                 note: Dict[str, Any], on_wait: Optional[Callable[[], None]] = None):
+        """`on_wait`: called whenever the events read so far are given and the CLI's next
+        output is awaited (ClaudeProcess.events)."""
         self.server, self.launch, self.client, self.note = server, launch, client, note
+        self.on_wait = on_wait
         self.process: Optional[ClaudeProcess] = None
         self.warm: Optional[ClaudeProcess] = None  # a warm CLI to hand the request to
         self.finished = False  # the CLI gave its result and is exiting by itself
@@ -4199,7 +4267,7 @@ class ClaudeRun:
             try:
                 for event in completion_events(
                         self._watched(process.events(settings.timeout, settings.idle_timeout,
-                                                     watch=self.client)),
+                                                     watch=self.client, on_wait=self.on_wait)),
                         request.stop, max_tokens_ends=request.max_tokens is not None,
                         tools=self.launch.model_tools(),
                         schema=request.output_schema,
@@ -4277,8 +4345,8 @@ def parse_cli_line(line: Union[bytes, bytearray]) -> Optional[Dict[str, Any]]:
     line = line.strip()
     if not line:
         return None
-    try:
-        event = json.loads(line)
+    try:  # decoded here: json.loads would first guess the encoding of bytes
+        event = json.loads(line.decode("utf-8", "surrogatepass"))
     except (ValueError, RecursionError):
         log.debug("skipped a non-JSON line from the CLI (%d bytes)", len(line))
         return None
@@ -4900,6 +4968,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.processes: "set[ClaudeProcess]" = set()
         self.processes_started = 0
         self.chats = 0  # chat requests being served, waiting for a slot included
+        self.quiet_since = 0.0  # when the last of them ended (monotonic)
         self.connections = 0
         self.stopping = threading.Event()
         self.hurry = threading.Event()  # a second signal: end everything without grace
@@ -4972,7 +5041,8 @@ class ProxyServer(ThreadingHTTPServer):
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
         """Around a request that runs the CLI, its answer written included: a shutdown waits
-        for these (finish_requests), and refuses new ones once it began."""
+        for these (finish_requests), and refuses new ones once it began; warm CLIs start only
+        when none is in flight (quiet_for)."""
         with self.changed:
             self.chats += 1
         try:
@@ -4980,7 +5050,16 @@ class ProxyServer(ThreadingHTTPServer):
         finally:
             with self.changed:
                 self.chats -= 1
+                self.quiet_since = time.monotonic()
                 self.changed.notify_all()
+                quiet = not self.chats
+            if quiet:
+                self.warm.wake()
+
+    def quiet_for(self) -> Optional[float]:
+        """Seconds since the last request in flight ended; None while one is."""
+        with self.changed:
+            return None if self.chats else time.monotonic() - self.quiet_since
 
     def launch(self, request: Request) -> Launch:
         """How `request` runs: the CLI, and a session for its conversation (Sessions.plan)."""
@@ -5110,6 +5189,9 @@ class StrictHTTPHandler(BaseHTTPRequestHandler):
     within --max-body and --client-timeout, errors as JSON, chunked writes for streams."""
 
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streaming
+    # TCP_NODELAY: a stream's chunks go out as they are written. With Nagle's algorithm a chunk
+    # could wait for the ACK of the one before, which the client delays by up to 40 ms.
+    disable_nagle_algorithm = True
     server_version = "claude-max-proxy/" + __version__
     # Errors on a request line too short to carry a version still get a status line.
     default_request_version = "HTTP/1.0"
@@ -5356,6 +5438,7 @@ class ProxyHandler(StrictHTTPHandler):
         self._usage_counts: Optional[Dict[str, Any]] = None  # the answer's, as OpenAI counts
         self._error_code: Optional[str] = None
         self._asked_model: Optional[str] = None
+        self._gathered = bytearray()  # a stream's events not sent yet (_send_gathered)
         self._cors_origin = None
         self._body_read = False
         self._authorized = False
@@ -5575,7 +5658,8 @@ class ProxyHandler(StrictHTTPHandler):
         answer = dialect.answer(request, self._request_id, request.stream)
         with self.server.serving():
             try:
-                with ClaudeRun(self.server, launch, self.connection, self._note) as run, \
+                with ClaudeRun(self.server, launch, self.connection, self._note,
+                               self._send_gathered if request.stream else None) as run, \
                         contextlib.closing(run.events()) as events:
                     if request.stream:
                         self._stream(answer, events, run)
@@ -5603,19 +5687,26 @@ class ProxyHandler(StrictHTTPHandler):
                     self.send_header("X-Request-Id", self._request_id)
                     self.send_header("X-Accel-Buffering", "no")
                     self.end_headers()
-                data = answer.feed(event)
+                self._gathered += answer.feed(event)
                 if isinstance(event, Finish):  # before the client has it all and asks again
                     self.server.warm.predict(run.launch, answer)
-                if data:  # an empty chunk would end the body
-                    self._write_chunk(data)
         except APIError as error:
             if not started:
                 raise
             self._note["error"] = error.status
             self._error_code = error.code or error.type
-            self._write_chunk(answer.stream_error(error))
+            self._gathered += answer.stream_error(error)
+        self._send_gathered()
         self._note_usage(answer.finish.usage)
         self._write_chunk(b"")
+
+    def _send_gathered(self) -> None:
+        """Send as one chunk the events gathered from the CLI's lines read so far: the CLI
+        often prints dozens of deltas between two reads, and a write per event (33 us each)
+        was most of the daemon's time in a long stream (measured)."""
+        if self._gathered:  # an empty chunk would end the body
+            self._write_chunk(bytes(self._gathered))
+            del self._gathered[:]
 
     def _send_error(self, error: APIError) -> None:
         """In the shape of the dialect whose path was asked for (OpenAI's elsewhere)."""
@@ -5752,7 +5843,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
            "seconds requests in flight may finish after SIGTERM or Ctrl-C")
     number("--warm", "CLAUDE_MAX_API_WARM", DEFAULT_WARM, _count_or_none,
            "CLI processes kept started ahead of requests, one for each of the request shapes "
-           "used last (0: none); they count against --max-concurrency")
+           "used last, and a spare for the one in steady use (0: none); they count against "
+           "--max-concurrency and start only while no request is in flight")
     number("--warm-idle", "CLAUDE_MAX_API_WARM_IDLE", DEFAULT_WARM_IDLE, _positive,
            "seconds a warm CLI waits for a request before a fresh one replaces it")
     add("--reserve", type=_percent, default=_env_number(

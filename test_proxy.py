@@ -4838,14 +4838,14 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
     def settle(self, p):
         """Once every shape the pool wants has its process waiting: their pids."""
         wait_until(p.server.warm.settled, what="the warm processes to be started")
-        with p.server.warm._changed:
-            return [process.pid for process in p.server.warm._ready.values()]
+        return [process.pid for process in p.server.warm.waiting()]
 
     def ask(self, p, content="hi", **fields):
         status, _, body = p.chat(content, **fields)
         self.assertEqual(status, 200, body)
         return body, self.runs()[-1]
 
+    @mock.patch.object(proxy, "WARM_STEADY", 0.0)  # one CLI per shape here
     def test_a_request_of_a_shape_used_before_takes_a_waiting_cli(self):
         p = self.start_proxy(warm=1)
         self.ask(p, "learn")  # a day's first run learns the session preamble: it never waits
@@ -4871,6 +4871,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(len(replacement), 1)
         self.assertNotEqual(replacement[0], warm["pid"], "a new one waits for the next")
 
+    @mock.patch.object(proxy, "WARM_STEADY", 0.0)  # one CLI per shape here
     def test_model_and_system_prompt_go_on_stdin_the_rest_is_a_shape_of_its_own(self):
         p = self.start_proxy(warm=1)
         for model in ("sonnet", "opus"):
@@ -5047,6 +5048,47 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         os.unlink(os.path.join(self.log_dir, "die-at-start"))  # mended: served again
         self.assertEqual(p.chat("three")[0], 200)
 
+    def test_a_shape_in_steady_use_keeps_a_second_cli_for_a_request_at_once(self):
+        p = self.start_proxy(warm=1)
+        self.ask(p, "learn")
+        self.ask(p, "one")  # the shape's first request: one CLI for the next
+        self.assertEqual(len(self.settle(p)), 1)
+        self.ask(p, "two")  # taken again: in steady use, two wait from now on
+        waiting = self.settle(p)
+        self.assertEqual(len(waiting), 2)
+        hits = p.server.warm.hits
+        _, first = self.ask(p, "three")
+        _, second = self.ask(p, "four")  # sent the moment the answer came
+        self.assertEqual([first["pid"], second["pid"]], waiting)
+        self.assertEqual(p.server.warm.hits, hits + 2)
+        self.assertEqual(p.request("GET", "/health")[2]["warm"]["ready"], 0)
+        self.assertEqual(len(self.settle(p)), 2)
+        # Another shape in steady use takes the spare over: one spare in all.
+        tools = {"tools": [{"type": "function", "function": {"name": "f"}}]}
+        for _ in range(2):
+            self.ask(p, "tools", **tools)
+        self.settle(p)
+        self.assertEqual(sorted(w.copies for w in p.server.warm._wanted.values()), [2])
+
+    def test_no_warm_cli_starts_while_an_answer_goes_out(self):
+        """Starting one costs ~0.9 CPU-seconds, which would slow the stream being answered:
+        a replacement waits until no request is in flight."""
+        p = self.start_proxy(warm=1)
+        self.ask(p, "learn")
+        self.ask(p, "one")
+        waiting = self.settle(p)
+        answering = threading.Thread(target=lambda: p.chat("[[fake:gate:go]]"))
+        answering.start()
+        wait_until(lambda: [r for r in self.runs() if r["pid"] == waiting[0]],
+                   what="the waiting CLI to take the request")
+        self.assertEqual(p.server.quiet_for(), None)
+        open(os.path.join(self.log_dir, "go"), "w").close()
+        answering.join(30)
+        self.assertEqual(len(self.settle(p)), 2, "the replacement, and a spare: used twice")
+        first = min(process.spawned for process in p.server.warm.waiting())
+        self.assertGreaterEqual(first - p.server.quiet_since, proxy.WARM_QUIET,
+                                "started once the answer was out and the daemon quiet")
+
     def test_a_request_never_waits_for_an_idle_warm_cli(self):
         p = self.start_proxy(warm=1, max_concurrency=1, queue_timeout=5.0)
         self.ask(p, "learn")
@@ -5067,7 +5109,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         self.ask(p, "learn")
         self.ask(p, "one")
         self.settle(p)
-        process = next(iter(p.server.warm._ready.values()))
+        process = p.server.warm.waiting()[0]
         wait_until(lambda: time.monotonic() - process.spawned > 1.5, what="1.5 s of waiting")
         _, run = self.ask(p, "two")
         self.assertEqual(run["pid"], process.pid)
@@ -5094,6 +5136,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
             self.assertNotEqual(run["pid"], waiting[0], "another model: another shape")
         self.assertEqual(len([r for r in logs.records if "warm" in r.getMessage()]), 1)
 
+    @mock.patch.object(proxy, "WARM_STEADY", 0.0)  # one CLI per shape here
     def test_faults_and_clients_that_leave_leak_nothing_with_warm_clis(self):
         p = self.start_proxy(warm=2, idle_timeout=0.5)
         self.ask(p, "learn")
@@ -8620,6 +8663,16 @@ class AnthropicSDKTest(FakeClaudeMixin, unittest.TestCase):
 # Soak run (opt-in: PROXY_SOAK=1)
 ##############################################################################
 
+def urllib_get(port, path):
+    """The body of GET `path` on 127.0.0.1:`port`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
 def daemon_figures(pid):
     """(RSS kB, peak RSS kB, threads, open fds) of a process, from /proc; None where absent."""
     try:
@@ -8897,24 +8950,33 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
         return (deltas[0] if deltas else None), answered, deltas
 
     def via_proxy(self, port, dialect, body):
-        """(first token s, whole answer s, the times of its text deltas) through the proxy."""
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        begun = time.perf_counter()
-        conn.request("POST", DIALECT_PATHS[dialect], body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        deltas = []
-        if body.get("stream"):
-            while True:
-                line = response.readline()
-                if not line:
-                    break
-                if self.DELTA[dialect] in line and b'"content": ""' not in line:
-                    deltas.append(time.perf_counter() - begun)
-        response.read()
-        total = time.perf_counter() - begun
-        self.assertEqual(response.status, 200)
-        conn.close()
+        """(first token s, whole answer s, the times of its text deltas) through the proxy.
+        Read from the socket line by line, buffered in C, as direct() reads the CLI's pipe:
+        http.client's chunked reading in Python would count the client's cost as the proxy's."""
+        data = json.dumps(body).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=300) as sock, \
+                sock.makefile("rb") as answer:
+            begun = time.perf_counter()
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                             DIALECT_PATHS[dialect].encode(), len(data), data))
+            status = answer.readline()
+            headers = {}
+            for line in iter(answer.readline, b"\r\n"):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            deltas = []
+            if headers.get("transfer-encoding") == "chunked":
+                marker = self.DELTA[dialect]
+                for line in answer:
+                    if line == b"0\r\n":  # the last chunk
+                        break
+                    if marker in line and b'"content": ""' not in line:
+                        deltas.append(time.perf_counter() - begun)
+            else:
+                answer.read(int(headers["content-length"]))
+            total = time.perf_counter() - begun
+        self.assertTrue(status.startswith(b"HTTP/1.1 200 "), status)
         return (deltas[0] if deltas else None), total, deltas
 
     def proxies(self, **overrides):
@@ -9103,6 +9165,102 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
                 read = sum(r for _, r, _ in figures[1:])
                 print("  requests 2-10: %.1f%% of their prompt tokens read from the cache" % (
                     100.0 * read / sum(t for t, _, _ in figures[1:])))
+
+    def warm_costs(self, rounds=10, deltas=2000, streams=16):
+        """What warm processes cost the answers being streamed, paired with the CLI spawned
+        directly in the same run: a long stream's first-to-last delta span and its largest
+        gap, through a proxy whose waiting CLI the stream takes (so that its replacement is
+        due meanwhile); time to first token and a whole answer's time in alternating pairs,
+        the second of each pair sent the moment the first has its answer; 16 streams at once,
+        wall time and first token p50. The daemon runs as its own process, as it is used.
+        Returns the figures the targets read."""
+        figures = {}
+        daemon, port = start_daemon(self, "--warm", "2", "--timeout", "300",
+                                    claude_bin=self.claude, env=dict(os.environ))
+
+        def settled(ready=2):  # the shape in use has its two CLIs waiting (WARM_STEADY)
+            wait_until(lambda: json.loads(urllib_get(port, "/health"))["warm"]["ready"] >=
+                       ready, timeout=60, what="the warm CLIs")
+
+        long = {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "bench " + self.words % deltas}]}
+        launch = proxy.Launch(self.claude, proxy.parse_chat_request(long))
+        for _ in range(3):  # the preamble, then the shape's first two
+            self.via_proxy(port, "chat", long)
+        spans, gaps = [], []
+        for _ in range(max(5, rounds // 2)):
+            settled()
+            direct = self.direct(launch)[2]
+            relayed = self.via_proxy(port, "chat", long)[2]
+            spans.append((relayed[-1] - relayed[0]) / (direct[-1] - direct[0]))
+            gaps.append(max(b - a for a, b in zip(relayed, relayed[1:])) -
+                        max(b - a for a, b in zip(direct, direct[1:])))
+            time.sleep(self.THINK)
+        figures["relay"], figures["gap"] = statistics.median(spans), statistics.median(gaps)
+        print("\nwarm processes and the answers (%s):" % self.what)
+        print("  %d-delta stream, first to last delta: x%.3f of direct (median of %d pairs); "
+              "largest gap %+.2f ms against direct" % (deltas, figures["relay"], len(spans),
+                                                        figures["gap"] * 1000))
+        for stream in (True, False):
+            body = dict(dialect_body("chat", "bench hi"), stream=stream)
+            launch = proxy.Launch(self.claude, proxy.parse_chat_request(body))
+            index = 0 if stream else 1
+            for _ in range(2):
+                self.via_proxy(port, "chat", body)
+            ratios, after = [], []
+            for _ in range(rounds):
+                settled()
+                direct = self.direct(launch)[index]
+                first = self.via_proxy(port, "chat", body)[index]
+                second = self.via_proxy(port, "chat", body)[index]  # at once
+                ratios += [first / direct, second / direct]
+                after.append(second / direct)
+                time.sleep(self.THINK)
+            name = "first token, streamed" if stream else "a whole answer, not streamed"
+            figures[name] = statistics.median(ratios)
+            print("  %s, alternating pairs: x%.3f of direct (median of %d); the second of a "
+                  "pair, sent at once: x%.3f" % (name, figures[name], len(ratios),
+                                                 statistics.median(after)))
+        daemon.kill()
+        daemon.wait()
+        body = {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "bench " + self.words % 50}]}
+        launch = proxy.Launch(self.claude, proxy.parse_chat_request(body))
+        daemon, port = start_daemon(self, "--max-concurrency", str(streams), "--warm", "2",
+                                    claude_bin=self.claude, env=dict(os.environ))
+        self.via_proxy(port, "chat", body)  # the preamble
+        self.via_proxy(port, "chat", body)  # the shape: warm CLIs start for it
+        walls, firsts = {"direct": [], "proxy": []}, {"direct": [], "proxy": []}
+        for _ in range(3):
+            for name, run in (("direct", lambda _: self.direct(launch)),
+                              ("proxy", lambda _: self.via_proxy(port, "chat", body))):
+                time.sleep(self.THINK)
+                results, begun = [], time.perf_counter()
+                self.assertEqual(in_parallel(lambda n: results.append(run(n)), range(streams),
+                                             timeout=600), [])
+                walls[name].append(time.perf_counter() - begun)
+                firsts[name].append(statistics.median(r[0] for r in results))
+        figures["wall"] = statistics.median(walls["proxy"]) / statistics.median(walls["direct"])
+        figures["ttft16"] = statistics.median(firsts["proxy"]) / statistics.median(
+            firsts["direct"])
+        print("  %d streams at once: wall time x%.3f of direct (%.1f s against %.1f s), first "
+              "token p50 x%.3f (%.0f ms against %.0f ms)" % (
+                  streams, figures["wall"], statistics.median(walls["proxy"]),
+                  statistics.median(walls["direct"]), figures["ttft16"],
+                  statistics.median(firsts["proxy"]) * 1000,
+                  statistics.median(firsts["direct"]) * 1000))
+        daemon.kill()
+        daemon.wait()
+        return figures
+
+    def test_warm_costs(self):
+        figures = self.warm_costs()
+        print("\ntargets (%s): relay x%.3f (<= 1.10), gap %+.2f ms (<= 5), first token x%.3f "
+              "(<= 0.35), whole x%.3f (<= 0.40), 16 streams wall x%.3f and first token x%.3f "
+              "(no worse than before)" % (
+                  self.what, figures["relay"], figures["gap"] * 1000,
+                  figures["first token, streamed"], figures["a whole answer, not streamed"],
+                  figures["wall"], figures["ttft16"]))
 
     def test_benchmark(self):
         first = {}
