@@ -59,16 +59,25 @@ The map. One request goes down this pipeline; each step is one section below, in
 
     (with tools: the CLI starts `claude_max_proxy.py mcp-bridge FILE`, see bridge_main)
 
-Sections: Settings; Errors; The neutral request (tools and output schemas included, and Chat
-Completions' parsing); The CLI launch (and the MCP bridge);
-CLI events -> completion events (AnswerFold); Dialects (an Answer and a Dialect class each for
-Chat Completions, Anthropic Messages, OpenAI Responses, and the DIALECTS registry the router
-reads); Who may use it; The CLI process (ClaudeCLI, ClaudeProcess, ProcessSlots, WarmPool,
-ClaudeRun); The subscription (Subscription: its windows from the CLI's rate_limit_event lines,
-/v1/usage, the rate-limit headers, --reserve and extra usage; Login); What a person sees (the
-`status` command's screen and the status page at /, RequestLog);
-HTTP (ProxyServer, StrictHTTPHandler, ProxyHandler); Command line; Running at login (the
-`service` commands: launchd or systemd); main().
+Sections, each under a banner of its own, in this order (a test keeps this list and the file
+in step):
+
+    Settings
+    Errors
+    The neutral request: what every dialect's parsing gives (pure functions)
+    Conversations as real turns: the history as a Claude Code session (pure functions)
+    The CLI launch: flags, environment, stdin, the MCP bridge (pure functions)
+    CLI events -> completion events: AnswerFold (pure functions)
+    Dialects: each API's parsing, Answer and Dialect, and the registry (pure functions)
+    Who may use it: keys, browsers, host names (pure functions)
+    Files the CLI uses: working directories, conversations' sessions (Sessions)
+    CLI processes: ClaudeCLI, ClaudeProcess, ProcessSlots, WarmPool, ClaudeRun
+    The subscription: its windows, what was spent, the login (Subscription, Login)
+    What a person sees: the `status` command and the status page (pure functions)
+    HTTP: ProxyServer, StrictHTTPHandler, ProxyHandler
+    Command line
+    Running at login: `service install`, `uninstall`, `status` (launchd or systemd --user)
+    Running it: main()
 
 A security reviewer reads: "The CLI launch" (the flags that make the CLI a model, never an
 agent, and keep the user's ~/.claude out; bridge_names and bridge_main, through which a
@@ -338,7 +347,7 @@ def invalid(param: str, message: str) -> APIError:
 
 
 ##############################################################################
-# The neutral request (pure functions)
+# The neutral request: what every dialect's parsing gives (pure functions)
 ##############################################################################
 
 Block = Dict[str, Any]  # an Anthropic content block: text, image, document
@@ -685,194 +694,6 @@ def add_to_turn(turns: List[Turn], role: str, blocks: List[Block]) -> None:
         turns.append((role, blocks))
 
 
-def chat_content(content: Any, where: str, images: bool = True) -> List[Block]:
-    """A Chat Completions message `content` (string or list of parts) as Anthropic blocks."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if content is None:
-        return []
-    if not isinstance(content, list):
-        raise invalid(where, "`%s` must be a string or a list of content parts." % where)
-    blocks = []
-    for i, part in enumerate(content):
-        at = "%s[%d]" % (where, i)
-        if not isinstance(part, dict):
-            raise invalid(at, "Each content part must be an object with a `type`.")
-        kind = part.get("type")
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise invalid(at + ".text", "Text parts need a string `text`.")
-            blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url" and images:
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str):
-                raise invalid(at + ".image_url", "Image parts need `image_url.url`.")
-            blocks.append(image_block(url, at + ".image_url.url"))
-        else:
-            allowed = "`text` and `image_url`" if images else "`text`"
-            raise invalid(at + ".type", "Content part type %r is not supported here; use %s."
-                          % (str(kind)[:50], allowed))
-    return blocks
-
-
-def chat_calls(message: Dict[str, Any], where: str, index: int) -> List[Block]:
-    """An assistant message's `tool_calls` (or legacy `function_call`) as tool_use blocks."""
-    calls = message.get("tool_calls")
-    if message.get("function_call") is not None:  # legacy: one call, matched by name
-        calls = [{"id": "call_%d" % index, "type": "function",
-                  "function": message["function_call"]}]
-        where += ".function_call"
-    elif not isinstance(calls, list):
-        raise invalid(where + ".tool_calls", "`tool_calls` must be a list.")
-    else:
-        where += ".tool_calls"
-    blocks = []
-    for i, call in enumerate(calls):
-        at = "%s[%d]" % (where, i) if message.get("function_call") is None else where
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or \
-                call.get("type", "function") != "function":
-            raise invalid(at, "Each tool call needs an `id` and a `function` with `name` and "
-                          "`arguments`.")
-        if not isinstance(function.get("name"), str) or not function["name"]:
-            raise invalid(at + ".function.name", "A tool call needs the function's `name`.")
-        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"],
-                       "input": tool_input(function.get("arguments"),
-                                           at + ".function.arguments")})
-    return blocks
-
-
-def chat_turns(messages: Any) -> Tuple[Optional[str], List[Turn]]:
-    """Chat `messages` -> (system text or None, turns). `system` and `developer` messages
-    become appended system instructions; an assistant's tool calls become tool_use blocks and
-    `tool` (or legacy `function`) messages tool_result blocks of the user's next turn."""
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "`messages` must be a non-empty list.")
-    system_parts: List[str] = []
-    turns: List[Turn] = []
-    legacy_calls: Dict[str, List[str]] = {}  # function name -> ids of its unanswered calls
-    for i, message in enumerate(messages):
-        where = "messages[%d]" % i
-        if not isinstance(message, dict):
-            raise invalid(where, "Each message must be an object with `role` and `content`.")
-        role = message.get("role")
-        if role in ("system", "developer"):
-            system_parts.append(text_of(chat_content(message.get("content"), where + ".content",
-                                                     images=False)))
-        elif role == "user":
-            if message.get("tool_calls") is not None:
-                raise invalid(where + ".tool_calls", "Only assistant messages have tool calls.")
-            add_to_turn(turns, "user", chat_content(message.get("content"), where + ".content"))
-        elif role == "assistant":
-            blocks = chat_content(message.get("content"), where + ".content")
-            if message.get("tool_calls") or message.get("function_call") is not None:
-                calls = chat_calls(message, where, i)
-                if message.get("function_call") is not None:
-                    legacy_calls.setdefault(calls[0]["name"], []).append(calls[0]["id"])
-                blocks += calls
-            add_to_turn(turns, "assistant", blocks)
-        elif role == "tool":
-            add_to_turn(turns, "user", [tool_result(
-                message.get("tool_call_id"), chat_content(message.get("content"),
-                                                          where + ".content"),
-                where + ".tool_call_id")])
-        elif role == "function":
-            waiting = legacy_calls.get(str(message.get("name")))
-            add_to_turn(turns, "user", [tool_result(
-                waiting.pop(0) if waiting else "call_%s" % message.get("name"),
-                chat_content(message.get("content"), where + ".content"), where + ".name")])
-        else:
-            raise invalid(where + ".role", "Unknown role %r; use system, developer, user, "
-                          "assistant or tool." % str(role)[:50])
-    check_turns(turns, "messages")
-    return "\n\n".join(p for p in system_parts if p) or None, turns
-
-
-def chat_tool_choice(value: Any, field: str, tools: List[Tool]) -> Tuple[str, List[Tool]]:
-    """Chat's tool_choice (or legacy function_call) as (choice, the tools it allows)."""
-    if value is None:
-        return "auto", tools
-    if value in ("none", "auto", "required"):
-        return str(value), tools
-    if isinstance(value, dict):
-        if value.get("type") == "allowed_tools" and isinstance(value.get("allowed_tools"), dict):
-            allowed = value["allowed_tools"]
-            names = {t.get("function", {}).get("name") if isinstance(t, dict) else None
-                     for t in allowed.get("tools") or []}
-            mode = allowed.get("mode", "auto")
-            if mode in ("auto", "required") and None not in names:
-                return str(mode), [t for t in tools if t.name in names]
-        function = value.get("function", value)  # legacy function_call: {"name": ...}
-        if isinstance(function, dict) and isinstance(function.get("name"), str) and \
-                value.get("type", "function") == "function":
-            return function["name"], tools
-    raise invalid(field, "`%s` must be \"none\", \"auto\", \"required\" or name a function."
-                  % field)
-
-
-def chat_tools(body: Dict[str, Any]) -> Tuple[Tuple[Tool, ...], str, bool]:
-    """A Chat request's `tools` (or legacy `functions`): (offered tools, choice, parallel)."""
-    tools_value = check_type(body, "tools", list, "a list of tools")
-    functions = check_type(body, "functions", list, "a list of functions")
-    if tools_value and functions:
-        raise invalid("functions", "Give `tools` or the older `functions`, not both.")
-    field, items = ("functions", functions) if functions else ("tools", tools_value or [])
-    tools = []
-    for i, item in enumerate(items):
-        at = "%s[%d]" % (field, i)
-        function = item if field == "functions" else (
-            item.get("function") if isinstance(item, dict) else None)
-        if field == "tools" and isinstance(item, dict) and item.get("type") != "function":
-            raise invalid(at + ".type", "Tool type %r is not supported; use function."
-                          % str(item.get("type"))[:50])
-        if not isinstance(function, dict):
-            raise invalid(at, "Each tool needs a `function` object with a `name`.")
-        where = at if field == "functions" else at + ".function"
-        tools.append(make_tool(function.get("name"), function.get("description"),
-                               tool_schema(function.get("parameters"), where + ".parameters"),
-                               where, OPENAI_TOOL_NAME))
-    legacy = field == "functions" or (body.get("tool_choice") is None and
-                                      body.get("function_call") is not None)
-    choice_field = "function_call" if legacy else "tool_choice"
-    choice, tools = chat_tool_choice(body.get(choice_field), choice_field, tools)
-    parallel = check_type(body, "parallel_tool_calls", bool, "true or false")
-    offered, choice = choose_tools(offered_tools(tools, field), choice, choice_field)
-    # The older API returns at most one function_call.
-    return offered, choice, parallel is not False and field == "tools"
-
-
-def parse_chat_request(body: Any) -> Request:
-    """Validate a Chat Completions request; every problem is a 4xx naming the field."""
-    if not isinstance(body, dict):
-        raise invalid("", "The request body must be a JSON object.")
-    model, cli_model = resolve_model(body.get("model"))
-    system, turns = chat_turns(body.get("messages"))
-    stream = check_type(body, "stream", bool, "true or false")
-    options = check_type(body, "stream_options", dict, "an object") or {}
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise invalid("stream_options.include_usage", "`include_usage` must be true or false.")
-    max_tokens = optional_int(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
-    if max_tokens is None:
-        max_tokens = optional_int(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise invalid("n", "Only `n: 1` is supported: the CLI gives one answer per request.")
-    check_numbers(body, NUMBER_RANGES)
-    if body.get("logprobs") not in (None, False):
-        raise invalid("logprobs", "`logprobs` are not available through Claude Code.")
-    tools, choice, parallel = chat_tools(body)
-    return Request(model=model, cli_model=cli_model, system=system, turns=turns,
-                   stream=bool(stream), max_tokens=max_tokens,
-                   stop=stop_sequences(body.get("stop"), "stop", 4),
-                   effort=openai_effort(body.get("reasoning_effort"), "reasoning_effort"),
-                   include_usage=include_usage, tools=tools, tool_choice=choice,
-                   parallel_tools=parallel,
-                   output_schema=output_schema(body.get("response_format"), "response_format"),
-                   echo={"functions": bool(body.get("functions"))})
-
-
 ##############################################################################
 # Conversations as real turns: the history as a Claude Code session (pure functions)
 ##############################################################################
@@ -1064,7 +885,7 @@ def learnt_preamble(text: str) -> Optional[List[Dict[str, Any]]]:
 
 
 ##############################################################################
-# The CLI launch (pure functions)
+# The CLI launch: flags, environment, stdin, the MCP bridge (pure functions)
 ##############################################################################
 
 def bridge_names(tools: Iterable[Tool]) -> Dict[str, Tool]:
@@ -1329,7 +1150,7 @@ def stdin_controls(launch: Launch, spawned: Launch) -> List[Dict[str, Any]]:
 
 
 ##############################################################################
-# CLI events -> completion events (pure functions)
+# CLI events -> completion events: AnswerFold (pure functions)
 ##############################################################################
 
 class Start(NamedTuple):
@@ -1434,7 +1255,6 @@ class StopSequences:
 # the end only if it is that JSON: AnswerFold._finish_json), "hidden" any other block the client
 # is not shown.
 BLOCK_TEXT = {"text": "text", "thinking": "thinking", "tool_use": "input"}
-TOOL_KINDS = ("tool_use", "structured", "hidden")
 DELTA_KINDS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
                "input_json_delta": ("tool_use", "partial_json")}
 
@@ -1475,6 +1295,19 @@ class Pieces:
         if len(self.parts) > 1:
             self.parts = ["".join(self.parts)]
         return self.parts[0] if self.parts else ""
+
+
+class Shown(NamedTuple):
+    """A block of the answer as the client has been given it so far (AnswerFold.sent)."""
+    kind: str  # see BLOCK_TEXT
+    pieces: Pieces
+
+
+class Settled(NamedTuple):
+    """A block of the answer as the CLI settled it (AnswerFold.answer)."""
+    kind: str
+    text: str
+    call: Optional[ToolCall]  # a tool_use block's call, as the client knows it
 
 
 class Message:
@@ -1542,10 +1375,10 @@ class AnswerFold:
         self.now = now
         self.model: Optional[str] = None
         self.rate_limit: Optional[Dict[str, Any]] = None
-        self.started = False
+        self.begun = False  # Start was given
         self.finished = False
-        self.sent: List[List[Any]] = []  # [kind, Pieces]
-        self.answer: List[List[Any]] = []  # [kind, text, its ToolCall or None]
+        self.sent: List[Shown] = []  # what the client was given of each block
+        self.answer: List[Settled] = []  # the blocks as the CLI settled them
         self.streaming: Optional[Message] = None  # between message_start and its end
         self.whole: Optional[Message] = None  # printed whole; settled at the next other line
         self.abandoned: Optional[Tuple[int, int]] = None  # (base, blocks kept) of the last one
@@ -1614,7 +1447,7 @@ class AnswerFold:
             if message.diverged:
                 return
             if index in message.caught_up:  # the usual case: the piece is simply new
-                self.sent[message.base + index][1].append(delta[key])
+                self.sent[message.base + index].pieces.append(delta[key])
                 self._emit(block_kind, delta[key], message.base + index)
             else:
                 self._relay(message, index)
@@ -1658,7 +1491,7 @@ class AnswerFold:
     def _result(self, result: Dict[str, Any]) -> None:
         self._abandon()
         subtype = result.get("subtype")
-        if self.started and result.get("api_error") == "max_output_tokens":
+        if self.begun and result.get("api_error") == "max_output_tokens":
             # The CLI resumed at the output limit three times and gave up: the text stands.
             self._finish("max_tokens")
             return
@@ -1750,7 +1583,7 @@ class AnswerFold:
         message.block(index, kind)
         position = message.base + index
         if position == len(self.sent):
-            self.sent.append([kind, Pieces()])
+            self.sent.append(Shown(kind, Pieces()))
             self._place_call(message, index)
         elif not self._fits(position, kind):
             message.diverged = True
@@ -1763,8 +1596,8 @@ class AnswerFold:
 
     def _fits(self, position: int, kind: str) -> bool:
         """Whether a block of `kind` can stand at `position` of what was sent."""
-        return position >= len(self.sent) or self.sent[position][0] == kind \
-            or not self.sent[position][1].length
+        return position >= len(self.sent) or self.sent[position].kind == kind \
+            or not self.sent[position].pieces.length
 
     def _final_block(self, message: Message, index: int, block: Dict[str, Any]) -> None:
         if message.blocks[index][0] in ("tool_use", "structured"):
@@ -1784,17 +1617,17 @@ class AnswerFold:
         text = message.projected(index)
         position = message.base + index
         while len(self.sent) <= position:
-            self.sent.append([kind, Pieces()])
-        sent_kind, sent = self.sent[position][0], self.sent[position][1].text()
+            self.sent.append(Shown(kind, Pieces()))
+        sent_kind, sent = self.sent[position].kind, self.sent[position].pieces.text()
         if sent_kind != kind and not sent:
-            self.sent[position] = [kind, Pieces()]
+            self.sent[position] = Shown(kind, Pieces())
         elif sent_kind != kind or not self._same_call(message, index):
             message.diverged = True
             return
         self._place_call(message, index)
         if text.startswith(sent):
             if len(text) > len(sent):
-                self.sent[position][1] = Pieces(text)
+                self.sent[position] = Shown(kind, Pieces(text))
                 self._emit(kind, text[len(sent):], position)
             message.caught_up.add(index)
         elif not sent.startswith(text):  # else a restarted attempt, still repeating
@@ -1806,12 +1639,13 @@ class AnswerFold:
         ends = message.base + len(message.blocks)
         consistent = not message.diverged and all(
             self._fits(message.base + i, kind) and self._same_call(message, i)
-            and message.projected(i).startswith(self.sent[message.base + i][1].text())
+            and message.projected(i).startswith(self.sent[message.base + i].pieces.text())
             for i, (kind, _) in enumerate(message.blocks) if message.base + i < len(self.sent))
-        consistent = consistent and not any(text.length for _, text in self.sent[ends:])
+        consistent = consistent and not any(shown.pieces.length for shown in self.sent[ends:])
         self.answer[message.base:] = [
-            [kind, message.projected(i), self.calls.get(message.base + i, message.calls.get(i))
-             if kind == "tool_use" else None] for i, (kind, _) in enumerate(message.blocks)]
+            Settled(kind, message.projected(i), self.calls.get(
+                message.base + i, message.calls.get(i)) if kind == "tool_use" else None)
+            for i, (kind, _) in enumerate(message.blocks)]
         add_usage(self.usage, message.usage)
         self.settled_any, self.last_stop, self.abandoned = True, message.stop_reason, None
         if not consistent:
@@ -1842,7 +1676,7 @@ class AnswerFold:
                 blocks.append((kind, self.stops.feed(text) if kind == "text" else text))
             if self.stops.hit:
                 break
-        self.sent = [[kind, Pieces(text)] for kind, text, _ in self.answer]
+        self.sent = [Shown(kind, Pieces(text)) for kind, text, _ in self.answer]
         self.calls = {i: call for i, (_, _, call) in enumerate(self.answer) if call is not None}
         self.announced = set(self.calls)
         self.out.append(Revised(tuple(blocks), tuple(calls)))
@@ -1852,8 +1686,8 @@ class AnswerFold:
     # -- what comes out ----------------------------------------------------
 
     def _begin(self) -> None:
-        if not self.started:
-            self.started = True
+        if not self.begun:
+            self.begun = True
             first = self.streaming or self.whole
             self.out.append(Start(self.model or "claude", dict(first.usage) if first else {}))
 
@@ -2095,7 +1929,7 @@ def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any
 
 
 ##############################################################################
-# Dialects: the neutral request and events in each API's terms (pure functions)
+# Dialects: each API's parsing, Answer and Dialect, and the registry (pure functions)
 ##############################################################################
 
 def sse(data: Any, event: Optional[str] = None) -> bytes:
@@ -2131,7 +1965,7 @@ class Answer:
     def feed(self, event: Event) -> bytes:
         if isinstance(event, Start):
             self.model = event.model
-            return self.started(event)
+            return self.on_start(event)
         if isinstance(event, (Text, Thinking, ToolCall, ToolInput)):
             kind = "text" if isinstance(event, Text) else "thinking" if isinstance(
                 event, Thinking) else "tool_use"
@@ -2202,7 +2036,7 @@ class Answer:
         return kind, text.text()
 
     # Each dialect's own: its events for these moments, its whole body, its errors.
-    def started(self, start: Start) -> bytes:
+    def on_start(self, start: Start) -> bytes:
         return b""
 
     def block_starts(self, kind: str) -> bytes:
@@ -2245,6 +2079,194 @@ class Dialect:
 
 # -- Chat Completions (POST /v1/chat/completions) ---------------------------
 
+def chat_content(content: Any, where: str, images: bool = True) -> List[Block]:
+    """A Chat Completions message `content` (string or list of parts) as Anthropic blocks."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise invalid(where, "`%s` must be a string or a list of content parts." % where)
+    blocks = []
+    for i, part in enumerate(content):
+        at = "%s[%d]" % (where, i)
+        if not isinstance(part, dict):
+            raise invalid(at, "Each content part must be an object with a `type`.")
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise invalid(at + ".text", "Text parts need a string `text`.")
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url" and images:
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise invalid(at + ".image_url", "Image parts need `image_url.url`.")
+            blocks.append(image_block(url, at + ".image_url.url"))
+        else:
+            allowed = "`text` and `image_url`" if images else "`text`"
+            raise invalid(at + ".type", "Content part type %r is not supported here; use %s."
+                          % (str(kind)[:50], allowed))
+    return blocks
+
+
+def chat_calls(message: Dict[str, Any], where: str, index: int) -> List[Block]:
+    """An assistant message's `tool_calls` (or legacy `function_call`) as tool_use blocks."""
+    calls = message.get("tool_calls")
+    if message.get("function_call") is not None:  # legacy: one call, matched by name
+        calls = [{"id": "call_%d" % index, "type": "function",
+                  "function": message["function_call"]}]
+        where += ".function_call"
+    elif not isinstance(calls, list):
+        raise invalid(where + ".tool_calls", "`tool_calls` must be a list.")
+    else:
+        where += ".tool_calls"
+    blocks = []
+    for i, call in enumerate(calls):
+        at = "%s[%d]" % (where, i) if message.get("function_call") is None else where
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or \
+                call.get("type", "function") != "function":
+            raise invalid(at, "Each tool call needs an `id` and a `function` with `name` and "
+                          "`arguments`.")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise invalid(at + ".function.name", "A tool call needs the function's `name`.")
+        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"],
+                       "input": tool_input(function.get("arguments"),
+                                           at + ".function.arguments")})
+    return blocks
+
+
+def chat_turns(messages: Any) -> Tuple[Optional[str], List[Turn]]:
+    """Chat `messages` -> (system text or None, turns). `system` and `developer` messages
+    become appended system instructions; an assistant's tool calls become tool_use blocks and
+    `tool` (or legacy `function`) messages tool_result blocks of the user's next turn."""
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "`messages` must be a non-empty list.")
+    system_parts: List[str] = []
+    turns: List[Turn] = []
+    legacy_calls: Dict[str, List[str]] = {}  # function name -> ids of its unanswered calls
+    for i, message in enumerate(messages):
+        where = "messages[%d]" % i
+        if not isinstance(message, dict):
+            raise invalid(where, "Each message must be an object with `role` and `content`.")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system_parts.append(text_of(chat_content(message.get("content"), where + ".content",
+                                                     images=False)))
+        elif role == "user":
+            if message.get("tool_calls") is not None:
+                raise invalid(where + ".tool_calls", "Only assistant messages have tool calls.")
+            add_to_turn(turns, "user", chat_content(message.get("content"), where + ".content"))
+        elif role == "assistant":
+            blocks = chat_content(message.get("content"), where + ".content")
+            if message.get("tool_calls") or message.get("function_call") is not None:
+                calls = chat_calls(message, where, i)
+                if message.get("function_call") is not None:
+                    legacy_calls.setdefault(calls[0]["name"], []).append(calls[0]["id"])
+                blocks += calls
+            add_to_turn(turns, "assistant", blocks)
+        elif role == "tool":
+            add_to_turn(turns, "user", [tool_result(
+                message.get("tool_call_id"), chat_content(message.get("content"),
+                                                          where + ".content"),
+                where + ".tool_call_id")])
+        elif role == "function":
+            waiting = legacy_calls.get(str(message.get("name")))
+            add_to_turn(turns, "user", [tool_result(
+                waiting.pop(0) if waiting else "call_%s" % message.get("name"),
+                chat_content(message.get("content"), where + ".content"), where + ".name")])
+        else:
+            raise invalid(where + ".role", "Unknown role %r; use system, developer, user, "
+                          "assistant or tool." % str(role)[:50])
+    check_turns(turns, "messages")
+    return "\n\n".join(p for p in system_parts if p) or None, turns
+
+
+def chat_tool_choice(value: Any, field: str, tools: List[Tool]) -> Tuple[str, List[Tool]]:
+    """Chat's tool_choice (or legacy function_call) as (choice, the tools it allows)."""
+    if value is None:
+        return "auto", tools
+    if value in ("none", "auto", "required"):
+        return str(value), tools
+    if isinstance(value, dict):
+        if value.get("type") == "allowed_tools" and isinstance(value.get("allowed_tools"), dict):
+            allowed = value["allowed_tools"]
+            names = {t.get("function", {}).get("name") if isinstance(t, dict) else None
+                     for t in allowed.get("tools") or []}
+            mode = allowed.get("mode", "auto")
+            if mode in ("auto", "required") and None not in names:
+                return str(mode), [t for t in tools if t.name in names]
+        function = value.get("function", value)  # legacy function_call: {"name": ...}
+        if isinstance(function, dict) and isinstance(function.get("name"), str) and \
+                value.get("type", "function") == "function":
+            return function["name"], tools
+    raise invalid(field, "`%s` must be \"none\", \"auto\", \"required\" or name a function."
+                  % field)
+
+
+def chat_tools(body: Dict[str, Any]) -> Tuple[Tuple[Tool, ...], str, bool]:
+    """A Chat request's `tools` (or legacy `functions`): (offered tools, choice, parallel)."""
+    tools_value = check_type(body, "tools", list, "a list of tools")
+    functions = check_type(body, "functions", list, "a list of functions")
+    if tools_value and functions:
+        raise invalid("functions", "Give `tools` or the older `functions`, not both.")
+    field, items = ("functions", functions) if functions else ("tools", tools_value or [])
+    tools = []
+    for i, item in enumerate(items):
+        at = "%s[%d]" % (field, i)
+        function = item if field == "functions" else (
+            item.get("function") if isinstance(item, dict) else None)
+        if field == "tools" and isinstance(item, dict) and item.get("type") != "function":
+            raise invalid(at + ".type", "Tool type %r is not supported; use function."
+                          % str(item.get("type"))[:50])
+        if not isinstance(function, dict):
+            raise invalid(at, "Each tool needs a `function` object with a `name`.")
+        where = at if field == "functions" else at + ".function"
+        tools.append(make_tool(function.get("name"), function.get("description"),
+                               tool_schema(function.get("parameters"), where + ".parameters"),
+                               where, OPENAI_TOOL_NAME))
+    legacy = field == "functions" or (body.get("tool_choice") is None and
+                                      body.get("function_call") is not None)
+    choice_field = "function_call" if legacy else "tool_choice"
+    choice, tools = chat_tool_choice(body.get(choice_field), choice_field, tools)
+    parallel = check_type(body, "parallel_tool_calls", bool, "true or false")
+    offered, choice = choose_tools(offered_tools(tools, field), choice, choice_field)
+    # The older API returns at most one function_call.
+    return offered, choice, parallel is not False and field == "tools"
+
+
+def parse_chat_request(body: Any) -> Request:
+    """Validate a Chat Completions request; every problem is a 4xx naming the field."""
+    if not isinstance(body, dict):
+        raise invalid("", "The request body must be a JSON object.")
+    model, cli_model = resolve_model(body.get("model"))
+    system, turns = chat_turns(body.get("messages"))
+    stream = check_type(body, "stream", bool, "true or false")
+    options = check_type(body, "stream_options", dict, "an object") or {}
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise invalid("stream_options.include_usage", "`include_usage` must be true or false.")
+    max_tokens = optional_int(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
+    if max_tokens is None:
+        max_tokens = optional_int(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise invalid("n", "Only `n: 1` is supported: the CLI gives one answer per request.")
+    check_numbers(body, NUMBER_RANGES)
+    if body.get("logprobs") not in (None, False):
+        raise invalid("logprobs", "`logprobs` are not available through Claude Code.")
+    tools, choice, parallel = chat_tools(body)
+    return Request(model=model, cli_model=cli_model, system=system, turns=turns,
+                   stream=bool(stream), max_tokens=max_tokens,
+                   stop=stop_sequences(body.get("stop"), "stop", 4),
+                   effort=openai_effort(body.get("reasoning_effort"), "reasoning_effort"),
+                   include_usage=include_usage, tools=tools, tool_choice=choice,
+                   parallel_tools=parallel,
+                   output_schema=output_schema(body.get("response_format"), "response_format"),
+                   echo={"functions": bool(body.get("functions"))})
+
+
 def finish_reason(stop_reason: Optional[str]) -> str:
     return FINISH_REASONS.get(stop_reason or "", "stop")
 
@@ -2277,7 +2299,7 @@ class ChatAnswer(Answer):
             chunk["usage"] = None
         return sse(chunk)
 
-    def started(self, start: Start) -> bytes:
+    def on_start(self, start: Start) -> bytes:
         return self.chunk({"role": "assistant", "content": "", "refusal": None})
 
     def legacy(self) -> bool:
@@ -2530,7 +2552,7 @@ class MessagesAnswer(Answer):
                 "content": content, "stop_reason": stop_reason,
                 "stop_sequence": self.finish.stop_sequence, "usage": anthropic_usage(usage)}
 
-    def started(self, start: Start) -> bytes:
+    def on_start(self, start: Start) -> bytes:
         return self.event("message_start", {"message": self.message([], None, start.usage)}) + \
             self.event("ping", {})
 
@@ -2921,7 +2943,7 @@ class ResponsesAnswer(Answer):
     def status(self) -> str:
         return "incomplete" if self.finish.stop_reason == "max_tokens" else "completed"
 
-    def started(self, start: Start) -> bytes:
+    def on_start(self, start: Start) -> bytes:
         return self.event("response.created", {"response": self.response("in_progress")}) + \
             self.event("response.in_progress", {"response": self.response("in_progress")})
 
@@ -3129,93 +3151,8 @@ def host_allowed(header: Optional[str], names: Iterable[str], any_address: bool)
 
 
 ##############################################################################
-# The CLI process
+# Files the CLI uses: working directories, conversations' sessions (Sessions)
 ##############################################################################
-
-def find_claude(configured: Optional[str] = None) -> Optional[str]:
-    """The CLI's path: as configured, else on PATH, else where installers put it."""
-    if configured:
-        if os.sep in configured:
-            path = os.path.expanduser(configured)
-            return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
-        return shutil.which(configured)
-    found = shutil.which("claude")
-    if found:
-        return found
-    for candidate in CLAUDE_SEARCH_PATHS:
-        path = os.path.expanduser(candidate)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
-
-
-def file_identity(path: str) -> Optional[Tuple[int, float]]:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_ino, info.st_mtime
-
-
-class ClaudeCLI:
-    """Finds the CLI and its version; looked up again while missing, so installing it later works."""
-
-    def __init__(self, configured: Optional[str]):
-        self.configured = configured
-        self._lock = threading.Lock()
-        self._path: Optional[str] = None
-        self._version: Optional[str] = None
-        self._identity: Optional[Tuple[int, float]] = None
-        self._problem = "not looked up yet"
-
-    def status(self, wait: bool = True) -> Tuple[Optional[str], Optional[str], str]:
-        """(path, version, problem); path is None when the CLI is not usable.
-
-        Without `wait`, while another thread is looking the CLI up (`claude --version` may take
-        seconds after an upgrade), the last known answer is given at once.
-        """
-        if not self._lock.acquire(blocking=wait):
-            return self._path, self._version, self._problem
-        try:
-            return self._look_up()
-        finally:
-            self._lock.release()
-
-    def _look_up(self) -> Tuple[Optional[str], Optional[str], str]:
-        """Find the CLI again if it changed or was never found, and ask its version."""
-        if self._path and self._identity == file_identity(self._path):
-            return self._path, self._version, ""
-        path = find_claude(self.configured)
-        if not path:
-            where = self.configured or "PATH, " + ", ".join(CLAUDE_SEARCH_PATHS)
-            self._path, self._problem = None, (
-                "the Claude Code CLI was not found (looked in %s). Install it "
-                "(npm install -g @anthropic-ai/claude-code, or see "
-                "https://docs.claude.com/en/docs/claude-code/setup), run `claude` once "
-                "to log in, or pass --claude-bin." % where)
-            return None, None, self._problem
-        try:
-            out = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL,
-                                 capture_output=True, timeout=VERSION_TIMEOUT)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            self._path, self._problem = None, "%s --version failed: %s" % (path, e)
-            return None, None, self._problem
-        version = out.stdout.decode("utf-8", "replace").strip().splitlines()
-        if out.returncode != 0 or not version:
-            self._path, self._problem = None, "%s --version exited with %d" % (
-                path, out.returncode)
-            return None, None, self._problem
-        self._path, self._version, self._problem = path, version[0], ""
-        self._identity = file_identity(path)  # an upgraded or removed CLI is looked at again
-        return path, self._version, ""
-
-    def require(self) -> str:
-        path, _, problem = self.status()
-        if not path:
-            raise APIError(503, "Claude Code is unavailable: " + problem, type="server_error",
-                           code="claude_unavailable")
-        return path
-
 
 def make_workdir() -> str:
     """The daemon's private directory (mode 0700): each run's system prompt and tool files sit
@@ -3398,9 +3335,11 @@ class Sessions:
         return session_id
 
     def learn(self, launch: Launch, session_id: str, wait: float = 0.0) -> bool:
-        """A fresh run's preamble, read from the session file it wrote; waiting up to `wait`
+        """Learn a fresh run's preamble from the session file it wrote, waiting up to `wait`
         seconds for the CLI to write it out (it lags behind the answer by some milliseconds,
-        and a client's next turn may come before the CLI has exited)."""
+        and a client's next turn may come before the CLI has exited). True when there was
+        nothing to learn (the run was not a learning one) or the preamble was learnt; False
+        when its file held none (then the CLI did not write what a session needs)."""
         plan = launch.session
         if plan is None or not plan.learn:
             return True
@@ -3483,6 +3422,106 @@ class Sessions:
         return good
 
 
+def write_private(path: str, text: str, mode: int = 0o600) -> None:
+    """Replace the file at `path` whole, created with `mode` (0600 for keys)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    partial = "%s.%d.tmp" % (path, os.getpid())
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w",
+              encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(partial, mode)
+    os.replace(partial, path)
+
+
+##############################################################################
+# CLI processes: ClaudeCLI, ClaudeProcess, ProcessSlots, WarmPool, ClaudeRun
+##############################################################################
+
+def find_claude(configured: Optional[str] = None) -> Optional[str]:
+    """The CLI's path: as configured, else on PATH, else where installers put it."""
+    if configured:
+        if os.sep in configured:
+            path = os.path.expanduser(configured)
+            return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+        return shutil.which(configured)
+    found = shutil.which("claude")
+    if found:
+        return found
+    for candidate in CLAUDE_SEARCH_PATHS:
+        path = os.path.expanduser(candidate)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def file_identity(path: str) -> Optional[Tuple[int, float]]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime
+
+
+class ClaudeCLI:
+    """Finds the CLI and its version; looked up again while missing, so installing it later works."""
+
+    def __init__(self, configured: Optional[str]):
+        self.configured = configured
+        self._lock = threading.Lock()
+        self._path: Optional[str] = None
+        self._version: Optional[str] = None
+        self._identity: Optional[Tuple[int, float]] = None
+        self._problem = "not looked up yet"
+
+    def status(self, wait: bool = True) -> Tuple[Optional[str], Optional[str], str]:
+        """(path, version, problem); path is None when the CLI is not usable.
+
+        Without `wait`, while another thread is looking the CLI up (`claude --version` may take
+        seconds after an upgrade), the last known answer is given at once.
+        """
+        if not self._lock.acquire(blocking=wait):
+            return self._path, self._version, self._problem
+        try:
+            return self._look_up()
+        finally:
+            self._lock.release()
+
+    def _look_up(self) -> Tuple[Optional[str], Optional[str], str]:
+        """Find the CLI again if it changed or was never found, and ask its version."""
+        if self._path and self._identity == file_identity(self._path):
+            return self._path, self._version, ""
+        path = find_claude(self.configured)
+        if not path:
+            where = self.configured or "PATH, " + ", ".join(CLAUDE_SEARCH_PATHS)
+            self._path, self._problem = None, (
+                "the Claude Code CLI was not found (looked in %s). Install it "
+                "(npm install -g @anthropic-ai/claude-code, or see "
+                "https://docs.claude.com/en/docs/claude-code/setup), run `claude` once "
+                "to log in, or pass --claude-bin." % where)
+            return None, None, self._problem
+        try:
+            out = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL,
+                                 capture_output=True, timeout=VERSION_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self._path, self._problem = None, "%s --version failed: %s" % (path, e)
+            return None, None, self._problem
+        version = out.stdout.decode("utf-8", "replace").strip().splitlines()
+        if out.returncode != 0 or not version:
+            self._path, self._problem = None, "%s --version exited with %d" % (
+                path, out.returncode)
+            return None, None, self._problem
+        self._path, self._version, self._problem = path, version[0], ""
+        self._identity = file_identity(path)  # an upgraded or removed CLI is looked at again
+        return path, self._version, ""
+
+    def require(self) -> str:
+        path, _, problem = self.status()
+        if not path:
+            raise APIError(503, "Claude Code is unavailable: " + problem, type="server_error",
+                           code="claude_unavailable")
+        return path
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` exists (a zombie counts: its parent has yet to reap it)."""
     try:
@@ -3521,11 +3560,13 @@ class ClaudeProcess:
         self._stdin_data = memoryview(stdin_data or b"")
         self._held = b""  # the request's line, written once the CLI has answered its controls
         self._awaiting: "set[str]" = set()  # control requests not answered yet
-        self.waiting = stdin_data is None  # a warm process that has no request yet
+        self._writing = False  # stdin is registered for writing (events)
+        self.idle = stdin_data is None  # a warm process that has no request yet
         self.handed = False  # a warm process that was given one (begin)
         self._stderr = bytearray()
         self.identity = file_identity(self.argv[0])  # an upgraded CLI has another
-        self.started = self.spawned = time.monotonic()
+        # When it was started, and when it was given its request (its deadlines count from it).
+        self.spawned = self.asked_at = time.monotonic()
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -3562,8 +3603,8 @@ class ClaudeProcess:
                          + b"\n")
         self._stdin_data = memoryview(b"".join(lines) if lines else stdin_data)
         self._held = stdin_data if lines else b""
-        self.waiting, self.handed = False, True
-        self.started = time.monotonic()
+        self.idle, self.handed = False, True
+        self.asked_at = time.monotonic()
 
     def _answered(self, event: Dict[str, Any]) -> bool:
         """A control_response line: True once every control request has its answer."""
@@ -3588,19 +3629,19 @@ class ClaudeProcess:
         `watch` (the client's socket) is closed by the other side.
         """
         proc = self.proc
-        assert proc.stdin and proc.stdout and proc.stderr and not self.waiting
-        deadline = self.started + timeout
+        assert proc.stdin and proc.stdout and proc.stderr and not self.idle
+        deadline = self.asked_at + timeout
         idle_deadline = time.monotonic() + idle_timeout
-        control_deadline = self.started + CONTROL_TIMEOUT
+        control_deadline = self.asked_at + CONTROL_TIMEOUT
         with selectors.DefaultSelector() as sel:
             os.set_blocking(proc.stdin.fileno(), False)
             sel.register(proc.stdin, selectors.EVENT_WRITE, "stdin")
-            writing = True
+            self._writing = True
             sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
             sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
             if watch is not None:
                 sel.register(watch, selectors.EVENT_READ, "client")
-            buffer = bytearray()  # an unfinished stdout line
+            unfinished = bytearray()  # the start of a stdout line
             stdout_open = True
             while stdout_open:
                 now = time.monotonic()
@@ -3616,16 +3657,11 @@ class ClaudeProcess:
                     on_wait()
                 for key, _ in sel.select(min(deadline, idle_deadline, control_deadline
                                              if self._awaiting else deadline) - now):
-                    name = key.data
-                    if name == "stdin":
-                        if self._feed_stdin():
-                            sel.unregister(proc.stdin)
-                            writing = False
-                            if not self._awaiting:
-                                proc.stdin.close()
-                    elif name == "stderr":
+                    if key.data == "stdin":
+                        self._write_stdin(sel)
+                    elif key.data == "stderr":
                         self._read_stderr(sel)
-                    elif name == "client":
+                    elif key.data == "client":
                         assert watch is not None
                         if client_gone(watch):
                             raise ClientDisconnected()
@@ -3636,44 +3672,66 @@ class ClaudeProcess:
                             stdout_open = False
                             break
                         idle_deadline = time.monotonic() + idle_timeout
-                        if b"\n" not in data:  # part of a long line: no need to rescan it
-                            buffer += data
-                        else:
-                            *lines, rest = (buffer + data).split(b"\n")
-                            buffer = bytearray(rest)
-                            for line in lines:
-                                event = parse_cli_line(line)
-                                if event is None:
-                                    continue
-                                if self._awaiting and event.get("type") == "control_response":
-                                    if self._answered(event):  # now the request's line
-                                        self._stdin_data = memoryview(
-                                            bytes(self._stdin_data) + self._held)
-                                        self._held = b""
-                                        if not writing:
-                                            sel.register(proc.stdin, selectors.EVENT_WRITE,
-                                                         "stdin")
-                                            writing = True
-                                    continue
-                                self.took_request = self.took_request or event.get(
-                                    "type") != "system" or event.get("subtype") == "init"
-                                self.gave_result = self.gave_result or event.get(
-                                    "type") == "result"
-                                yield event
-                        if len(buffer) > MAX_CLI_LINE_BYTES:
-                            raise APIError(502, "Claude Code printed a line longer than %d bytes."
-                                           % MAX_CLI_LINE_BYTES, type="server_error",
-                                           code="claude_error")
-            # The rest of stderr, for error messages: the CLI writes it just before it exits.
-            for key in list(sel.get_map().values()):
-                if key.data != "stderr":
-                    sel.unregister(key.fileobj)
-            drain_until = time.monotonic() + KILL_GRACE
-            while sel.get_map() and sel.select(max(0.0, drain_until - time.monotonic())):
-                self._read_stderr(sel)
-            event = parse_cli_line(bytes(buffer))
+                        yield from self._lines(unfinished, data, sel)
+            self._drain_stderr(sel)
+            event = parse_cli_line(bytes(unfinished))  # a last line without its newline
             if event is not None:
                 yield event
+
+    def _lines(self, unfinished: bytearray, data: bytes,
+               sel: selectors.BaseSelector) -> Iterator[Dict[str, Any]]:
+        """The events of the lines `data` completes; the start of the next line stays in
+        `unfinished`. Control responses are taken here (they answer begin()'s requests)."""
+        if b"\n" not in data:  # part of a long line: no need to rescan it
+            unfinished += data
+        else:
+            *lines, rest = (unfinished + data).split(b"\n")
+            unfinished[:] = rest
+            for line in lines:
+                event = parse_cli_line(line)
+                if event is None:
+                    continue
+                if self._awaiting and event.get("type") == "control_response":
+                    self._control_answered(event, sel)
+                    continue
+                kind = event.get("type")
+                self.took_request = self.took_request or kind != "system" or \
+                    event.get("subtype") == "init"
+                self.gave_result = self.gave_result or kind == "result"
+                yield event
+        if len(unfinished) > MAX_CLI_LINE_BYTES:
+            raise APIError(502, "Claude Code printed a line longer than %d bytes."
+                           % MAX_CLI_LINE_BYTES, type="server_error", code="claude_error")
+
+    def _control_answered(self, event: Dict[str, Any], sel: selectors.BaseSelector) -> None:
+        """A control response: once all are in, the request's line is written after them."""
+        if not self._answered(event):
+            return
+        assert self.proc.stdin
+        self._stdin_data = memoryview(bytes(self._stdin_data) + self._held)
+        self._held = b""
+        if not self._writing:
+            sel.register(self.proc.stdin, selectors.EVENT_WRITE, "stdin")
+            self._writing = True
+
+    def _write_stdin(self, sel: selectors.BaseSelector) -> None:
+        """Write what the pipe takes; once all is written, stop (and close stdin, unless
+        control responses are awaited: the request's line comes after them)."""
+        assert self.proc.stdin
+        if self._feed_stdin():
+            sel.unregister(self.proc.stdin)
+            self._writing = False
+            if not self._awaiting:
+                self.proc.stdin.close()
+
+    def _drain_stderr(self, sel: selectors.BaseSelector) -> None:
+        """The rest of stderr, for error messages: the CLI writes it just before it exits."""
+        for key in list(sel.get_map().values()):
+            if key.data != "stderr":
+                sel.unregister(key.fileobj)
+        drain_until = time.monotonic() + KILL_GRACE
+        while sel.get_map() and sel.select(max(0.0, drain_until - time.monotonic())):
+            self._read_stderr(sel)
 
     def _read_stderr(self, sel: selectors.BaseSelector) -> None:
         assert self.proc.stderr
@@ -3815,13 +3873,17 @@ class ProcessSlots:
         self._waiting: "collections.deque[object]" = collections.deque()
         self._changed = threading.Condition()
         self._closed = False
-        # Set by the warm pool: reclaim() ends an idle warm process, True if there was one
-        # (its slot is then the caller's); released() is told of every slot given back.
-        self.reclaim: Callable[[], bool] = lambda: False
-        self.released: Callable[[], None] = lambda: None
+        self._reclaim: Callable[[], bool] = lambda: False
+        self._released: Callable[[], None] = lambda: None
+
+    def attach(self, reclaim: Callable[[], bool], released: Callable[[], None]) -> None:
+        """The warm pool's hooks: `reclaim()` ends an idle warm process, True if there was
+        one (its slot is then the caller's); `released()` is told of every slot given back."""
+        self._reclaim, self._released = reclaim, released
 
     @property
-    def waiting(self) -> int:
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
         return len(self._waiting)
 
     def acquire(self, timeout: float, client_gone: Callable[[], bool] = lambda: False) -> float:
@@ -3830,29 +3892,6 @@ class ProcessSlots:
         Raises APIError(429) when the queue is full or `timeout` runs out, APIError(503) once
         closed, and ClientDisconnected when `client_gone()` says the client left meanwhile.
         """
-        return self._acquire(timeout, client_gone)
-
-    def try_acquire(self) -> bool:
-        """A slot for a warm process: only a free one nobody is waiting for."""
-        with self._changed:
-            if self._closed or self._waiting or self.running >= self.limit:
-                return False
-            self.running += 1
-            return True
-
-    def release(self) -> None:
-        with self._changed:
-            self.running -= 1
-            self._changed.notify_all()
-        self.released()
-
-    def close(self) -> None:
-        """At shutdown: nobody waits any more, and no new slot is given."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def _acquire(self, timeout: float, client_gone: Callable[[], bool]) -> float:
         begun = time.monotonic()
         ticket = object()
         with self._changed:
@@ -3881,12 +3920,32 @@ class ProcessSlots:
                     self._waiting.remove(ticket)
                 self._changed.notify_all()
 
+    def try_acquire(self) -> bool:
+        """A slot for a warm process: only a free one nobody is waiting for."""
+        with self._changed:
+            if self._closed or self._waiting or self.running >= self.limit:
+                return False
+            self.running += 1
+            return True
+
+    def release(self) -> None:
+        with self._changed:
+            self.running -= 1
+            self._changed.notify_all()
+        self._released()
+
+    def close(self) -> None:
+        """At shutdown: nobody waits any more, and no new slot is given."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
     def _take(self) -> bool:
         """A free slot, or an idle warm process's (under the lock)."""
         if self.running < self.limit:
             self.running += 1
             return True
-        return self.reclaim()
+        return self._reclaim()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -3946,7 +4005,7 @@ class WarmPool:
         self.hits = self.misses = 0
         self._thread: Optional[threading.Thread] = None
         if size:
-            server.slots.reclaim, server.slots.released = self._reclaim, self._poke
+            server.slots.attach(self._reclaim, self._poke)
             self._thread = threading.Thread(target=self._run, name="warm-pool", daemon=True)
             self._thread.start()
 
@@ -3954,7 +4013,7 @@ class WarmPool:
     def ready(self) -> int:
         return sum(len(processes) for processes in self._ready.values())
 
-    def waiting(self) -> List["ClaudeProcess"]:
+    def idle_processes(self) -> List["ClaudeProcess"]:
         """The processes waiting now, least recently used shape first (for tests)."""
         with self._changed:
             return [process for processes in self._ready.values() for process in processes]
@@ -4250,34 +4309,13 @@ class ClaudeRun:
         CLI that ends before it printed anything, or does not answer its control requests,
         leaves the request to a fresh one.
         """
-        settings, request = self.server.settings, self.launch.request
-        retried = refused = ""
+        retried = refused = ""  # why a retry was made: a 401, the session refused
         refused_launch = self.launch
         while True:
-            self.process, self.warm = self.warm, None
-            if self.process is None:
-                self.process = self.server.start_process(self.launch)
-            else:
-                self.process.begin(self.launch.stdin(), stdin_controls(
-                    self.launch, self.process.launch) if self.process.launch else [])
-                self.server.begun(self.process, self.launch)
-                self.note["warm"] = "%.1fs" % (self.process.started - self.process.spawned)
-            process = self.process
+            process = self._next_process()
             answered = False
             try:
-                for event in completion_events(
-                        self._watched(process.events(settings.timeout, settings.idle_timeout,
-                                                     watch=self.client, on_wait=self.on_wait)),
-                        request.stop, max_tokens_ends=request.max_tokens is not None,
-                        tools=self.launch.model_tools(),
-                        schema=request.output_schema,
-                        single_call=not request.parallel_tools):
-                    if isinstance(event, Finish):
-                        self.finished = not event.cut_short
-                        self.server.subscription.spent(event.usage)
-                        if process.session and process.launch:
-                            self.server.sessions.learn(process.launch, process.session,
-                                                       wait=LEARN_WAIT)
+                for event in self._completion(process):
                     if refused and not answered:  # the transcript works: the session did not
                         self.server.sessions.refuse(refused_launch, refused)
                     answered = True
@@ -4286,38 +4324,66 @@ class ClaudeRun:
             except ControlRefused as e:
                 self.server.warm.refuse_controls(str(e))
                 self.note["warm"] = "refused"
-                self._end()
-                continue
             except CLIEndedWithoutResult:
-                code = process.close()
-                if self.server.stopping.is_set():
-                    raise APIError(503, "claude-max-proxy is shutting down; the request was "
-                                   "ended.", type="server_error", code="shutting_down") from None
-                tail = process.stderr_tail()
-                if process.handed and not process.took_request:
-                    # The warm CLI ended before it took the request: a fresh one takes it.
-                    log.debug("a warm Claude Code ended unused (exit code %s): %s", code,
-                              tail[-300:])
-                    self.note["warm"] = "ended"
-                    self._end()
-                    continue
-                if process.session and not process.took_request:
-                    # It refused the session it was given or asked for (a CLI whose format
-                    # changed): the conversation goes as a transcript instead.
-                    refused, refused_launch = tail or "exit code %s" % code, self.launch
-                    self.note["history"] = "transcript"
-                    self._end()
+                why = self._ended_unanswered(process)  # raises unless a retry can help
+                if why is not None:
+                    refused, refused_launch = why, self.launch
                     self.launch = self.launch._replace(session=None)
-                    continue
-                raise APIError(502, "Claude Code exited (code %s) without an answer. %s" % (
-                    code, ("Its last output: " + tail[-1000:]) if tail else "It printed nothing."),
-                    type="server_error", code="claude_error") from None
             except APIError as error:
                 if (error.status != 401 or answered or retried
                         or not self.server.overlapped(process)):
                     raise
                 self.note["retried"] = retried = "401"
-                self._end()
+            self._end()
+
+    def _next_process(self) -> ClaudeProcess:
+        """The warm CLI taken for the request, given its request now, or else a fresh one."""
+        self.process, self.warm = self.warm, None
+        if self.process is None:
+            self.process = self.server.start_process(self.launch)
+        else:
+            self.process.begin(self.launch.stdin(), stdin_controls(
+                self.launch, self.process.launch) if self.process.launch else [])
+            self.server.begun(self.process, self.launch)
+            self.note["warm"] = "%.1fs" % (self.process.asked_at - self.process.spawned)
+        return self.process
+
+    def _completion(self, process: ClaudeProcess) -> Iterator[Event]:
+        """`process`'s lines as completion events; a finished answer is counted, and its
+        session learnt from."""
+        settings, request = self.server.settings, self.launch.request
+        for event in completion_events(
+                self._watched(process.events(settings.timeout, settings.idle_timeout,
+                                             watch=self.client, on_wait=self.on_wait)),
+                request.stop, max_tokens_ends=request.max_tokens is not None,
+                tools=self.launch.model_tools(), schema=request.output_schema,
+                single_call=not request.parallel_tools):
+            if isinstance(event, Finish):
+                self.finished = not event.cut_short
+                self.server.subscription.spent(event.usage)
+                if process.session and process.launch:
+                    self.server.sessions.learn(process.launch, process.session, wait=LEARN_WAIT)
+            yield event
+
+    def _ended_unanswered(self, process: ClaudeProcess) -> Optional[str]:
+        """`process` ended with no result. A warm CLI that ended before it took the request:
+        None, a fresh one takes it. A CLI that never took its session (a CLI whose format
+        changed): why, and the conversation goes as a transcript. Anything else: the 502."""
+        code = process.close()
+        if self.server.stopping.is_set():
+            raise APIError(503, "claude-max-proxy is shutting down; the request was ended.",
+                           type="server_error", code="shutting_down") from None
+        tail = process.stderr_tail()
+        if process.handed and not process.took_request:
+            log.debug("a warm Claude Code ended unused (exit code %s): %s", code, tail[-300:])
+            self.note["warm"] = "ended"
+            return None
+        if process.session and not process.took_request:
+            self.note["history"] = "transcript"
+            return tail or "exit code %s" % code
+        raise APIError(502, "Claude Code exited (code %s) without an answer. %s" % (
+            code, ("Its last output: " + tail[-1000:]) if tail else "It printed nothing."),
+            type="server_error", code="claude_error") from None
 
     def _watched(self, lines: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         """The CLI's lines, as the subscription learns from them on their way."""
@@ -4354,7 +4420,7 @@ def parse_cli_line(line: Union[bytes, bytearray]) -> Optional[Dict[str, Any]]:
 
 
 ##############################################################################
-# The subscription: its windows as the CLI reports them, what was spent, the login
+# The subscription: its windows, what was spent, the login (Subscription, Login)
 ##############################################################################
 
 # On a claude.ai login the CLI prints a `rate_limit_event` line for each API answer, built from
@@ -4423,7 +4489,7 @@ class Subscription:
     def __init__(self, path: Optional[str], reserve: int, allow_extra_usage: bool):
         self.path, self.reserve, self.allow_extra_usage = path, reserve, allow_extra_usage
         self._lock = threading.Lock()
-        self.started = int(time.time())
+        self.since = int(time.time())  # what the totals count from
         self._state: Dict[str, Any] = {"windows": {}}  # as saved; see learn()
         self._totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0,
                         "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
@@ -4500,7 +4566,7 @@ class Subscription:
                 "windows": windows,
                 "overage": {"status": state.get("overage_status"),
                             "in_use": self._in_overage(state, now)},
-                "totals": dict(totals, since=self.started, api_equivalent_usd=round(usd, 6)),
+                "totals": dict(totals, since=self.since, api_equivalent_usd=round(usd, 6)),
                 "reserve_percent": self.reserve, "allow_extra_usage": self.allow_extra_usage}
 
     def headers(self, now: Optional[float] = None) -> List[Tuple[str, str]]:
@@ -4883,7 +4949,7 @@ class RequestLog:
 
 
 ##############################################################################
-# HTTP
+# HTTP: ProxyServer, StrictHTTPHandler, ProxyHandler
 ##############################################################################
 
 def _reject_constant(name: str) -> Any:
@@ -4955,7 +5021,7 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, address: Tuple[str, int], settings: argparse.Namespace):
         self.settings = settings
         self.claude = ClaudeCLI(settings.claude_bin)
-        self.started = time.time()
+        self.up_since = time.time()
         self.key_digests = [key_digest(key) for key in settings.api_keys]
         self.cors_origins = {normalize_origin(o) for o in settings.cors_origins}
         self.host_names = {name.lower().strip("[]") for name in settings.allowed_hosts}
@@ -5567,9 +5633,9 @@ class ProxyHandler(StrictHTTPHandler):
             "status": "ok" if healthy else "stopping" if path else "unavailable",
             "version": __version__,
             "claude": {"path": path, "version": version},
-            "uptime_seconds": round(time.time() - server.started, 1),
+            "uptime_seconds": round(time.time() - server.up_since, 1),
             "requests_in_flight": len(server.processes) - server.warm.ready,
-            "requests_waiting": server.slots.waiting,
+            "requests_waiting": server.slots.queued,
             "history": "transcript" if server.settings.history != "turns" or
                        server.sessions.refused else "turns",
             "max_concurrency": server.slots.limit,
@@ -6282,16 +6348,9 @@ def service_status(service: Service) -> int:
     return 0 if installed and loaded and answer else 3  # 3: "not running", as LSB says
 
 
-def write_private(path: str, text: str, mode: int = 0o600) -> None:
-    """Replace the file at `path` whole, created with `mode` (0600 for keys)."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    partial = "%s.%d.tmp" % (path, os.getpid())
-    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w",
-              encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(partial, mode)
-    os.replace(partial, path)
-
+##############################################################################
+# Running it: main()
+##############################################################################
 
 def give_back_memory() -> None:
     """Once started: hand back to the system what starting freed (the syntax tree compiling

@@ -75,7 +75,7 @@ BOOL_FLAGS = {"-p", "--print", "--verbose", "--include-partial-messages", "--str
 DEFAULT_TOOLS = ["Task", "Bash", "Edit", "Read", "WebFetch", "WebSearch", "Write"]
 SESSION = str(uuid.uuid4())
 REPLY = ["Hello", " from", " the", " fake", " API."]
-MCP_TOOLS = []  # the tools the --mcp-config servers listed: the model sees mcp__<server>__<name>
+MCP_TOOLS: list = []  # the tools the --mcp-config servers listed: the model sees mcp__<server>__<name>
 DENIED = ("Permission to use %s has been denied because Claude Code is running in don't ask "
           "mode. IMPORTANT: You *may* attempt to accomplish this action using other tools that "
           "might naturally be used to accomplish this goal, e.g. using head instead of cat.")
@@ -446,7 +446,7 @@ def scenario(text, model, opts=None):
     u = usage(12, 9, *( (3, 5) if "cache" in d else (0, 0)))
     if "out_tokens" in d:
         u["output_tokens"] = int(d["out_tokens"])
-    lines = []
+    lines: list = []  # dicts, and str for raw lines
     if "retry" in d:
         lines.append({"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
                       "retry_delay_ms": 606, "error_status": 529, "error": "overloaded",
@@ -2025,7 +2025,7 @@ class SlotReclaimTest(unittest.TestCase):
         slots.acquire(1.0)
         waiter = threading.Thread(target=lambda: (slots.acquire(5.0), slots.release()))
         waiter.start()
-        wait_until(lambda: slots.waiting == 1, what="a request to wait")
+        wait_until(lambda: slots.queued == 1, what="a request to wait")
         slots.release()
         waiter.join()
         self.assertTrue(slots.try_acquire())
@@ -2042,14 +2042,13 @@ class SlotReclaimTest(unittest.TestCase):
             had, idle[0] = idle[0], False
             return had
 
-        slots.reclaim = reclaim
+        released = []
+        slots.attach(reclaim, lambda: released.append(1))
         self.assertEqual(slots.acquire(0.5), 0.0)
         self.assertEqual(slots.running, 1, "its slot passed on, not a second one")
         with self.assertRaises(proxy.APIError) as caught:
             slots.acquire(0.3)  # nothing left to reclaim: a 429 after the wait
         self.assertEqual(caught.exception.status, 429)
-        released = []
-        slots.released = lambda: released.append(1)
         slots.release()
         self.assertEqual((slots.running, released), (0, [1]))
 
@@ -4494,9 +4493,9 @@ class DisconnectTest(FakeClaudeMixin, unittest.TestCase):
         wait_until(lambda: self.runs(), what="the first CLI")
         for stream in (False, True):
             waiting = send_chat(p.port, chat_body("left", stream=stream))
-            wait_until(lambda: p.server.slots.waiting == 1, what="a request to wait")
+            wait_until(lambda: p.server.slots.queued == 1, what="a request to wait")
             waiting.close()
-            wait_until(lambda: p.server.slots.waiting == 0, what="its place to be freed")
+            wait_until(lambda: p.server.slots.queued == 0, what="its place to be freed")
         open(os.path.join(self.log_dir, "held"), "w").close()
         self.assertEqual(read_response(held)[0], 200)
         self.assertEqual(len(self.runs()), 1, "no CLI for the clients that left")
@@ -4838,7 +4837,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
     def settle(self, p):
         """Once every shape the pool wants has its process waiting: their pids."""
         wait_until(p.server.warm.settled, what="the warm processes to be started")
-        return [process.pid for process in p.server.warm.waiting()]
+        return [process.pid for process in p.server.warm.idle_processes()]
 
     def ask(self, p, content="hi", **fields):
         status, _, body = p.chat(content, **fields)
@@ -5085,7 +5084,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         open(os.path.join(self.log_dir, "go"), "w").close()
         answering.join(30)
         self.assertEqual(len(self.settle(p)), 2, "the replacement, and a spare: used twice")
-        first = min(process.spawned for process in p.server.warm.waiting())
+        first = min(process.spawned for process in p.server.warm.idle_processes())
         self.assertGreaterEqual(first - p.server.quiet_since, proxy.WARM_QUIET,
                                 "started once the answer was out and the daemon quiet")
 
@@ -5109,7 +5108,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         self.ask(p, "learn")
         self.ask(p, "one")
         self.settle(p)
-        process = p.server.warm.waiting()[0]
+        process = p.server.warm.idle_processes()[0]
         wait_until(lambda: time.monotonic() - process.spawned > 1.5, what="1.5 s of waiting")
         _, run = self.ask(p, "two")
         self.assertEqual(run["pid"], process.pid)
@@ -5976,7 +5975,7 @@ class LoadTest(FakeClaudeMixin, unittest.TestCase):
             wait_until(lambda: len(self.runs()) == i + 1, what=name + "'s CLI")
         for i, name in enumerate("CDE"):
             sockets[name] = self.gated(p, name)
-            wait_until(lambda: p.server.slots.waiting == i + 1, what=name + " to wait")
+            wait_until(lambda: p.server.slots.queued == i + 1, what=name + " to wait")
         self.assertEqual(sorted(self.prompts()), ["A", "B"])
         for release, starts in (("A", "C"), ("C", "D"), ("B", "E")):
             self.open_gate(release)
@@ -6006,7 +6005,7 @@ class LoadTest(FakeClaudeMixin, unittest.TestCase):
         held = self.gated(p, "A")
         wait_until(lambda: self.runs(), what="A's CLI")
         queued = self.gated(p, "B")
-        wait_until(lambda: p.server.slots.waiting == 1, what="B to wait")
+        wait_until(lambda: p.server.slots.queued == 1, what="B to wait")
         status, response, body = p.chat("C")
         self.assertEqual((status, body["error"]["code"]), (429, "queue_full"))
         self.assertEqual(body["error"]["type"], "rate_limit_error")
@@ -6021,7 +6020,7 @@ class LoadTest(FakeClaudeMixin, unittest.TestCase):
         held = self.gated(p, "A")
         wait_until(lambda: self.runs(), what="A's CLI")
         queued = self.gated(p, "B")
-        wait_until(lambda: p.server.slots.waiting == 1, what="B to wait")
+        wait_until(lambda: p.server.slots.queued == 1, what="B to wait")
         status, _, body = p.request("GET", "/health")
         self.assertEqual((status, body["requests_in_flight"], body["requests_waiting"],
                           body["max_concurrency"]), (200, 1, 1, 1))
@@ -6641,6 +6640,22 @@ class PackagingTest(unittest.TestCase):
             self.skipTest("needs Python 3.10+ to list the standard library")
         self.assertEqual(sorted(n for n in names if n not in stdlib), [])
 
+    def test_the_module_docstring_maps_the_sections_as_they_are(self):
+        """The docstring's list of sections is the file's banners, word for word and in order:
+        the map a reader opens the file with cannot drift from the file."""
+        with open(os.path.join(HERE, "claude_max_proxy.py"), encoding="utf-8") as f:
+            source = f.read()
+        banners = re.findall(r"(?m)^#{78}\n# (.+)\n#{78}$", source)
+        listed = re.search(r"\nSections, [^\n]*\n[^\n]*\n\n((?:    .+\n)+)\n",
+                           proxy.__doc__ or "")
+        self.assertIsNotNone(listed, "no list of sections in the module docstring")
+        self.assertEqual([line.strip() for line in listed.group(1).splitlines()], banners)
+        self.assertGreaterEqual(len(banners), 10)
+        self.assertEqual(banners[-1], "Running it: main()")
+        # Every top-level definition is under some banner, and main() comes last.
+        self.assertLess(source.index("#" * 78), source.index("\ndef "))
+        self.assertGreater(source.index("\ndef main("), source.rindex("#" * 78))
+
     def test_readme_names_the_test_command_and_pyproject_the_script(self):
         with open(os.path.join(HERE, "README.md")) as f:
             readme = f.read()
@@ -6672,7 +6687,8 @@ pidfile = os.path.join(here, "daemon.pid")
 
 def running():
     try:
-        pid = int(open(pidfile).read())
+        with open(pidfile) as f:
+            pid = int(f.read())
         os.kill(pid, 0)
         return pid
     except (OSError, ValueError):
@@ -6683,10 +6699,11 @@ def start(argv, path, log):
     # the fake claude's log directory, for the test).
     env = {"HOME": os.environ["HOME"], "PATH": path,
            "FAKE_CLAUDE_LOG": os.environ.get("FAKE_CLAUDE_LOG", "")}
-    out = open(log, "ab")
-    proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    open(pidfile, "w").write(str(proc.pid))
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    with open(pidfile, "w") as f:
+        f.write(str(proc.pid))
 
 def stop():
     pid = running()
@@ -6708,7 +6725,8 @@ def stop():
 def unit():
     path = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
                         "systemd", "user", "claude-max-api.service")
-    text = open(path).read().replace("%%", "\0").replace("$$", "$")
+    with open(path) as f:
+        text = f.read().replace("%%", "\0").replace("$$", "$")
     execstart = shlex.split(re.search(r"^ExecStart=(.*)$", text, re.M).group(1))
     env = shlex.split(re.search(r"^Environment=(.*)$", text, re.M).group(1))[0]
     return [a.replace("\0", "%") for a in execstart], env.split("=", 1)[1]
@@ -6720,8 +6738,8 @@ if name == "launchctl":
     if args[0] == "bootstrap":
         if running():
             sys.exit("Bootstrap failed: 5: Input/output error")
-        with open(args[2], "rb") as f:
-            plist = plistlib.load(f)
+        with open(args[2], "rb") as plist_file:
+            plist = plistlib.load(plist_file)
         start(plist["ProgramArguments"], plist["EnvironmentVariables"]["PATH"],
               plist["StandardOutPath"])
     elif args[0] == "bootout":
@@ -6733,10 +6751,12 @@ else:
     if action == "is-active":
         sys.exit(0 if running() else 3)
     if action == "enable" and "--now" in args and not running():
-        start(*unit(), log=os.path.join(here, "journal.log"))
+        command, path = unit()
+        start(command, path, os.path.join(here, "journal.log"))
     elif action == "restart":
         stop()
-        start(*unit(), log=os.path.join(here, "journal.log"))
+        command, path = unit()
+        start(command, path, os.path.join(here, "journal.log"))
     elif action == "disable" and "--now" in args:
         stop()
 '''
@@ -6786,7 +6806,8 @@ class ServiceTest(FakeClaudeMixin, unittest.TestCase):
 
     def stop_daemon(self):
         try:
-            pid = int(open(os.path.join(self.standin, "daemon.pid")).read())
+            with open(os.path.join(self.standin, "daemon.pid")) as f:
+                pid = int(f.read())
             os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError):
             pass
@@ -8354,7 +8375,7 @@ class OpenAISDKTest(FakeClaudeMixin, unittest.TestCase):
             waiting = threading.Thread(target=lambda: client.chat.completions.create(
                 model="opus", messages=[{"role": "user", "content": "waits"}]))
             waiting.start()
-            wait_until(lambda: p.server.slots.waiting == 1, what="a request to wait")
+            wait_until(lambda: p.server.slots.queued == 1, what="a request to wait")
             with self.assertRaises(openai.RateLimitError) as caught:
                 client.chat.completions.create(model="opus", messages=[
                     {"role": "user", "content": "hi"}])
@@ -8662,16 +8683,6 @@ class AnthropicSDKTest(FakeClaudeMixin, unittest.TestCase):
 ##############################################################################
 # Soak run (opt-in: PROXY_SOAK=1)
 ##############################################################################
-
-def urllib_get(port, path):
-    """The body of GET `path` on 127.0.0.1:`port`."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().read()
-    finally:
-        conn.close()
-
 
 def daemon_figures(pid):
     """(RSS kB, peak RSS kB, threads, open fds) of a process, from /proc; None where absent."""
@@ -9179,7 +9190,7 @@ class Benchmark(FakeClaudeMixin, unittest.TestCase):
                                     claude_bin=self.claude, env=dict(os.environ))
 
         def settled(ready=2):  # the shape in use has its two CLIs waiting (WARM_STEADY)
-            wait_until(lambda: json.loads(urllib_get(port, "/health"))["warm"]["ready"] >=
+            wait_until(lambda: json.loads(http_get(port, "/health"))["warm"]["ready"] >=
                        ready, timeout=60, what="the warm CLIs")
 
         long = {"model": "sonnet", "stream": True, "messages": [
