@@ -4489,6 +4489,7 @@ class Subscription:
     def __init__(self, path: Optional[str], reserve: int, allow_extra_usage: bool):
         self.path, self.reserve, self.allow_extra_usage = path, reserve, allow_extra_usage
         self._lock = threading.Lock()
+        self._saving = threading.Lock()
         self.since = int(time.time())  # what the totals count from
         self._state: Dict[str, Any] = {"windows": {}}  # as saved; see learn()
         self._totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0,
@@ -4531,7 +4532,10 @@ class Subscription:
                         "--allow-extra-usage lets them go on" if not self.allow_extra_usage else
                         "they go on (--allow-extra-usage)")
         if changed and self.path:
-            self._save(self.path, state)
+            with self._saving:  # one writer at a time, and the last one writes the latest
+                with self._lock:
+                    state = self._state
+                self._save(self.path, state)
 
     def spent(self, usage: Mapping[str, Any]) -> None:
         """An answered request: its tokens (the result's usage, as the client is told)."""
