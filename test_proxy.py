@@ -1436,6 +1436,15 @@ class FakeClaudeMixin:
         for name in os.listdir(self.log_dir):
             os.unlink(os.path.join(self.log_dir, name))
 
+    def own_temp_dir(self, prefix):
+        """A temp dir for this test alone, where its daemons keep what they share (preambles
+        learnt, the subscription's state)."""
+        self.tmp_root = tempfile.mkdtemp(prefix=prefix)
+        self.addCleanup(shutil.rmtree, self.tmp_root, True)
+        patch = mock.patch.object(tempfile, "tempdir", self.tmp_root)
+        patch.start()
+        self.addCleanup(patch.stop)
+
     def runs(self):
         """Records of the fake's runs since setUp, oldest first."""
         records = []
@@ -4519,13 +4528,9 @@ class ConversationTest(FakeClaudeMixin, unittest.TestCase):
 
     def setUp(self):
         super().setUp()
-        # A temp dir of the test's own: the shared directory (working directory and learnt
-        # preambles) starts empty, as on a machine the daemon never ran on.
-        self.tmp_root = tempfile.mkdtemp(prefix="proxy-conv-")
-        self.addCleanup(shutil.rmtree, self.tmp_root, True)
-        patch = mock.patch.object(tempfile, "tempdir", self.tmp_root)
-        patch.start()
-        self.addCleanup(patch.stop)
+        # The shared directory (working directory and learnt preambles) starts empty, as on a
+        # machine the daemon never ran on.
+        self.own_temp_dir("proxy-conv-")
 
     def ask(self, p, messages, **fields):
         status, _, body = p.request("POST", "/v1/chat/completions", dict(
@@ -4828,11 +4833,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
 
     def setUp(self):
         super().setUp()
-        self.tmp_root = tempfile.mkdtemp(prefix="proxy-warm-")  # no preamble learnt yet
-        self.addCleanup(shutil.rmtree, self.tmp_root, True)
-        patch = mock.patch.object(tempfile, "tempdir", self.tmp_root)
-        patch.start()
-        self.addCleanup(patch.stop)
+        self.own_temp_dir("proxy-warm-")  # no preamble learnt yet
 
     def settle(self, p):
         """Once every shape the pool wants has its process waiting: their pids."""
@@ -4843,6 +4844,16 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         status, _, body = p.chat(content, **fields)
         self.assertEqual(status, 200, body)
         return body, self.runs()[-1]
+
+    def two_shapes_waiting(self, p):
+        """(With --warm 2.) Two shapes used once each, plain and with a tool: the pids of the
+        CLI each has waiting."""
+        self.ask(p, "learn")
+        self.ask(p, "one")
+        self.ask(p, "tools", tools=[{"type": "function", "function": {"name": "f"}}])
+        waiting = self.settle(p)
+        self.assertEqual(len(waiting), 2)
+        return waiting
 
     @mock.patch.object(proxy, "WARM_STEADY", 0.0)  # one CLI per shape here
     def test_a_request_of_a_shape_used_before_takes_a_waiting_cli(self):
@@ -5004,11 +5015,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
 
     def test_warm_clis_that_die_while_they_wait_are_replaced_and_never_handed_out(self):
         p = self.start_proxy(warm=2)
-        self.ask(p, "learn")
-        self.ask(p, "one")
-        self.ask(p, "tools", tools=[{"type": "function", "function": {"name": "f"}}])
-        waiting = self.settle(p)
-        self.assertEqual(len(waiting), 2)
+        waiting = self.two_shapes_waiting(p)
         with self.assertLogs("claude_max_proxy", "WARNING") as logs:
             for pid in waiting:
                 os.kill(pid, signal.SIGKILL)
@@ -5172,11 +5179,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
 
     def test_shutdown_ends_the_waiting_clis_and_warm_zero_starts_none(self):
         p = self.start_proxy(warm=2)
-        self.ask(p, "learn")
-        self.ask(p, "one")
-        self.ask(p, "tools", tools=[{"type": "function", "function": {"name": "f"}}])
-        waiting = self.settle(p)
-        self.assertEqual(len(waiting), 2)
+        waiting = self.two_shapes_waiting(p)
         p.close()
         for pid in waiting:
             self.assertFalse(alive(pid), "ended at shutdown")
@@ -5526,11 +5529,7 @@ class SubscriptionServerTest(FakeClaudeMixin, unittest.TestCase):
 
     def setUp(self):
         super().setUp()
-        self.tmp_root = tempfile.mkdtemp(prefix="proxy-usage-")  # its own state file
-        self.addCleanup(shutil.rmtree, self.tmp_root, True)
-        patch = mock.patch.object(tempfile, "tempdir", self.tmp_root)
-        patch.start()
-        self.addCleanup(patch.stop)
+        self.own_temp_dir("proxy-usage-")  # its own state file
 
     def report(self, **info):
         """What the API's headers say from now on: the fake CLI's rate_limit_event."""
