@@ -4845,6 +4845,14 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(status, 200, body)
         return body, self.runs()[-1]
 
+    def one_shape_waiting(self, p):
+        """A shape used once after the day's learning run: the pid of the CLI it has waiting."""
+        self.ask(p, "learn")
+        self.ask(p, "one")
+        waiting = self.settle(p)
+        self.assertEqual(len(waiting), 1)
+        return waiting
+
     def two_shapes_waiting(self, p):
         """(With --warm 2.) Two shapes used once each, plain and with a tool: the pids of the
         CLI each has waiting."""
@@ -4990,9 +4998,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         upgrade): the request runs on a fresh CLI, transparently; before, the line the real
         CLI prints while it waits (ui_invalidate) made it count as having answered: a 502."""
         p = self.start_proxy(warm=1)
-        self.ask(p, "learn")
-        self.ask(p, "one")
-        waiting = self.settle(p)
+        waiting = self.one_shape_waiting(p)
         open(os.path.join(self.log_dir, "die-on-line"), "w").close()
         with self.assertLogs("claude_max_proxy", "INFO") as logs:
             for stream in (False, True):
@@ -5033,9 +5039,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
 
     def test_a_cli_that_dies_at_every_start_gives_one_clear_error_and_no_loop(self):
         p = self.start_proxy(warm=1)
-        self.ask(p, "learn")
-        self.ask(p, "one")
-        waiting = self.settle(p)
+        waiting = self.one_shape_waiting(p)
         open(os.path.join(self.log_dir, "die-at-start"), "w").close()
         with self.assertLogs("claude_max_proxy", "WARNING") as logs:
             os.kill(waiting[0], signal.SIGKILL)
@@ -5080,9 +5084,7 @@ class WarmTest(FakeClaudeMixin, unittest.TestCase):
         """Starting one costs ~0.9 CPU-seconds, which would slow the stream being answered:
         a replacement waits until no request is in flight."""
         p = self.start_proxy(warm=1)
-        self.ask(p, "learn")
-        self.ask(p, "one")
-        waiting = self.settle(p)
+        waiting = self.one_shape_waiting(p)
         answering = threading.Thread(target=lambda: p.chat("[[fake:gate:go]]"))
         answering.start()
         wait_until(lambda: [r for r in self.runs() if r["pid"] == waiting[0]],
