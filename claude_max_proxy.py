@@ -4936,16 +4936,23 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 
 
 class RequestLog:
-    """The last requests' figures for the status page: a bounded ring in memory, holding no
-    prompt or answer text."""
+    """The last requests' figures for the status page, in the order they came (`at`, the time
+    each began): a bounded ring in memory, holding no prompt or answer text. A request is added
+    when it ends, which is not the order they came: one answered on one connection can be added
+    after the next one a client sent on another, and a long stream after many short ones."""
 
     def __init__(self, size: int = 50):
         self._lock = threading.Lock()
-        self._entries: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=size)
+        self._size = size
+        self._entries: List[Dict[str, Any]] = []
 
     def add(self, entry: Dict[str, Any]) -> None:
         with self._lock:
-            self._entries.append(entry)
+            place = len(self._entries)
+            while place and self._entries[place - 1]["at"] > entry["at"]:
+                place -= 1
+            self._entries.insert(place, entry)
+            del self._entries[:-self._size]
 
     def entries(self) -> List[Dict[str, Any]]:
         with self._lock:
@@ -5563,7 +5570,8 @@ class ProxyHandler(StrictHTTPHandler):
         counts = self._usage_counts or {}
         prompt = counts.get("prompt_tokens") or 0
         cached = (counts.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        return {"at": time.time(), "dialect": dialect.path.strip("/").split("/")[0],
+        return {"at": time.time() - (time.monotonic() - begun),  # when it came
+                "dialect": dialect.path.strip("/").split("/")[0],
                 "model": self._note.get("model") or self._asked_model,
                 "seconds": time.monotonic() - begun,
                 "input_tokens": prompt, "output_tokens": counts.get("completion_tokens") or 0,

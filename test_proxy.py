@@ -5854,6 +5854,9 @@ class StatusPageTest(FakeClaudeMixin, unittest.TestCase):
         status, _, body = p.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 5,
                                                              "messages": []})
         self.assertEqual(status, 400)
+        # (an entry is added just after its answer went out)
+        wait_until(lambda: p.server.requests.entries()[-1]["status"] == 400,
+                   what="the last request in the log")
         page = p.request("GET", "/", headers=self.HTML)[2].decode()
         rows = re.findall(r"<tr><td>\d\d:\d\d:\d\d</td>(.*?)</tr>", page)
         self.assertEqual(len(rows), proxy.REQUEST_LOG_SIZE)
@@ -5865,6 +5868,17 @@ class StatusPageTest(FakeClaudeMixin, unittest.TestCase):
         self.assertNotIn("SECRET-PROMPT", page)
         self.assertNotIn("Hello from the fake API", page)
         self.assertIn("reserve", page)
+
+
+    def test_the_log_keeps_the_order_requests_came_in(self):
+        """Each is added as it ends: a long stream ends after the short requests that came
+        while it ran, and an answer's entry can come after the next request's (CI saw it)."""
+        log = proxy.RequestLog(3)
+        for at in (10.0, 12.0, 11.0, 13.0, 9.0, 14.0):
+            log.add({"at": at})
+        self.assertEqual([e["at"] for e in log.entries()], [12.0, 13.0, 14.0])
+        log.add({"at": 13.5})
+        self.assertEqual([e["at"] for e in log.entries()], [13.0, 13.5, 14.0])
 
 
 @unittest.skipUnless(shutil.which("chromium") or REQUIRE_ALL, "Debian's chromium is not "
