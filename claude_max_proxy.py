@@ -1332,6 +1332,19 @@ class Message:
         if self.blocks[index][0] != kind:
             self.blocks[index] = (kind, self.blocks[index][1])
 
+    def whole_block(self, index: int, block: Dict[str, Any]) -> None:
+        """Block `index` as the CLI printed it whole (an `assistant` line): its text stands,
+        to be compared with what was sent when the message settles."""
+        kind, pieces = self.blocks[index]
+        key = BLOCK_TEXT.get(str(block.get("type")))
+        if kind in ("tool_use", "structured"):
+            text: Optional[str] = input_text(pieces.text(), block.get("input") or {})
+        else:
+            text = block.get(key) if key else None
+        if isinstance(text, str):
+            self.blocks[index] = (kind, Pieces(text))
+            self.caught_up.discard(index)
+
     def projected(self, index: int) -> str:
         """Block `index` as the client sees it (a paragraph break before a later message)."""
         kind, pieces = self.blocks[index]
@@ -1342,239 +1355,100 @@ class Message:
         return text
 
 
-class AnswerFold:
-    """The CLI's stream-json events folded into completion events (see completion_events).
+class Outbox:
+    """What comes out of the fold: the completion events of one CLI line, Start once and
+    Finish once and last, the answer's text through the client's stop sequences."""
 
-    The answer is a list of blocks. `sent` is what the client has been given of each block,
-    `answer` what the CLI has settled. The CLI may stream one turn more than once: when the
-    API connection drops mid-answer it ends that message with `abandoned_blocks` (and no
-    message_delta), then streams the turn again after `system/api_retry`, or fetches it whole
-    and prints one `assistant` message, or, when finished blocks (thinking) survived, asks the
-    model to resume with a synthetic user line (shared/claude-cli/p-midstream-cut-*, and
-    EndToEndTest). A message that follows an abandoned one is laid over it: its deltas are
-    relayed only past what was sent, a settled message that holds more gives the rest, and
-    one that contradicts what was sent yields Revised. The usage is that of the settled
-    messages, not of the attempts that failed.
-    """
-
-    def __init__(self, stop: Iterable[str] = (), max_tokens_ends: bool = False,
-                 now: Optional[float] = None, tools: Mapping[str, Tool] = {},
-                 schema: Optional[Dict[str, Any]] = None, single_call: bool = False):
-        """`tools`: the client's tools by the name the model sees; `schema`: the answer is JSON
-        of it, the CLI's structured output or a text answer that is such JSON (other text is not
-        shown); `single_call`: at most one call."""
-        self.tools = dict(tools)
-        self.output_schema = schema
-        self.schema = schema is not None
-        self.single_call = single_call
-        self.calls: Dict[int, ToolCall] = {}  # the call of each tool_use block of `sent`
-        self.announced: "set[int]" = set()  # the blocks whose ToolCall went out
+    def __init__(self, stop: Iterable[str]):
         self.stop = tuple(stop)
         self.stops = StopSequences(self.stop)
-        self.max_tokens_ends = max_tokens_ends
-        self.now = now
-        self.model: Optional[str] = None
-        self.rate_limit: Optional[Dict[str, Any]] = None
+        self.events: List[Event] = []
         self.begun = False  # Start was given
-        self.finished = False
-        self.sent: List[Shown] = []  # what the client was given of each block
-        self.answer: List[Settled] = []  # the blocks as the CLI settled them
-        self.streaming: Optional[Message] = None  # between message_start and its end
-        self.whole: Optional[Message] = None  # printed whole; settled at the next other line
-        self.abandoned: Optional[Tuple[int, int]] = None  # (base, blocks kept) of the last one
-        self.usage: Dict[str, Any] = {}  # of the settled messages
-        self.settled_any = False
-        self.last_stop: Optional[str] = None
-        self.out: List[Event] = []
+        self.finished = False  # Finish was given
 
-    def feed(self, event: Dict[str, Any]) -> List[Event]:
-        """The completion events that one CLI line gives; raises APIError for an error result."""
-        self.out = []
-        kind = event.get("type")
-        message = event.get("message")
-        message = message if isinstance(message, dict) else {}
-        if self.whole and not (kind == "assistant" and message.get("id") == self.whole.id):
-            self._settle(self.whole)
-            self.whole = None
-        if self.finished:
-            return self.out
-        if kind == "system" and event.get("subtype") == "init":
-            self.model = self.model or event.get("model")
-        elif kind == "rate_limit_event":
-            self.rate_limit = event.get("rate_limit_info")
-        elif event.get("parent_tool_use_id") is not None:
-            pass  # a subagent's line
-        elif kind == "stream_event":
-            self._stream_event(event.get("event") or {}, event)
-        elif kind == "assistant" and not event.get("is_api_error_message"):
-            self._assistant(message)
-        elif kind == "result":
-            self._result(event)
-        return self.out
+    def take(self) -> List[Event]:
+        events, self.events = self.events, []
+        return events
 
-    # -- the lines ---------------------------------------------------------
+    def begin(self, model: str, usage: Dict[str, Any]) -> None:
+        if not self.begun:
+            self.begun = True
+            self.events.append(Start(model, dict(usage)))
 
-    def _stream_event(self, inner: Dict[str, Any], line: Dict[str, Any]) -> None:
-        kind = inner.get("type")
-        message = self.streaming
-        if kind == "message_start":
-            start = inner.get("message") or {}
-            self.model = start.get("model") or self.model
-            self._abandon()
-            self.streaming = self._new_message(start.get("id"), start.get("usage") or {})
-            self._begin()
-        elif message is None:
-            return
-        elif kind == "content_block_start":
-            block = inner.get("content_block") or {}
-            self._open_block(message, inner.get("index"), block)
-        elif kind == "content_block_delta":
-            delta = inner.get("delta") or {}
-            if delta.get("type") not in DELTA_KINDS:
-                return  # signatures
-            block_kind, key = DELTA_KINDS[delta["type"]]
-            index = inner.get("index")
-            if not isinstance(index, int) or index < 0 or not isinstance(delta.get(key), str):
-                return
-            known = message.blocks[index][0] if index < len(message.blocks) else None
-            if known in ("hidden", "structured", "withheld") or block_kind == "text" and self.schema:
-                return  # not shown (a structured answer is its result's)
-            if block_kind == "tool_use" and known != "tool_use":
-                return  # the input of a call that never began
-            if known != block_kind:
-                self._block(message, index, block_kind)
-            message.blocks[index][1].append(delta[key])
-            if message.diverged:
-                return
-            if index in message.caught_up:  # the usual case: the piece is simply new
-                self.sent[message.base + index].pieces.append(delta[key])
-                self._emit(block_kind, delta[key], message.base + index)
-            else:
-                self._relay(message, index)
+    def text(self, text: str) -> None:
+        safe = self.stops.feed(text)
+        if safe:
+            self.events.append(Text(safe))
+
+    def thinking(self, text: str) -> None:
+        if text:
+            self.events.append(Thinking(text))
+
+    def call(self, call: ToolCall) -> None:
+        self.events.append(call)
+
+    def tool_input(self, text: str) -> None:
+        if text:
+            self.events.append(ToolInput(text))
+
+    def revise(self, answer: List[Settled]) -> None:
+        """What was sent is replaced by `answer`, through new stop sequence checks."""
+        self.stops = StopSequences(self.stop)
+        blocks: List[Tuple[str, str]] = []
+        calls: List[Tuple[int, ToolCall]] = []
+        for kind, text, call in answer:
+            if kind in BLOCK_TEXT:
+                if call is not None:
+                    calls.append((len(blocks), call))
+                blocks.append((kind, self.stops.feed(text) if kind == "text" else text))
             if self.stops.hit:
-                self._finish("stop_sequence", cut_short=True)
-        elif kind == "message_delta":
-            message.stop_reason = (inner.get("delta") or {}).get("stop_reason")
-            message.usage.update(inner.get("usage") or {})
-            self.streaming = None
-            self._settle(message)
-            if self.finished:
-                return
-            if message.stop_reason == "max_tokens" and self.max_tokens_ends:
-                self._finish("max_tokens", cut_short=True)
-            elif message.stop_reason == "tool_use" and self._called():
-                # The model's turn is over and every call in it arrived: hand them back.
-                self._finish("tool_use", cut_short=True)
-        elif kind == "message_stop":
-            abandoned = line.get("abandoned_blocks")
-            kept = abandoned.get("from_block_index") if isinstance(abandoned, dict) else 0
-            self._abandon(kept if isinstance(kept, int) and kept > 0 else 0)
+                break
+        self.events.append(Revised(tuple(blocks), tuple(calls)))
 
-    def _assistant(self, message: Dict[str, Any]) -> None:
-        content = [b for b in message.get("content") or [] if isinstance(b, dict)]
-        streaming = self.streaming
-        if streaming is not None and message.get("id") == streaming.id:
-            # One line per finished block, just before its content_block_stop: the block whole.
-            if len(content) == 1 and streaming.blocks:
-                self._final_block(streaming, len(streaming.blocks) - 1, content[0])
-            return
-        self._abandon()
-        if self.whole is None:  # a message fetched without streaming, after a broken stream
-            self.whole = self._new_message(message.get("id"), message.get("usage") or {})
-            self.whole.stop_reason = message.get("stop_reason")
-            self._begin()
-        for block in content:
-            index = len(self.whole.blocks)
-            self._open_block(self.whole, index, block)
-            self._final_block(self.whole, index, block)
+    def finish(self, reason: Optional[str], usage: Dict[str, Any],
+               cut_short: bool = False) -> None:
+        rest = self.stops.flush()  # text held back in case it began a stop sequence
+        if rest:
+            self.events.append(Text(rest))
+        self.events.append(Finish("stop_sequence" if self.stops.hit else reason, usage,
+                                  cut_short, self.stops.matched))
+        self.finished = True
 
-    def _result(self, result: Dict[str, Any]) -> None:
-        self._abandon()
-        subtype = result.get("subtype")
-        if self.begun and result.get("api_error") == "max_output_tokens":
-            # The CLI resumed at the output limit three times and gave up: the text stands.
-            self._finish("max_tokens")
-            return
-        if self._called() and subtype in ("success", "error_max_turns"):
-            self._finish("tool_use")  # calls that came whole: --max-turns 1 ended the run
-            return
-        if subtype == "error_max_turns" and self.schema:  # tools offered too: one turn
-            self._finish_json(result)
-            return
-        if subtype == "error_max_turns" and self.settled_any:
-            self._finish(self.last_stop)  # the model called a tool it does not have
-            return
-        if result.get("is_error") or subtype != "success":
-            raise error_from_result(result, self.rate_limit, self.now)
-        if not self.settled_any:  # no partial messages came: answer from the result alone
-            self._begin()
-            self.usage = dict(result.get("usage") or {})
-            if not self.schema:
-                self._emit("text", result.get("result") or "")
-        if self.schema:
-            self._finish_json(result)
-            return
-        self._finish(result.get("stop_reason") or self.last_stop)
 
-    def _finish_json(self, result: Dict[str, Any]) -> None:
-        """The answer of a request for JSON: the CLI's structured output, or else the first
-        text the model wrote that is such JSON (models often answer in plain text, fenced or
-        not, and the API would return that): the result's, then the turns' from the last."""
-        said = result.get("result")
-        said = said if isinstance(said, str) else ""
-        value = result.get("structured_output")
-        if value is not None:
-            self._emit("text", input_text(said, value))
-        else:
-            texts = [said] + [text for kind, text, _ in reversed(self.answer)
-                              if kind == "withheld"]
-            for text in texts:
-                found = json_in_text(text)
-                if found is not None and schema_error(found[0], self.output_schema or {}) is None:
-                    self._emit("text", found[1])
-                    break
-            else:
-                raise no_structured_output()
-        self._finish("end_turn")
+class Ledger:
+    """What the client was given of each block of the answer (`sent`), beside the blocks as
+    the CLI settled them (`answer`). Each message is laid over `sent` from its `base`: what it
+    holds beyond what was sent goes out (to the Outbox), and a message that contradicts what
+    was sent revises it when it settles. The usage is that of the settled messages."""
 
-    # -- the ledger --------------------------------------------------------
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
+        self.sent: List[Shown] = []
+        self.answer: List[Settled] = []
+        self.calls: Dict[int, ToolCall] = {}  # the call of each tool_use block of `sent`
+        self.announced: "set[int]" = set()  # the blocks whose ToolCall went out
+        self.abandoned: Optional[Tuple[int, int]] = None  # (base, blocks kept) of the last one
+        self.usage: Dict[str, Any] = {}
+        self.settled_any = False
+        self.last_stop: Optional[str] = None  # the last settled message's stop_reason
 
-    def _new_message(self, message_id: Optional[str], usage: Dict[str, Any]) -> Message:
+    def new_message(self, message_id: Optional[str], usage: Dict[str, Any]) -> Message:
         # Laid over an attempt that broke, as it too began where the settled answer ends.
-        wrote = any(kind == "text" and text for kind, text, _ in self.answer)
+        wrote = any(block.kind == "text" and block.text for block in self.answer)
         return Message(message_id, len(self.answer), usage,
                        wrote and self.last_stop != "max_tokens")  # a resumed answer joins
 
-    def _abandon(self, kept: int = 0) -> None:
-        """The message being streamed ended without settling (its stream broke)."""
-        message, self.streaming = self.streaming, None
-        if message is not None:
-            self.abandoned = (message.base, kept)
+    def abandon(self, message: Message, kept: int) -> None:
+        """`message` ended without settling (its stream broke), keeping its first `kept`
+        blocks (the CLI's `abandoned_blocks`)."""
+        self.abandoned = (message.base, kept)
 
-    def _called(self) -> bool:
-        return any(kind == "tool_use" for kind, _, _ in self.answer)
+    def called(self, before: Optional[int] = None) -> bool:
+        """Whether the settled answer (its blocks before `before`) holds a call."""
+        return any(block.kind == "tool_use" for block in self.answer[:before])
 
-    def _open_block(self, message: Message, index: Any, block: Dict[str, Any]) -> None:
-        """A content block begins: of which kind it is for the client (see BLOCK_TEXT)."""
-        kind = str(block.get("type"))
-        if kind == "text" and self.schema:
-            kind = "withheld"  # the answer is JSON: the structured output, or this if it is
-        elif kind == "tool_use":
-            tool = self.tools.get(str(block.get("name")))
-            earlier = any(k == "tool_use" for k, _, _ in self.answer[:message.base]) or any(
-                k == "tool_use" for k, _ in message.blocks[:index if isinstance(index, int)
-                                                            else None])
-            if block.get("name") == STRUCTURED_OUTPUT_TOOL and self.schema:
-                kind = "structured"
-            elif tool is None or (self.single_call and earlier):
-                kind = "hidden"  # not a client's tool, or a call beyond the one allowed
-            elif isinstance(index, int):
-                message.calls[index] = ToolCall(str(block.get("id") or "toolu_" +
-                                                    uuid.uuid4().hex[:24]),
-                                                tool.name, tool.namespace, tool.custom)
-        self._block(message, index, kind)
-
-    def _block(self, message: Message, index: Any, kind: str) -> None:
+    def open(self, message: Message, index: Any, kind: str) -> None:
+        """Block `index` of `message` begins, of `kind` for the client (see BLOCK_TEXT)."""
         if not isinstance(index, int) or index < 0:
             return
         if index == 0 and self.abandoned and self.abandoned[1] and message.base == \
@@ -1588,29 +1462,19 @@ class AnswerFold:
         elif not self._fits(position, kind):
             message.diverged = True
 
-    def _place_call(self, message: Message, index: int) -> None:
-        """Block `index` of `message` stands where nothing was sent: its call stands there."""
-        position = message.base + index
-        if index in message.calls and position not in self.announced:
-            self.calls[position] = message.calls[index]
-
-    def _fits(self, position: int, kind: str) -> bool:
-        """Whether a block of `kind` can stand at `position` of what was sent."""
-        return position >= len(self.sent) or self.sent[position].kind == kind \
-            or not self.sent[position].pieces.length
-
-    def _final_block(self, message: Message, index: int, block: Dict[str, Any]) -> None:
-        if message.blocks[index][0] in ("tool_use", "structured"):
-            text = input_text(message.blocks[index][1].text(), block.get("input") or {})
-            message.blocks[index] = (message.blocks[index][0], Pieces(text))
-            message.caught_up.discard(index)
+    def add(self, message: Message, index: int, kind: str, piece: str) -> None:
+        """A delta of block `index`: sent on at once when the client has the block as it was
+        (the usual case), else what the block now holds beyond what was sent."""
+        message.blocks[index][1].append(piece)
+        if message.diverged:
             return
-        key = BLOCK_TEXT.get(str(block.get("type")))
-        if key and isinstance(block.get(key), str):
-            message.blocks[index] = (message.blocks[index][0], Pieces(block[key]))
-            message.caught_up.discard(index)  # compared again when it settles
+        if index in message.caught_up:
+            self.sent[message.base + index].pieces.append(piece)
+            self._emit(kind, piece, message.base + index)
+        else:
+            self.relay(message, index)
 
-    def _relay(self, message: Message, index: int) -> None:
+    def relay(self, message: Message, index: int) -> None:
         """Send what block `index` holds beyond what was sent; a block that contradicts what
         was sent marks the message diverged (it is then settled or revised when it ends)."""
         kind = message.blocks[index][0]
@@ -1633,9 +1497,9 @@ class AnswerFold:
         elif not sent.startswith(text):  # else a restarted attempt, still repeating
             message.diverged = True
 
-    def _settle(self, message: Message) -> None:
-        """The message is final: send what it holds beyond what was sent, or revise."""
-        self._begin()
+    def settle(self, message: Message) -> None:
+        """The message is final: send what it holds beyond what was sent (up to a stop
+        sequence), or revise what was sent."""
         ends = message.base + len(message.blocks)
         consistent = not message.diverged and all(
             self._fits(message.base + i, kind) and self._same_call(message, i)
@@ -1653,10 +1517,27 @@ class AnswerFold:
             return
         del self.sent[ends:]
         for index in range(len(message.blocks)):
-            self._relay(message, index)
-            if self.stops.hit:
-                self._finish("stop_sequence", cut_short=True)
+            self.relay(message, index)
+            if self.outbox.stops.hit:
                 return
+
+    def _revise(self) -> None:
+        self.outbox.revise(self.answer)
+        self.sent = [Shown(block.kind, Pieces(block.text)) for block in self.answer]
+        self.calls = {i: block.call for i, block in enumerate(self.answer)
+                      if block.call is not None}
+        self.announced = set(self.calls)
+
+    def _place_call(self, message: Message, index: int) -> None:
+        """Block `index` of `message` stands where nothing was sent: its call stands there."""
+        position = message.base + index
+        if index in message.calls and position not in self.announced:
+            self.calls[position] = message.calls[index]
+
+    def _fits(self, position: int, kind: str) -> bool:
+        """Whether a block of `kind` can stand at `position` of what was sent."""
+        return position >= len(self.sent) or self.sent[position].kind == kind \
+            or not self.sent[position].pieces.length
 
     def _same_call(self, message: Message, index: int) -> bool:
         """Whether block `index` calls the same tool as the call sent where it stands."""
@@ -1664,59 +1545,240 @@ class AnswerFold:
         call = message.calls.get(index)
         return sent is None or call is None or sent.name == call.name
 
-    def _revise(self) -> None:
-        """Replace what was sent by the settled answer, through new stop sequence checks."""
-        self.stops = StopSequences(self.stop)
-        blocks: List[Tuple[str, str]] = []
-        calls: List[Tuple[int, ToolCall]] = []
-        for kind, text, call in self.answer:
-            if kind in BLOCK_TEXT:
-                if call is not None:
-                    calls.append((len(blocks), call))
-                blocks.append((kind, self.stops.feed(text) if kind == "text" else text))
-            if self.stops.hit:
-                break
-        self.sent = [Shown(kind, Pieces(text)) for kind, text, _ in self.answer]
-        self.calls = {i: call for i, (_, _, call) in enumerate(self.answer) if call is not None}
-        self.announced = set(self.calls)
-        self.out.append(Revised(tuple(blocks), tuple(calls)))
-        if self.stops.hit:
-            self._finish("stop_sequence", cut_short=True)
-
-    # -- what comes out ----------------------------------------------------
-
-    def _begin(self) -> None:
-        if not self.begun:
-            self.begun = True
-            first = self.streaming or self.whole
-            self.out.append(Start(self.model or "claude", dict(first.usage) if first else {}))
-
-    def _emit(self, kind: str, text: str, position: int = -1) -> None:
+    def _emit(self, kind: str, text: str, position: int) -> None:
+        """More of block `position` goes out; a call goes out before its first input."""
         if kind == "tool_use":
             if position not in self.announced:
                 if position not in self.calls:
                     return
                 self.announced.add(position)
-                self.out.append(self.calls[position])
-            if text:
-                self.out.append(ToolInput(text))
-        elif kind == "thinking" and text:
-            self.out.append(Thinking(text))
+                self.outbox.call(self.calls[position])
+            self.outbox.tool_input(text)
+        elif kind == "thinking":
+            self.outbox.thinking(text)
         elif kind == "text":
-            safe = self.stops.feed(text)
-            if safe:
-                self.out.append(Text(safe))
+            self.outbox.text(text)
+
+
+class AnswerFold:
+    """The CLI's stream-json events folded into completion events (see completion_events).
+
+    It reads in three steps: `feed` reads each CLI line into the Message it belongs to
+    (message_start, deltas, whole blocks, message_delta, the result), the Ledger lays each
+    message over what the client was given and says what is new, and the Outbox makes that
+    completion events, through the stop sequences.
+
+    The CLI may stream one turn more than once: when the API connection drops mid-answer it
+    ends that message with `abandoned_blocks` (and no message_delta), then streams the turn
+    again after `system/api_retry`, or fetches it whole and prints one `assistant` message, or,
+    when finished blocks (thinking) survived, asks the model to resume with a synthetic user
+    line (shared/claude-cli/p-midstream-cut-*, and EndToEndTest). A message that follows an
+    abandoned one is laid over it: its deltas are relayed only past what was sent, a settled
+    message that holds more gives the rest, and one that contradicts what was sent yields
+    Revised. The usage is that of the settled messages, not of the attempts that failed.
+    """
+
+    def __init__(self, stop: Iterable[str] = (), max_tokens_ends: bool = False,
+                 now: Optional[float] = None, tools: Mapping[str, Tool] = {},
+                 schema: Optional[Dict[str, Any]] = None, single_call: bool = False):
+        """`tools`: the client's tools by the name the model sees; `schema`: the answer is JSON
+        of it, the CLI's structured output or a text answer that is such JSON (other text is not
+        shown); `single_call`: at most one call."""
+        self.tools = dict(tools)
+        self.output_schema = schema
+        self.schema = schema is not None
+        self.single_call = single_call
+        self.max_tokens_ends = max_tokens_ends
+        self.now = now
+        self.model: Optional[str] = None
+        self.rate_limit: Optional[Dict[str, Any]] = None
+        self.streaming: Optional[Message] = None  # between message_start and its end
+        self.whole: Optional[Message] = None  # printed whole; settled at the next other line
+        self.outbox = Outbox(stop)
+        self.ledger = Ledger(self.outbox)
+
+    @property
+    def finished(self) -> bool:
+        return self.outbox.finished
+
+    def feed(self, event: Dict[str, Any]) -> List[Event]:
+        """The completion events that one CLI line gives; raises APIError for an error result."""
+        kind = event.get("type")
+        message = event.get("message")
+        message = message if isinstance(message, dict) else {}
+        if self.whole and not (kind == "assistant" and message.get("id") == self.whole.id):
+            self._settle(self.whole)
+            self.whole = None
+        if self.finished:
+            return self.outbox.take()
+        if kind == "system" and event.get("subtype") == "init":
+            self.model = self.model or event.get("model")
+        elif kind == "rate_limit_event":
+            self.rate_limit = event.get("rate_limit_info")
+        elif event.get("parent_tool_use_id") is not None:
+            pass  # a subagent's line
+        elif kind == "stream_event":
+            self._stream_event(event.get("event") or {}, event)
+        elif kind == "assistant" and not event.get("is_api_error_message"):
+            self._assistant(message)
+        elif kind == "result":
+            self._result(event)
+        return self.outbox.take()
+
+    def _stream_event(self, inner: Dict[str, Any], line: Dict[str, Any]) -> None:
+        kind = inner.get("type")
+        message = self.streaming
+        if kind == "message_start":
+            start = inner.get("message") or {}
+            self.model = start.get("model") or self.model
+            self._abandon()
+            self.streaming = self.ledger.new_message(start.get("id"), start.get("usage") or {})
+            self.outbox.begin(self.model or "claude", self.streaming.usage)
+        elif message is None:
+            return
+        elif kind == "content_block_start":
+            self._open_block(message, inner.get("index"), inner.get("content_block") or {})
+        elif kind == "content_block_delta":
+            self._delta(message, inner.get("index"), inner.get("delta") or {})
+        elif kind == "message_delta":
+            message.stop_reason = (inner.get("delta") or {}).get("stop_reason")
+            message.usage.update(inner.get("usage") or {})
+            self.streaming = None
+            self._settle(message)
+            if self.finished:
+                return
+            if message.stop_reason == "max_tokens" and self.max_tokens_ends:
+                self._finish("max_tokens", cut_short=True)
+            elif message.stop_reason == "tool_use" and self.ledger.called():
+                # The model's turn is over and every call in it arrived: hand them back.
+                self._finish("tool_use", cut_short=True)
+        elif kind == "message_stop":
+            abandoned = line.get("abandoned_blocks")
+            kept = abandoned.get("from_block_index") if isinstance(abandoned, dict) else 0
+            self._abandon(kept if isinstance(kept, int) and kept > 0 else 0)
+
+    def _delta(self, message: Message, index: Any, delta: Dict[str, Any]) -> None:
+        if delta.get("type") not in DELTA_KINDS:
+            return  # signatures
+        kind, key = DELTA_KINDS[delta["type"]]
+        if not isinstance(index, int) or index < 0 or not isinstance(delta.get(key), str):
+            return
+        known = message.blocks[index][0] if index < len(message.blocks) else None
+        if known in ("hidden", "structured", "withheld") or kind == "text" and self.schema:
+            return  # not shown (a structured answer is its result's)
+        if kind == "tool_use" and known != "tool_use":
+            return  # the input of a call that never began
+        if known != kind:
+            self.ledger.open(message, index, kind)
+        self.ledger.add(message, index, kind, delta[key])
+        self._cut_at_stop()
+
+    def _assistant(self, message: Dict[str, Any]) -> None:
+        content = [b for b in message.get("content") or [] if isinstance(b, dict)]
+        streaming = self.streaming
+        if streaming is not None and message.get("id") == streaming.id:
+            # One line per finished block, just before its content_block_stop: the block whole.
+            if len(content) == 1 and streaming.blocks:
+                streaming.whole_block(len(streaming.blocks) - 1, content[0])
+            return
+        self._abandon()
+        if self.whole is None:  # a message fetched without streaming, after a broken stream
+            self.whole = self.ledger.new_message(message.get("id"), message.get("usage") or {})
+            self.whole.stop_reason = message.get("stop_reason")
+            self.outbox.begin(self.model or "claude", self.whole.usage)
+        for block in content:
+            index = len(self.whole.blocks)
+            self._open_block(self.whole, index, block)
+            self.whole.whole_block(index, block)
+
+    def _result(self, result: Dict[str, Any]) -> None:
+        self._abandon()
+        ledger, subtype = self.ledger, result.get("subtype")
+        if self.outbox.begun and result.get("api_error") == "max_output_tokens":
+            # The CLI resumed at the output limit three times and gave up: the text stands.
+            self._finish("max_tokens")
+            return
+        if ledger.called() and subtype in ("success", "error_max_turns"):
+            self._finish("tool_use")  # calls that came whole: --max-turns 1 ended the run
+            return
+        if subtype == "error_max_turns" and self.schema:  # tools offered too: one turn
+            self._finish_json(result)
+            return
+        if subtype == "error_max_turns" and ledger.settled_any:
+            self._finish(ledger.last_stop)  # the model called a tool it does not have
+            return
+        if result.get("is_error") or subtype != "success":
+            raise error_from_result(result, self.rate_limit, self.now)
+        if not ledger.settled_any:  # no partial messages came: answer from the result alone
+            self.outbox.begin(self.model or "claude", {})
+            ledger.usage = dict(result.get("usage") or {})
+            if not self.schema:
+                self.outbox.text(result.get("result") or "")
+        if self.schema:
+            self._finish_json(result)
+            return
+        self._finish(result.get("stop_reason") or ledger.last_stop)
+
+    def _finish_json(self, result: Dict[str, Any]) -> None:
+        """The answer of a request for JSON: the CLI's structured output, or else the first
+        text the model wrote that is such JSON (models often answer in plain text, fenced or
+        not, and the API would return that): the result's, then the turns' from the last."""
+        said = result.get("result")
+        said = said if isinstance(said, str) else ""
+        value = result.get("structured_output")
+        if value is not None:
+            self.outbox.text(input_text(said, value))
+        else:
+            texts = [said] + [block.text for block in reversed(self.ledger.answer)
+                              if block.kind == "withheld"]
+            for text in texts:
+                found = json_in_text(text)
+                if found is not None and schema_error(found[0], self.output_schema or {}) is None:
+                    self.outbox.text(found[1])
+                    break
+            else:
+                raise no_structured_output()
+        self._finish("end_turn")
+
+    def _open_block(self, message: Message, index: Any, block: Dict[str, Any]) -> None:
+        """A content block begins: of which kind it is for the client (see BLOCK_TEXT)."""
+        kind = str(block.get("type"))
+        if kind == "text" and self.schema:
+            kind = "withheld"  # the answer is JSON: the structured output, or this if it is
+        elif kind == "tool_use":
+            tool = self.tools.get(str(block.get("name")))
+            earlier = self.ledger.called(message.base) or any(
+                k == "tool_use" for k, _ in message.blocks[:index if isinstance(index, int)
+                                                            else None])
+            if block.get("name") == STRUCTURED_OUTPUT_TOOL and self.schema:
+                kind = "structured"
+            elif tool is None or (self.single_call and earlier):
+                kind = "hidden"  # not a client's tool, or a call beyond the one allowed
+            elif isinstance(index, int):
+                message.calls[index] = ToolCall(str(block.get("id") or "toolu_" +
+                                                    uuid.uuid4().hex[:24]),
+                                                tool.name, tool.namespace, tool.custom)
+        self.ledger.open(message, index, kind)
+
+    def _abandon(self, kept: int = 0) -> None:
+        """The message being streamed ended without settling (its stream broke)."""
+        message, self.streaming = self.streaming, None
+        if message is not None:
+            self.ledger.abandon(message, kept)
+
+    def _settle(self, message: Message) -> None:
+        self.ledger.settle(message)
+        self._cut_at_stop()
+
+    def _cut_at_stop(self) -> None:
+        if self.outbox.stops.hit and not self.outbox.finished:
+            self._finish("stop_sequence", cut_short=True)
 
     def _finish(self, reason: Optional[str], cut_short: bool = False) -> None:
-        rest = self.stops.flush()  # text held back in case it began a stop sequence
-        if rest:
-            self.out.append(Text(rest))
-        usage = dict(self.usage)
+        usage = dict(self.ledger.usage)
         if self.streaming is not None:  # cut short mid-message
             add_usage(usage, self.streaming.usage)
-        self.out.append(Finish("stop_sequence" if self.stops.hit else reason, usage, cut_short,
-                               self.stops.matched))
-        self.finished = True
+        self.outbox.finish(reason, usage, cut_short)
 
 
 FENCED_JSON = re.compile(r"\A\s*```(?:json)?[ \t]*\n(.*?)\n?```\s*\Z", re.S | re.I)
