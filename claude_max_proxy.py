@@ -67,7 +67,7 @@ in step):
     The neutral request: what every dialect's parsing gives (pure functions)
     Conversations as real turns: the history as a Claude Code session (pure functions)
     The CLI launch: flags, environment, stdin, the MCP bridge (pure functions)
-    CLI events -> completion events: AnswerFold (pure functions)
+    CLI events -> completion events: AnswerFold, Ledger, Outbox (pure functions)
     Dialects: each API's parsing, Answer and Dialect, and the registry (pure functions)
     Who may use it: keys, browsers, host names (pure functions)
     Files the CLI uses: working directories, conversations' sessions (Sessions)
@@ -1150,7 +1150,7 @@ def stdin_controls(launch: Launch, spawned: Launch) -> List[Dict[str, Any]]:
 
 
 ##############################################################################
-# CLI events -> completion events: AnswerFold (pure functions)
+# CLI events -> completion events: AnswerFold, Ledger, Outbox (pure functions)
 ##############################################################################
 
 class Start(NamedTuple):
@@ -1298,13 +1298,13 @@ class Pieces:
 
 
 class Shown(NamedTuple):
-    """A block of the answer as the client has been given it so far (AnswerFold.sent)."""
+    """A block of the answer as the client has been given it so far (Ledger.sent)."""
     kind: str  # see BLOCK_TEXT
     pieces: Pieces
 
 
 class Settled(NamedTuple):
-    """A block of the answer as the CLI settled it (AnswerFold.answer)."""
+    """A block of the answer as the CLI settled it (Ledger.answer)."""
     kind: str
     text: str
     call: Optional[ToolCall]  # a tool_use block's call, as the client knows it
