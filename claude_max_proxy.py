@@ -3384,8 +3384,10 @@ class Sessions:
                     try:
                         os.makedirs(directory, 0o700, exist_ok=True)
                         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    except FileNotFoundError:  # it (or its parent) was emptied and removed
-                        continue  # by another run's end just now
+                    except (FileNotFoundError, FileExistsError):
+                        # It (or its parent) was emptied and removed by another run's end just
+                        # now; after mkdir found it there, makedirs raises FileExistsError.
+                        continue
                     with open(fd, "w", encoding="utf-8") as f:
                         f.write(text)
                     break

@@ -4640,20 +4640,26 @@ class ConversationTest(FakeClaudeMixin, unittest.TestCase):
         self.assertEqual(session_files(p=p), [])
 
     def test_a_session_folder_removed_by_another_run_as_it_is_made_is_made_again(self):
+        """Its parent went with another run's end just as this one began (FileNotFoundError),
+        or the folder did, between makedirs' mkdir finding it there and its check that it is a
+        folder (FileExistsError: seen in a run of the suite)."""
         p = self.start_proxy()
         messages, _ = self.converse(p, 1)  # the preamble, learnt
-        real, raced = os.makedirs, []
+        real = os.makedirs
+        for error in (FileNotFoundError(2, "No such file or directory"),
+                      FileExistsError(17, "File exists")):
+            raced = []
 
-        def makedirs(path, *args, **kwargs):
-            if not raced:  # the parent went with another run's end, just as this one began
-                raced.append(path)
-                raise FileNotFoundError(2, "No such file or directory", path)
-            return real(path, *args, **kwargs)
+            def makedirs(path, *args, **kwargs):
+                if not raced:
+                    raced.append(path)
+                    raise error
+                return real(path, *args, **kwargs)
 
-        with mock.patch.object(proxy.os, "makedirs", makedirs):
-            self.ask(p, messages)
-        self.assertEqual(len(raced), 1)
-        self.assertIsNotNone(self.runs()[-1]["session"], "resumed all the same")
+            with mock.patch.object(proxy.os, "makedirs", makedirs):
+                self.ask(p, messages)
+            self.assertEqual(len(raced), 1)
+            self.assertIsNotNone(self.runs()[-1]["session"], "resumed all the same")
 
     def test_conversations_in_parallel_never_mix(self):
         p = self.start_proxy(max_concurrency=4)
