@@ -81,8 +81,8 @@ in step):
 
 A security reviewer reads: "The CLI launch" (the flags that make the CLI a model, never an
 agent, and keep the user's ~/.claude out; bridge_names and bridge_main, through which a
-caller's functions are offered and never run), "Who may use it" with ProxyHandler._check_access
-(keys, browsers, host names), StrictHTTPHandler (request framing and limits), and ClaudeProcess
+caller's functions are offered and never run), "Who may use it" (Access: keys, browsers,
+host names), StrictHTTPHandler (request framing and limits), and ClaudeProcess
 (process groups, the private working directory, stdin).
 """
 
@@ -92,6 +92,7 @@ import binascii
 import collections
 import contextlib
 import email.errors
+import email.message
 import hashlib
 import hmac
 import html
@@ -3212,6 +3213,61 @@ def host_allowed(header: Optional[str], names: Iterable[str], any_address: bool)
     return False
 
 
+class Access:
+    """Who may use the daemon: the Host names that name it, the web pages allowed to (their
+    origins), and the keys (their digests). `check` is all a request goes through.
+
+    A web page can make a browser send requests to 127.0.0.1; it always sends an Origin (or at
+    least Sec-Fetch-Site) then, and after a DNS rebinding its own name as Host.
+    """
+
+    def __init__(self, address: str, allowed_hosts: Iterable[str] = (),
+                 cors_origins: Iterable[str] = (), keys: Iterable[str] = ()):
+        self.any_address = address in ("", "0.0.0.0", "::")
+        self.host_names = {name.lower().strip("[]") for name in allowed_hosts}
+        if not self.any_address:
+            self.host_names.add(address.lower().strip("[]"))
+        self.cors_origins = {normalize_origin(origin) for origin in cors_origins}
+        self.key_digests = [key_digest(key) for key in keys]
+
+    def check(self, headers: "email.message.Message", http10: bool,
+              page: bool = False) -> Tuple[Optional[str], bool]:
+        """(the request's Origin when it is an allowed one, whether it holds a key). Refuses
+        (APIError 400 or 403) unknown Host names and pages of other sites; with `page` (the
+        status page) the key may also come as a Basic password."""
+        hosts = headers.get_all("Host") or []
+        if len(hosts) > 1 or (not hosts and not http10):
+            raise APIError(400, "Send one Host header.", code="invalid_host")
+        if hosts and not host_allowed(hosts[0], self.host_names, self.any_address):
+            raise APIError(403, "The Host header %r does not name this server. Use 127.0.0.1 "
+                           "or localhost, or allow the name with --allowed-host." % hosts[0][:100],
+                           type="permission_error", code="host_not_allowed")
+        origin = headers.get("Origin")
+        if origin is not None and normalize_origin(origin) not in self.cors_origins:
+            raise APIError(403, "Requests from web pages are refused: the origin %r is not "
+                           "allowed (--cors-origin)." % origin[:100],
+                           type="permission_error", code="origin_not_allowed")
+        if origin is None and headers.get("Sec-Fetch-Site", "none").strip().lower() not in (
+                "none", "same-origin"):
+            raise APIError(403, "Requests from web pages are refused.",
+                           type="permission_error", code="origin_not_allowed")
+        authorized = not self.key_digests or key_accepted(presented_key(
+            headers.get("Authorization"), headers.get("x-api-key"), basic=page),
+            self.key_digests)
+        return (origin.strip() if origin is not None else None), authorized
+
+    @staticmethod
+    def refusal(headers: "email.message.Message", page: bool = False) -> APIError:
+        """The 401 of a request without the key (or with a wrong one)."""
+        given = headers.get("Authorization") or headers.get("x-api-key")
+        return APIError(401, "Incorrect API key provided." if given else
+                        "This proxy needs an API key: send `Authorization: Bearer KEY`%s." % (
+                            " or log in with any user name and the key as the password"
+                            if page else ""), code="invalid_api_key",
+                        headers={"WWW-Authenticate": '%s realm="claude-max-proxy"' % (
+                            "Basic" if page else "Bearer")})
+
+
 ##############################################################################
 # Files the CLI uses: working directories, conversations' sessions (Sessions)
 ##############################################################################
@@ -4999,6 +5055,14 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
        "\n".join(log_rows) or '<tr><td colspan="8">none yet</td></tr>')
 
 
+# Nothing on the status page may load or run anything, nor be framed by another site, nor be
+# kept by a cache.
+PAGE_HEADERS = (("Cache-Control", "no-store"),
+                ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                 "frame-ancestors 'none'; form-action 'none'"),
+                ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"))
+
+
 class RequestLog:
     """The last requests' figures for the status page, in the order they came (`at`, the time
     each began): a bounded ring in memory, holding no prompt or answer text. A request is added
@@ -5097,12 +5161,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.settings = settings
         self.claude = ClaudeCLI(settings.claude_bin)
         self.up_since = time.time()
-        self.key_digests = [key_digest(key) for key in settings.api_keys]
-        self.cors_origins = {normalize_origin(o) for o in settings.cors_origins}
-        self.host_names = {name.lower().strip("[]") for name in settings.allowed_hosts}
-        self.any_address = address[0] in ("", "0.0.0.0", "::")
-        if not self.any_address:
-            self.host_names.add(address[0].lower().strip("[]"))
+        self.access = Access(address[0], settings.allowed_hosts, settings.cors_origins,
+                             settings.api_keys)
         self.slots = ProcessSlots(settings.max_concurrency, settings.max_queue)
         self.dialects = {dialect.path: dialect() for dialect in DIALECTS}
         self.changed = threading.Condition()  # guards the fields below; notified on changes
@@ -5133,6 +5193,47 @@ class ProxyServer(ThreadingHTTPServer):
         self.requests = RequestLog(REQUEST_LOG_SIZE)  # the status page's last requests
         self.warm = WarmPool(self, min(settings.warm, settings.max_concurrency),
                              settings.warm_idle)
+
+    def health(self, full: bool) -> Dict[str, Any]:
+        """/health: whether it can answer, and what with. Not `full` (a caller without the key,
+        when keys are set): without where the CLI is installed, which names the user."""
+        path, version, problem = self.claude.status(wait=False)
+        healthy = bool(path) and not self.stopping.is_set()
+        body: Dict[str, Any] = {
+            "status": "ok" if healthy else "stopping" if path else "unavailable",
+            "version": __version__,
+            "claude": {"path": path, "version": version},
+            "uptime_seconds": round(time.time() - self.up_since, 1),
+            "requests_in_flight": len(self.processes) - self.warm.ready,
+            "requests_waiting": self.slots.queued,
+            "history": "transcript" if self.settings.history != "turns" or
+                       self.sessions.refused else "turns",
+            "max_concurrency": self.slots.limit,
+            "warm": self.warm.status()}
+        if not path:
+            body["reason"] = problem
+        login = self.login.status()
+        body["claude"].update(logged_in=login["logged_in"] if login else None,
+                              auth_method=login["method"] if login else None)
+        if healthy and login and not login["logged_in"]:
+            body["status"] = "not_logged_in"
+            body["reason"] = ("Claude Code is not logged in: run `claude auth login` (or `claude` "
+                              "and /login) as the user this daemon runs as.")
+        elif login and login["method"] == "api_key":
+            body["warning"] = ("Claude Code uses an API key (ANTHROPIC_API_KEY or an "
+                               "apiKeyHelper): requests are billed per token to that API "
+                               "account, not to your subscription.")
+        if not full:
+            del body["claude"]["path"]
+            body.pop("reason", None)
+        return body
+
+    def usage(self) -> Dict[str, Any]:
+        """/v1/usage: the subscription's windows, what was spent since start, the login."""
+        login = self.login.status()
+        return {"object": "usage", "auth": {
+            "logged_in": login["logged_in"] if login else None,
+            "method": login["method"] if login else None}, **self.subscription.status()}
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """One thread per connection, up to MAX_CONNECTIONS; past it a 503 and the door."""
@@ -5428,7 +5529,7 @@ class StrictHTTPHandler(BaseHTTPRequestHandler):
         if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Expose-Headers", "Retry-After, X-Request-Id")
-        if self.server.cors_origins:
+        if self.server.access.cors_origins:
             self.send_header("Vary", "Origin")
         super().end_headers()
 
@@ -5440,9 +5541,13 @@ class StrictHTTPHandler(BaseHTTPRequestHandler):
                     or headers.get("Content-Length", "0").strip() not in ("", "0"))
 
     def _send_json(self, status: int, body: Any, headers: Iterable[Tuple[str, str]] = ()) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self._send(status, "application/json", json.dumps(body, ensure_ascii=False).encode(),
+                   headers)
+
+    def _send(self, status: int, content_type: str, data: bytes,
+              headers: Iterable[Tuple[str, str]] = ()) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Request-Id", self._request_id)
         for name, value in headers:
@@ -5534,41 +5639,12 @@ class ProxyHandler(StrictHTTPHandler):
     # -- who may ask ---------------------------------------------------------
 
     def _check_access(self, public: bool, page: bool = False) -> None:
-        """Refuse browsers from other sites, unknown Host names, and callers without a key.
-
-        A web page can make a browser send requests to 127.0.0.1; it always sends an Origin (or
-        at least Sec-Fetch-Site) then, and after a DNS rebinding its own name as Host.
-        """
-        server = self.server
-        hosts = self.headers.get_all("Host") or []
-        if len(hosts) > 1 or (not hosts and self.request_version != "HTTP/1.0"):
-            raise APIError(400, "Send one Host header.", code="invalid_host")
-        if hosts and not host_allowed(hosts[0], server.host_names, server.any_address):
-            raise APIError(403, "The Host header %r does not name this server. Use 127.0.0.1 "
-                           "or localhost, or allow the name with --allowed-host." % hosts[0][:100],
-                           type="permission_error", code="host_not_allowed")
-        origin = self.headers.get("Origin")
-        if origin is not None:
-            if normalize_origin(origin) not in server.cors_origins:
-                raise APIError(403, "Requests from web pages are refused: the origin %r is not "
-                               "allowed (--cors-origin)." % origin[:100],
-                               type="permission_error", code="origin_not_allowed")
-            self._cors_origin = origin.strip()
-        elif self.headers.get("Sec-Fetch-Site", "none").strip().lower() not in (
-                "none", "same-origin"):
-            raise APIError(403, "Requests from web pages are refused.",
-                           type="permission_error", code="origin_not_allowed")
-        self._authorized = not server.key_digests or key_accepted(
-            presented_key(self.headers.get("Authorization"), self.headers.get("x-api-key"),
-                          basic=page), server.key_digests)
+        """Refuse browsers from other sites, unknown Host names, and callers without a key
+        (see Access)."""
+        self._cors_origin, self._authorized = self.server.access.check(
+            self.headers, self.request_version == "HTTP/1.0", page)
         if not self._authorized and self.command != "OPTIONS" and not public:
-            given = self.headers.get("Authorization") or self.headers.get("x-api-key")
-            raise APIError(401, "Incorrect API key provided." if given else
-                           "This proxy needs an API key: send `Authorization: Bearer KEY`%s." % (
-                               " or log in with any user name and the key as the password"
-                               if page else ""), code="invalid_api_key",
-                           headers={"WWW-Authenticate": '%s realm="claude-max-proxy"' % (
-                               "Basic" if page else "Bearer")})
+            raise Access.refusal(self.headers, page)
 
     # -- routing -------------------------------------------------------------
 
@@ -5698,77 +5774,25 @@ class ProxyHandler(StrictHTTPHandler):
     def _health(self) -> None:
         """Never waits behind chat requests. Without a valid key (when keys are set) it leaves
         out where the CLI is installed, which names the user."""
-        body = self._health_body()
+        body = self.server.health(self._authorized)
         self._send_json(200 if body["status"] in ("ok", "not_logged_in") else 503, body)
-
-    def _health_body(self) -> Dict[str, Any]:
-        server = self.server
-        path, version, problem = server.claude.status(wait=False)
-        healthy = bool(path) and not server.stopping.is_set()
-        body: Dict[str, Any] = {
-            "status": "ok" if healthy else "stopping" if path else "unavailable",
-            "version": __version__,
-            "claude": {"path": path, "version": version},
-            "uptime_seconds": round(time.time() - server.up_since, 1),
-            "requests_in_flight": len(server.processes) - server.warm.ready,
-            "requests_waiting": server.slots.queued,
-            "history": "transcript" if server.settings.history != "turns" or
-                       server.sessions.refused else "turns",
-            "max_concurrency": server.slots.limit,
-            "warm": server.warm.status()}
-        if not path:
-            body["reason"] = problem
-        login = server.login.status()
-        body["claude"].update(logged_in=login["logged_in"] if login else None,
-                              auth_method=login["method"] if login else None)
-        if healthy and login and not login["logged_in"]:
-            body["status"] = "not_logged_in"
-            body["reason"] = ("Claude Code is not logged in: run `claude auth login` (or `claude` "
-                              "and /login) as the user this daemon runs as.")
-        elif login and login["method"] == "api_key":
-            body["warning"] = ("Claude Code uses an API key (ANTHROPIC_API_KEY or an "
-                               "apiKeyHelper): requests are billed per token to that API "
-                               "account, not to your subscription.")
-        if not self._authorized:
-            del body["claude"]["path"]
-            body.pop("reason", None)
-        return body
 
     def _usage(self) -> None:
         """What the subscription's windows stand at, as the CLI last reported them, what the
         proxy spent since it started, and the login (see Subscription)."""
-        self._send_json(200, self._usage_body())
-
-    def _usage_body(self) -> Dict[str, Any]:
-        login = self.server.login.status()
-        return {"object": "usage", "auth": {
-            "logged_in": login["logged_in"] if login else None,
-            "method": login["method"] if login else None}, **self.server.subscription.status()}
+        self._send_json(200, self.server.usage())
 
     def _page(self) -> None:
         """For a browser (it asks for text/html): the status page. Anyone else gets what they
         got before there was one, a 404."""
-        accept = self.headers.get("Accept", "")
-        if "text/html" not in accept.lower():
+        if "text/html" not in self.headers.get("Accept", "").lower():
             raise self._unknown(self.path.split("?", 1)[0])
         server = self.server
         host, port = str(server.server_address[0]), server.server_address[1]
-        page = status_page(self._usage_body(), self._health_body(), server.requests.entries(),
-                           "%s:%d" % ("[%s]" % host if ":" in host else host, port),
-                           time.time()).encode("utf-8")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(page)))
-        self.send_header("Cache-Control", "no-store")
-        # Nothing on the page may load or run anything, nor be framed by another site.
-        self.send_header("Content-Security-Policy", "default-src 'none'; style-src "
-                         "'unsafe-inline'; frame-ancestors 'none'; form-action 'none'")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header("X-Request-Id", self._request_id)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(page)
+        page = status_page(server.usage(), server.health(self._authorized),
+                           server.requests.entries(),
+                           "%s:%d" % ("[%s]" % host if ":" in host else host, port), time.time())
+        self._send(200, "text/html; charset=utf-8", page.encode("utf-8"), PAGE_HEADERS)
 
     def _anthropic(self) -> bool:
         """Anthropic's SDKs and Claude Code send this header; OpenAI's do not."""

@@ -23,6 +23,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import email.message
 import hashlib
 import http.client
 import io
@@ -6362,6 +6363,49 @@ class AccessTest(FakeClaudeMixin, unittest.TestCase):
                                ("0.0.0.0", False), ("", False), ("::", False),
                                ("localhost.evil", False), ("10.0.0.1", False)):
             self.assertEqual(proxy.listens_on_loopback_only(name), loopback, name)
+
+    def test_access_pure(self):
+        """What Access.check makes of a request's headers, without a server."""
+        def headers(**fields):
+            message = email.message.Message()
+            for name, value in fields.items():
+                message[name.replace("_", "-")] = value
+            return message
+
+        access = proxy.Access("127.0.0.1", ["proxy.lan"], ["HTTP://LocalHost:3000/"], ["k"])
+        check = access.check
+        self.assertEqual(check(headers(Host="127.0.0.1:3456"), False), (None, False))
+        self.assertEqual(check(headers(Host="proxy.lan", Authorization="Bearer k"), False),
+                         (None, True))
+        self.assertEqual(check(headers(Host="localhost", Origin=" http://localhost:3000 ",
+                                       x_api_key="k"), False), ("http://localhost:3000", True))
+        self.assertEqual(check(headers(), True), (None, False))  # HTTP/1.0 may omit Host
+        basic = "Basic " + base64.b64encode(b"anyone:k").decode()
+        self.assertEqual(check(headers(Host="localhost", Authorization=basic), False, page=True),
+                         (None, True))
+        self.assertEqual(check(headers(Host="localhost", Authorization=basic), False),
+                         (None, False), "a Basic password is the key only for the page")
+        for fields, status, code in (
+                ({}, 400, "invalid_host"),
+                ({"Host": "evil.example"}, 403, "host_not_allowed"),
+                ({"Host": "localhost", "Origin": "https://evil.example"}, 403,
+                 "origin_not_allowed"),
+                ({"Host": "localhost", "Sec_Fetch_Site": "cross-site"}, 403,
+                 "origin_not_allowed")):
+            with self.assertRaises(proxy.APIError) as caught:
+                check(headers(**fields), False)
+            self.assertEqual((caught.exception.status, caught.exception.code), (status, code))
+        two = headers(Host="localhost")
+        two["Host"] = "localhost"
+        with self.assertRaises(proxy.APIError):
+            check(two, False)
+        open_access = proxy.Access("0.0.0.0")
+        self.assertEqual(open_access.check(headers(Host="192.168.1.10:3456"), False),
+                         (None, True), "no keys: everyone who gets in holds one")
+        refusal = proxy.Access.refusal(headers(Authorization="Bearer wrong"))
+        self.assertEqual((refusal.status, refusal.message), (401, "Incorrect API key provided."))
+        self.assertIn("Basic", proxy.Access.refusal(headers(), page=True).headers[
+            "WWW-Authenticate"])
 
 
 class MainTest(FakeClaudeMixin, unittest.TestCase):
