@@ -3553,6 +3553,29 @@ def write_private(path: str, text: str, mode: int = 0o600) -> None:
     os.replace(partial, path)
 
 
+def write_run_files(workdir: str, files: Mapping[str, str]) -> Dict[str, str]:
+    """A run's files (name -> text: its system prompt, its tools for the bridge) written
+    private into `workdir`; name -> path. A failure (a full disk) leaves none of them."""
+    paths: Dict[str, str] = {}
+    try:
+        for name, text in files.items():
+            path = os.path.join(workdir, "%s-%s.txt" % (name, uuid.uuid4().hex))
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
+                      encoding="utf-8") as f:
+                paths[name] = path
+                f.write(text)
+    except BaseException:
+        remove_files(paths.values())
+        raise
+    return paths
+
+
+def remove_files(paths: Iterable[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 ##############################################################################
 # CLI processes: ClaudeCLI, ClaudeProcess, ProcessSlots, WarmPool, ClaudeRun
 ##############################################################################
@@ -3653,6 +3676,54 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+class StdinFeed:
+    """What goes to a CLI's stdin, written as the pipe takes it: the request's line; for a warm
+    CLI, control requests first (stdin_controls), and the line once every one is answered."""
+
+    def __init__(self, line: bytes = b""):
+        self._data = memoryview(line)  # what is to be written now
+        self._held = b""  # the request's line, written once the CLI has answered its controls
+        self.awaiting: "set[str]" = set()  # control requests not answered yet
+
+    def ask(self, line: bytes, controls: List[Dict[str, Any]]) -> None:
+        requests = []
+        for n, control in enumerate(controls):
+            request_id = "proxy_%d" % n
+            self.awaiting.add(request_id)
+            requests.append(json.dumps({"type": "control_request", "request_id": request_id,
+                                        "request": control}, ensure_ascii=False).encode("utf-8")
+                            + b"\n")
+        self._data = memoryview(b"".join(requests) if requests else line)
+        self._held = line if requests else b""
+
+    def answered(self, event: Dict[str, Any]) -> bool:
+        """A control_response line: True once every control request has its answer (the
+        request's line is to be written then). Raises ControlRefused for a refusal."""
+        response = event.get("response")
+        response = response if isinstance(response, dict) else {}
+        request_id = response.get("request_id")
+        if request_id not in self.awaiting:
+            return False
+        if response.get("subtype") != "success":
+            raise ControlRefused(str(response.get("error") or response)[:300])
+        self.awaiting.discard(request_id)
+        if self.awaiting:
+            return False
+        self._data, self._held = memoryview(bytes(self._data) + self._held), b""
+        return True
+
+    def write(self, fd: int) -> bool:
+        """Write what the pipe takes; True when all is written or the CLI stopped reading."""
+        try:
+            written = os.write(fd, self._data[:READ_CHUNK])
+        except BlockingIOError:
+            return False
+        except OSError:  # BrokenPipeError: the CLI exited; its output says why
+            return True
+        self._data = self._data[written:]
+        return not self._data
+
+
 class ClaudeProcess:
     """One `claude -p` run: its own process group, the daemon's empty working directory, the
     prompt on stdin, stdout read as stream-json events, stderr drained for its tail."""
@@ -3664,22 +3735,9 @@ class ClaudeProcess:
         removed by close(); `argv_for(paths)` gives the command line once they exist (paths:
         name -> path); `cwd` is the working directory (shared_dir()'s). Without `stdin_data`
         the process is a warm one: it waits on stdin for begin()."""
-        self._files: Dict[str, str] = {}
-        try:
-            for name, text in files.items():
-                # Outside the tree the CLI works in.
-                path = os.path.join(workdir, "%s-%s.txt" % (name, uuid.uuid4().hex))
-                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
-                          encoding="utf-8") as f:
-                    self._files[name] = path
-                    f.write(text)
-        except BaseException:  # a full disk, say: nothing of this run stays behind
-            self._remove_files()
-            raise
+        self._files = write_run_files(workdir, files)  # outside the tree the CLI works in
         self.argv: List[str] = argv_for(dict(self._files))
-        self._stdin_data = memoryview(stdin_data or b"")
-        self._held = b""  # the request's line, written once the CLI has answered its controls
-        self._awaiting: "set[str]" = set()  # control requests not answered yet
+        self._stdin = StdinFeed(stdin_data or b"")
         self._writing = False  # stdin is registered for writing (events)
         self.idle = stdin_data is None  # a warm process that has no request yet
         self.handed = False  # a warm process that was given one (begin)
@@ -3693,7 +3751,7 @@ class ClaudeProcess:
                 stderr=subprocess.PIPE, cwd=cwd, env=env,
                 start_new_session=True, close_fds=True)
         except OSError as e:
-            self._remove_files()
+            remove_files(self._files.values())
             raise APIError(503, "Could not start Claude Code (%s): %s" % (self.argv[0], e),
                            type="server_error", code="claude_unavailable") from None
         self.pid = self.proc.pid
@@ -3714,29 +3772,9 @@ class ClaudeProcess:
     def begin(self, stdin_data: bytes, controls: List[Dict[str, Any]]) -> None:
         """Give a warm process its request: `controls` (stdin_controls) first, each answered
         before the request's line goes, then the line. Its deadlines count from now."""
-        lines = []
-        for n, control in enumerate(controls):
-            request_id = "proxy_%d" % n
-            self._awaiting.add(request_id)
-            lines.append(json.dumps({"type": "control_request", "request_id": request_id,
-                                     "request": control}, ensure_ascii=False).encode("utf-8")
-                         + b"\n")
-        self._stdin_data = memoryview(b"".join(lines) if lines else stdin_data)
-        self._held = stdin_data if lines else b""
+        self._stdin.ask(stdin_data, controls)
         self.idle, self.handed = False, True
         self.asked_at = time.monotonic()
-
-    def _answered(self, event: Dict[str, Any]) -> bool:
-        """A control_response line: True once every control request has its answer."""
-        response = event.get("response")
-        response = response if isinstance(response, dict) else {}
-        request_id = response.get("request_id")
-        if request_id not in self._awaiting:
-            return False
-        if response.get("subtype") != "success":
-            raise ControlRefused(str(response.get("error") or response)[:300])
-        self._awaiting.discard(request_id)
-        return not self._awaiting
 
     def events(self, timeout: float, idle_timeout: float,
                watch: Optional[socket.socket] = None,
@@ -3771,12 +3809,12 @@ class ClaudeProcess:
                 if now >= idle_deadline:
                     raise APIError(504, "Claude Code printed nothing for %g s." % idle_timeout,
                                    type="server_error", code="timeout")
-                if self._awaiting and now >= control_deadline:
+                if self._stdin.awaiting and now >= control_deadline:
                     raise ControlRefused("no answer within %g s" % CONTROL_TIMEOUT)
                 if on_wait is not None:
                     on_wait()
                 for key, _ in sel.select(min(deadline, idle_deadline, control_deadline
-                                             if self._awaiting else deadline) - now):
+                                             if self._stdin.awaiting else deadline) - now):
                     if key.data == "stdin":
                         self._write_stdin(sel)
                     elif key.data == "stderr":
@@ -3811,7 +3849,7 @@ class ClaudeProcess:
                 event = parse_cli_line(line)
                 if event is None:
                     continue
-                if self._awaiting and event.get("type") == "control_response":
+                if self._stdin.awaiting and event.get("type") == "control_response":
                     self._control_answered(event, sel)
                     continue
                 kind = event.get("type")
@@ -3825,12 +3863,8 @@ class ClaudeProcess:
 
     def _control_answered(self, event: Dict[str, Any], sel: selectors.BaseSelector) -> None:
         """A control response: once all are in, the request's line is written after them."""
-        if not self._answered(event):
-            return
         assert self.proc.stdin
-        self._stdin_data = memoryview(bytes(self._stdin_data) + self._held)
-        self._held = b""
-        if not self._writing:
+        if self._stdin.answered(event) and not self._writing:
             sel.register(self.proc.stdin, selectors.EVENT_WRITE, "stdin")
             self._writing = True
 
@@ -3838,10 +3872,10 @@ class ClaudeProcess:
         """Write what the pipe takes; once all is written, stop (and close stdin, unless
         control responses are awaited: the request's line comes after them)."""
         assert self.proc.stdin
-        if self._feed_stdin():
+        if self._stdin.write(self.proc.stdin.fileno()):
             sel.unregister(self.proc.stdin)
             self._writing = False
-            if not self._awaiting:
+            if not self._stdin.awaiting:
                 self.proc.stdin.close()
 
     def _drain_stderr(self, sel: selectors.BaseSelector) -> None:
@@ -3860,18 +3894,6 @@ class ClaudeProcess:
             sel.unregister(self.proc.stderr)
         self._stderr += data
         del self._stderr[:-STDERR_TAIL_BYTES]
-
-    def _feed_stdin(self) -> bool:
-        """Write what the pipe takes; True when all is written or the CLI stopped reading."""
-        assert self.proc.stdin
-        try:
-            written = os.write(self.proc.stdin.fileno(), self._stdin_data[:READ_CHUNK])
-        except BlockingIOError:
-            return False
-        except OSError:  # BrokenPipeError: the CLI exited; its output says why
-            return True
-        self._stdin_data = self._stdin_data[written:]
-        return not self._stdin_data
 
     def exited(self) -> bool:
         """Whether the group leader has exited, without reaping it: while it is an unreaped
@@ -3941,7 +3963,7 @@ class ClaudeProcess:
             if stream:
                 with contextlib.suppress(OSError):
                     stream.close()
-        self._remove_files()
+        remove_files(self._files.values())
         return code
 
     def outcome(self) -> str:
@@ -3959,11 +3981,6 @@ class ClaudeProcess:
                 return "signal:" + signal.Signals(-code).name
             return "signal:%d" % -code
         return "exit:%s" % code
-
-    def _remove_files(self) -> None:
-        for path in self._files.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
 
 def client_gone(sock: socket.socket) -> bool:
@@ -4310,37 +4327,18 @@ class WarmPool:
                 self.server.slots.release()
 
     def _run(self) -> None:
-        """The pool's thread: ends what is to end, starts what is wanted, a slot permitting."""
+        """The pool's thread: ends what is to end, starts what is wanted, a slot permitting
+        and the daemon quiet, one at a time."""
         while True:
             with self._changed:
                 now = time.monotonic()
-                for key, processes in list(self._ready.items()):
-                    for process in [p for p in processes if not self._usable(p)]:
-                        # Waited too long, died, or an upgraded CLI.
-                        processes.remove(process)
-                        self._ending.append((process, True))
-                        wanted = self._wanted.get(key)
-                        if process.exited():
-                            self._died(key, process)
-                        elif wanted and not (wanted.again and now - wanted.used < WARM_KEY_KEPT):
-                            del self._wanted[key]
-                    if not processes:
-                        del self._ready[key]
+                self._sweep(now)
                 ending, self._ending = self._ending, []
-                missing = [(k, w) for k, w in reversed(self._wanted.items())
-                           if len(self._ready.get(k, ())) < w.copies]
-                # The first of a shape before a second of another; none while answers go out.
-                missing.sort(key=lambda item: item[0] in self._ready)
+                missing = self._missing()
                 quiet = self.server.quiet_for()
                 if not ending and not self._closed and (
                         not missing or self._no_slot or quiet is None or quiet < WARM_QUIET):
-                    waiting = [p for processes in self._ready.values() for p in processes]
-                    soonest = min([p.spawned + self.idle_limit for p in waiting]
-                                  + [now + WARM_CHECK_INTERVAL if waiting or missing else
-                                     now + self.idle_limit]
-                                  + ([now + WARM_QUIET - quiet] if missing and quiet is not None
-                                     and not self._no_slot else []))
-                    self._changed.wait(max(0.01, soonest - now))
+                    self._changed.wait(self._pause(now, bool(missing), quiet))
                     continue
                 if self._closed:
                     ending += [(process, True) for processes in self._ready.values()
@@ -4354,6 +4352,40 @@ class WarmPool:
                 return
             if missing:
                 self._start(*missing[0])
+
+    def _sweep(self, now: float) -> None:
+        """(Under the lock.) The waiting processes that waited too long, died, or are of a CLI
+        since upgraded are to end; their shape is wanted again only if it is in use."""
+        for key, processes in list(self._ready.items()):
+            for process in [p for p in processes if not self._usable(p)]:
+                processes.remove(process)
+                self._ending.append((process, True))
+                wanted = self._wanted.get(key)
+                if process.exited():
+                    self._died(key, process)
+                elif wanted and not (wanted.again and now - wanted.used < WARM_KEY_KEPT):
+                    del self._wanted[key]
+            if not processes:
+                del self._ready[key]
+
+    def _missing(self) -> List[Tuple[str, Wanted]]:
+        """(Under the lock.) The shapes short of their processes, most recently used first;
+        the first of a shape before a second of another."""
+        missing = [(key, wanted) for key, wanted in reversed(self._wanted.items())
+                   if len(self._ready.get(key, ())) < wanted.copies]
+        missing.sort(key=lambda item: item[0] in self._ready)
+        return missing
+
+    def _pause(self, now: float, missing: bool, quiet: Optional[float]) -> float:
+        """(Under the lock.) How long the thread may sleep: until a waiting process's time is
+        up, the next look at the waiting ones, or the quiet moment a start waits for."""
+        waiting = [p for processes in self._ready.values() for p in processes]
+        soonest = min([p.spawned + self.idle_limit for p in waiting]
+                      + [now + WARM_CHECK_INTERVAL if waiting or missing else
+                         now + self.idle_limit]
+                      + ([now + WARM_QUIET - quiet] if missing and quiet is not None
+                         and not self._no_slot else []))
+        return max(0.01, soonest - now)
 
     def _start(self, key: str, wanted: Wanted) -> None:
         """(The pool's thread.) A warm process for `key`, a slot permitting."""
