@@ -4148,7 +4148,10 @@ class WarmPool:
 
     @property
     def ready(self) -> int:
-        return sum(len(processes) for processes in self._ready.values())
+        """How many wait now. Under the lock: /health asks from a request's thread while the
+        pool's thread changes `_ready`, and iterating a dict that changes raises."""
+        with self._changed:  # (a Condition's own lock is reentrant: status() holds it too)
+            return sum(len(processes) for processes in self._ready.values())
 
     def idle_processes(self) -> List["ClaudeProcess"]:
         """The processes waiting now, least recently used shape first (for tests)."""
