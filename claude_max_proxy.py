@@ -4984,6 +4984,34 @@ def window_words(window: Mapping[str, Any], now: float) -> Tuple[Optional[float]
     return used, "  ".join(w for w in (words, said) if w)
 
 
+class StatusRow(NamedTuple):
+    """One line of `status` and one row of the page: a window (its bar, `used` None when the
+    CLI did not say) or words."""
+    label: str
+    words: str
+    window: bool = False
+    used: Optional[float] = None
+
+
+def status_rows(usage: Mapping[str, Any], claude: Mapping[str, Any],
+                now: float) -> List[StatusRow]:
+    """What `status` and the status page show of the subscription, in order: each window, or
+    why none is known; extra usage; the reserve; the totals since start."""
+    rows = []
+    for name, window in ordered_windows(usage.get("windows") or {}):
+        used, words = window_words(window, now)
+        rows.append(StatusRow(WINDOW_NAMES.get(name, name.replace("_", " ")), words, True,
+                              used))
+    if not rows:
+        rows.append(StatusRow("usage", unknown_usage_words(claude)))
+    rows.append(StatusRow("extra usage", extra_usage_words(usage)))
+    if usage.get("reserve_percent"):
+        rows.append(StatusRow("reserve", "%d%% of each window kept for you (--reserve)"
+                              % int(usage["reserve_percent"])))
+    rows.append(StatusRow("since start", totals_words(usage.get("totals") or {})))
+    return rows
+
+
 def status_text(usage: Mapping[str, Any], health: Mapping[str, Any], where: str, now: float,
                 color: bool) -> str:
     """What `status` prints: one screen, at most 80 columns; with `color` (a terminal without
@@ -4999,25 +5027,20 @@ def status_text(usage: Mapping[str, Any], health: Mapping[str, Any], where: str,
     if health.get("status") not in ("ok", "not_logged_in", None):
         head.append(str(health.get("status")))
     lines = [" · ".join(head)]
-    windows = [(WINDOW_NAMES.get(name, name.replace("_", " ")), window)
-               for name, window in ordered_windows(usage.get("windows") or {})]
-    width = max([len(label) for label, _ in windows] + [6]) + 2
-    for label, window in windows:
-        used, rest = window_words(window, now)
-        if used is None:
-            lines.append("%s%s  %s" % (label.ljust(width), "not reported", rest))
-            continue
-        filled = min(BAR_WIDTH, int(round(used * BAR_WIDTH)))
-        bar = paint("█" * filled, usage_color(used)) + paint("░" * (BAR_WIDTH - filled), "dim") \
-            if color else "[%s%s]" % ("#" * filled, "-" * (BAR_WIDTH - filled))
-        lines.append("%s%s %4s  %s" % (label.ljust(width), bar, whole_percent(used), rest))
-    if not windows:
-        lines.append("usage  " + unknown_usage_words(claude))
-    lines.append("extra usage  " + extra_usage_words(usage))
-    if usage.get("reserve_percent"):
-        lines.append("reserve  %d%% of each window kept for you (--reserve)"
-                     % usage["reserve_percent"])
-    lines.append("since start  " + totals_words(usage.get("totals") or {}))
+    rows = status_rows(usage, claude, now)
+    width = max([len(row.label) for row in rows if row.window] + [6]) + 2
+    for row in rows:
+        if not row.window:
+            lines.append("%s  %s" % (row.label, row.words))
+        elif row.used is None:
+            lines.append("%s%s  %s" % (row.label.ljust(width), "not reported", row.words))
+        else:
+            filled = min(BAR_WIDTH, int(round(row.used * BAR_WIDTH)))
+            bar = paint("█" * filled, usage_color(row.used)) + \
+                paint("░" * (BAR_WIDTH - filled), "dim") if color else \
+                "[%s%s]" % ("#" * filled, "-" * (BAR_WIDTH - filled))
+            lines.append("%s%s %4s  %s" % (row.label.ljust(width), bar,
+                                           whole_percent(row.used), row.words))
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
@@ -5029,24 +5052,17 @@ def status_page(usage: Mapping[str, Any], health: Mapping[str, Any], requests:
     e = html.escape
     claude = health.get("claude") or {}
     rows = []
-    for name, window in ordered_windows(usage.get("windows") or {}):
-        used, rest = window_words(window, now)
+    for row in status_rows(usage, claude, now):
+        if not row.window:
+            rows.append('<tr><th>%s</th><td colspan="3">%s</td></tr>' % (e(row.label),
+                                                                          e(row.words)))
+            continue
+        used = row.used
         width = 0 if used is None else max(0, min(100, int(round(used * 100))))
         rows.append('<tr><th>%s</th><td><div class="bar"><div class="%s" style="width:%d%%">'
                     '</div></div></td><td class="num">%s</td><td>%s</td></tr>' % (
-                        e(WINDOW_NAMES.get(name, name.replace("_", " "))),
-                        usage_color(used or 0), width,
-                        whole_percent(used) if used is not None else "?", e(rest)))
-    if not rows:
-        rows.append('<tr><th>usage</th><td colspan="3">%s</td></tr>'
-                    % e(unknown_usage_words(claude)))
-    rows.append('<tr><th>extra usage</th><td colspan="3">%s</td></tr>' % e(
-        extra_usage_words(usage)))
-    if usage.get("reserve_percent"):
-        rows.append('<tr><th>reserve</th><td colspan="3">%d%% of each window kept for you '
-                    '(--reserve)</td></tr>' % int(usage["reserve_percent"]))
-    rows.append('<tr><th>since start</th><td colspan="3">%s</td></tr>' % e(
-        totals_words(usage.get("totals") or {})))
+                        e(row.label), usage_color(used or 0), width,
+                        whole_percent(used) if used is not None else "?", e(row.words)))
     log_rows = []
     for r in reversed(requests):
         log_rows.append(
