@@ -5142,6 +5142,11 @@ class RequestLog:
 # HTTP: ProxyServer, StrictHTTPHandler, ProxyHandler
 ##############################################################################
 
+def host_port(host: str, port: int) -> str:
+    """An address as a URL names it: 127.0.0.1:3456, [::1]:3456."""
+    return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError("%s is not valid JSON" % name)
 
@@ -5839,10 +5844,10 @@ class ProxyHandler(StrictHTTPHandler):
         if "text/html" not in self.headers.get("Accept", "").lower():
             raise self._unknown(self.path.split("?", 1)[0])
         server = self.server
-        host, port = str(server.server_address[0]), server.server_address[1]
         page = status_page(server.usage(), server.health(self._authorized),
                            server.requests.entries(),
-                           "%s:%d" % ("[%s]" % host if ":" in host else host, port), time.time())
+                           host_port(str(server.server_address[0]), server.server_address[1]),
+                           time.time())
         self._send(200, "text/html; charset=utf-8", page.encode("utf-8"), PAGE_HEADERS)
 
     def _anthropic(self) -> bool:
@@ -6122,7 +6127,7 @@ def status_main(argv: List[str]) -> int:
     as_json = "--json" in argv
     settings = parse_args([a for a in argv if a != "--json"])
     host = settings.host if listens_on_loopback_only(settings.host) else "127.0.0.1"
-    where = "%s:%d" % ("[%s]" % host if ":" in host else host, settings.port)
+    where = host_port(host, settings.port)
     try:
         usage = ask_daemon(host, settings.port, "/v1/usage", settings.api_keys)
         health = {} if as_json else ask_daemon(host, settings.port, "/health",
@@ -6548,8 +6553,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    host, port = str(server.server_address[0]), server.server_address[1]
-    url = "http://%s:%d/v1" % ("[%s]" % host if ":" in host else host, port)
+    url = "http://%s/v1" % host_port(str(server.server_address[0]), server.server_address[1])
     access = "%s, browser origins: %s, up to %d CLI processes at once, %d of them warm" % (
         "%d API key(s) required" % len(args.api_keys) if args.api_keys else "no API key",
         ", ".join(args.cors_origins) or "none", args.max_concurrency, server.warm.size)
