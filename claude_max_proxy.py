@@ -4675,8 +4675,9 @@ class Subscription:
                 if window is not None and isinstance(name, str):
                     state["windows"][name] = window
             claim = state["claim"]
-            if claim and claim not in state["windows"] and usage_window(info):
-                state["windows"][claim] = usage_window(info)  # a CLI without unifiedWindows
+            own = usage_window(info)  # a CLI without unifiedWindows: the claim's window
+            if claim and claim not in state["windows"] and own:
+                state["windows"][claim] = own
             newly_overage = state["overage_in_use"] and not self._in_overage(self._state, now)
             changed = {k: v for k, v in state.items() if k != "updated_at"} != {
                 k: v for k, v in self._state.items() if k != "updated_at"}
@@ -4711,7 +4712,7 @@ class Subscription:
     # -- what goes out -------------------------------------------------------
 
     def status(self, now: Optional[float] = None) -> Dict[str, Any]:
-        """The body of /v1/usage but for `object` and `auth` (see ProxyHandler._usage)."""
+        """The body of /v1/usage but for `object` and `auth` (see ProxyServer.usage)."""
         now = time.time() if now is None else now
         with self._lock:
             state, totals, usd = self._state, dict(self._totals), self._usd
