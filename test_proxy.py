@@ -2547,6 +2547,19 @@ class ToolFoldTest(unittest.TestCase):
                                for b in line["message"]["content"] if b["type"] == "tool_use"],
                          "the model's own call ids")
 
+    def test_the_denied_call_s_result_may_come_before_the_stream_ends(self):
+        """The real CLI prints the `user` line of a denied call before or after its message's
+        message_delta (tool_results_after_the_stream): the answer is the same either way."""
+        lines, events = tool_fold(self.PARIS + "[[fake:reply:Let me check.]]")
+        first_user = next(i for i, line in enumerate(lines) if line.get("type") == "user")
+        delta = next(i for i, line in enumerate(lines) if line.get("type") == "stream_event"
+                     and line["event"]["type"] == "message_delta")
+        self.assertLess(delta, first_user, "the fake's order: the stream ends first")
+        early = lines[:delta] + [lines[first_user]] + lines[delta:first_user] + \
+            lines[first_user + 1:]
+        tools = {"mcp__proxy__get_weather": proxy.Tool("get_weather", "", {"type": "object"})}
+        self.assertEqual(list(proxy.completion_events(early, tools=tools)), events)
+
     def test_a_collected_answer_says_what_the_stream_said(self):
         _, events = tool_fold(self.PARIS)
         body = collected(events)
